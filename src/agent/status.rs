@@ -1,0 +1,199 @@
+//! What `l3hv status` shows: per-interface kernel state and the last
+//! reconcile's outcome. Built from the agent's state on request.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::intent::Intent;
+use crate::netlink::apply::OpFailure;
+use crate::reconcile::{self, KernelOp};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    pub at_unix: u64,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub planned: usize,
+    pub applied: usize,
+    pub failed: Vec<OpFailure>,
+    pub conflicts: Vec<String>,
+    /// The pass could not run at all (dump failed).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RouteStatus {
+    pub table: u32,
+    pub dst: String,
+    pub via: Option<String>,
+    /// `installed`, or the kernel's refusal.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InterfaceStatus {
+    pub vm: String,
+    pub name: String,
+    pub mac: String,
+    pub fabric: String,
+    pub link: String,
+    pub present: bool,
+    pub addresses: Vec<String>,
+    pub routes: Vec<RouteStatus>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    pub hypervisor: String,
+    pub version: String,
+    pub uptime_seconds: u64,
+    pub vms: usize,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub routes_programmed: usize,
+    pub routes_failed: usize,
+    pub last_reconcile: Option<ReconcileReport>,
+}
+
+/// The interface an operation concerns, if any.
+pub fn op_interface(op: &KernelOp) -> Option<&str> {
+    match op {
+        KernelOp::CreateTap { name, .. }
+        | KernelOp::SetAlias { name, .. }
+        | KernelOp::SetUp { name }
+        | KernelOp::DeleteLink { name } => Some(name),
+        KernelOp::AddAddress { ifname, .. } | KernelOp::DelAddress { ifname, .. } => Some(ifname),
+        KernelOp::AddRoute { attrs, .. } | KernelOp::DelRoute { attrs, .. } => attrs.oif.as_deref(),
+        KernelOp::Sysctl { path, .. } => path.split('/').nth(3),
+        KernelOp::AddRule { .. } | KernelOp::DelRule { .. } | KernelOp::DelForeignRule { .. } => {
+            None
+        }
+    }
+}
+
+/// A one-line, `ip(8)`-like description of an operation.
+pub fn describe(op: &KernelOp) -> String {
+    match op {
+        KernelOp::CreateTap { name, multi_queue } => {
+            format!(
+                "tuntap add {name} mode tap vnet_hdr{}",
+                if *multi_queue { " multi_queue" } else { "" }
+            )
+        }
+        KernelOp::SetAlias { name, alias } => format!("link set {name} alias {alias:?}"),
+        KernelOp::SetUp { name } => format!("link set {name} up"),
+        KernelOp::DeleteLink { name } => format!("link del {name}"),
+        KernelOp::Sysctl { path, value } => format!("sysctl {}={value}", path.replace('/', ".")),
+        KernelOp::AddAddress { ifname, addr, .. } => format!("addr add {addr} dev {ifname}"),
+        KernelOp::DelAddress { ifname, addr } => format!("addr del {addr} dev {ifname}"),
+        KernelOp::AddRoute { id, attrs, replace } => format!(
+            "route {} {} table {} metric {}{}{}",
+            if *replace { "replace" } else { "add" },
+            id.dst,
+            id.table,
+            id.metric,
+            attrs
+                .gateway
+                .map(|g| format!(" via {g}"))
+                .unwrap_or_default(),
+            attrs
+                .oif
+                .as_ref()
+                .map(|o| format!(" dev {o}"))
+                .unwrap_or_default(),
+        ),
+        KernelOp::DelRoute { id, .. } => format!(
+            "route del {} table {} metric {}",
+            id.dst, id.table, id.metric
+        ),
+        KernelOp::AddRule { rule } => {
+            format!("rule add prio {} lookup {}", rule.priority, rule.table)
+        }
+        KernelOp::DelRule { rule } => {
+            format!("rule del prio {} lookup {}", rule.priority, rule.table)
+        }
+        KernelOp::DelForeignRule { priority, .. } => format!("rule del prio {priority}"),
+    }
+}
+
+pub fn build(
+    config: &Config,
+    intent: &Intent,
+    last: Option<&ReconcileReport>,
+    started: SystemTime,
+) -> Status {
+    let desired = reconcile::desired(config, intent);
+    let failed_routes: Vec<(&reconcile::RouteId, &str)> = last
+        .map(|r| {
+            r.failed
+                .iter()
+                .filter_map(|f| match &f.op {
+                    KernelOp::AddRoute { id, .. } => Some((id, f.error.as_str())),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut interfaces = Vec::new();
+    let mut programmed = 0;
+    for (vm, i) in intent.interfaces() {
+        let link = desired.links.get(&i.name);
+        let routes: Vec<RouteStatus> = desired
+            .routes
+            .iter()
+            .filter(|(_, a)| a.oif.as_deref() == Some(i.name.as_str()))
+            .map(|(id, a)| {
+                let state = failed_routes
+                    .iter()
+                    .find(|(f, _)| *f == id)
+                    .map_or("installed".to_string(), |(_, e)| e.to_string());
+                RouteStatus {
+                    table: id.table,
+                    dst: id.dst.to_string(),
+                    via: a.gateway.map(|g| g.to_string()),
+                    state,
+                }
+            })
+            .collect();
+        programmed += routes.iter().filter(|r| r.state == "installed").count();
+        let errors: Vec<String> = last
+            .map(|r| {
+                r.failed
+                    .iter()
+                    .filter(|f| op_interface(&f.op) == Some(i.name.as_str()))
+                    .map(|f| format!("{}: {}", describe(&f.op), f.error))
+                    .collect()
+            })
+            .unwrap_or_default();
+        interfaces.push(InterfaceStatus {
+            vm: vm.to_string(),
+            name: i.name.clone(),
+            mac: i.mac.to_string(),
+            fabric: i.fabric.clone(),
+            link: serde_json::to_value(i.link)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            present: crate::netlink::tap::ifindex(&i.name).is_some(),
+            addresses: link
+                .map(|l| l.addresses.iter().map(|a| a.to_string()).collect())
+                .unwrap_or_default(),
+            routes,
+            errors,
+        });
+    }
+    let failed_names: BTreeSet<_> = failed_routes.iter().map(|(id, _)| **id).collect();
+    Status {
+        hypervisor: config.hypervisor.name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_seconds: started.elapsed().map_or(0, |d| d.as_secs()),
+        vms: intent.vms.len(),
+        interfaces,
+        routes_programmed: programmed,
+        routes_failed: failed_names.len(),
+        last_reconcile: last.cloned(),
+    }
+}

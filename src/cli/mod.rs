@@ -1,0 +1,127 @@
+//! Rendering for the operator CLI: status as a table (or JSON as is).
+//! Works on the JSON the agent returns, so the CLI needs no agent types.
+
+use serde_json::Value;
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `l3hv status` as text.
+pub fn render_status(v: &Value) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "hypervisor {}  l3hvd {}  up {}s  {} VMs  {} routes programmed, {} failed\n",
+        s(&v["hypervisor"]),
+        s(&v["version"]),
+        s(&v["uptime_seconds"]),
+        s(&v["vms"]),
+        s(&v["routes_programmed"]),
+        s(&v["routes_failed"]),
+    ));
+    let r = &v["last_reconcile"];
+    if r.is_null() {
+        out.push_str("last reconcile: never\n");
+    } else {
+        out.push_str(&format!(
+            "last reconcile: at {} took {}, {} changes planned, {} applied, {} failed{}\n",
+            s(&r["at_unix"]),
+            s(&r["duration"]),
+            s(&r["planned"]),
+            s(&r["applied"]),
+            r["failed"].as_array().map_or(0, |a| a.len()),
+            r["error"]
+                .as_str()
+                .map(|e| format!(", error: {e}"))
+                .unwrap_or_default(),
+        ));
+        for c in r["conflicts"].as_array().into_iter().flatten() {
+            out.push_str(&format!("  conflict: {}\n", s(c)));
+        }
+    }
+    out.push_str(&format!(
+        "\n{:<16} {:<15} {:<18} {:<9} {:<7} {:<6} {}\n",
+        "VM", "INTERFACE", "MAC", "FABRIC", "LINK", "ROUTES", "ADDRESSES"
+    ));
+    for i in v["interfaces"].as_array().into_iter().flatten() {
+        let routes = i["routes"].as_array().cloned().unwrap_or_default();
+        let ok = routes.iter().filter(|r| r["state"] == "installed").count();
+        let addrs: Vec<String> = i["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        out.push_str(&format!(
+            "{:<16} {:<15} {:<18} {:<9} {:<7} {:<6} {}\n",
+            s(&i["vm"]),
+            s(&i["name"]),
+            s(&i["mac"]),
+            s(&i["fabric"]),
+            if i["present"] == true { "up" } else { "absent" },
+            format!("{ok}/{}", routes.len()),
+            addrs.join(" "),
+        ));
+        for r in &routes {
+            out.push_str(&format!(
+                "    table {:<5} {:<28} {:<24} {}\n",
+                s(&r["table"]),
+                s(&r["dst"]),
+                r["via"]
+                    .as_str()
+                    .map(|v| format!("via {v}"))
+                    .unwrap_or_default(),
+                s(&r["state"]),
+            ));
+        }
+        for e in i["errors"].as_array().into_iter().flatten() {
+            out.push_str(&format!("    error: {}\n", s(e)));
+        }
+    }
+    out
+}
+
+/// `l3hv vm list` as text.
+pub fn render_vms(v: &Value) -> String {
+    let mut out = format!(
+        "{:<16} {:<15} {:<18} {:<9} {}\n",
+        "VM", "INTERFACE", "MAC", "FABRIC", "ADDRESSES"
+    );
+    for vm in v.as_array().into_iter().flatten() {
+        for i in vm["interfaces"].as_array().into_iter().flatten() {
+            let mut addrs: Vec<String> = Vec::new();
+            for key in ["ipv4", "ipv6", "ipv6_prefixes"] {
+                addrs.extend(i[key].as_array().into_iter().flatten().map(s));
+            }
+            for r in i["routed"].as_array().into_iter().flatten() {
+                addrs.push(format!("{} via {}", s(&r["prefix"]), s(&r["via"])));
+            }
+            out.push_str(&format!(
+                "{:<16} {:<15} {:<18} {:<9} {}\n",
+                s(&vm["name"]),
+                s(&i["name"]),
+                s(&i["mac"]),
+                s(&i["fabric"]),
+                addrs.join(", ")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_without_panicking_on_odd_input() {
+        assert!(render_status(&Value::Null).contains("never"));
+        let v = serde_json::json!({"interfaces": [{"name": "tap1", "routes": [{"state": "installed"}]}]});
+        assert!(render_status(&v).contains("1/1"));
+        assert!(render_vms(&serde_json::json!([{"name": 3}])).contains("VM"));
+    }
+}

@@ -1,0 +1,872 @@
+//! Configuration: one TOML file → a validated [`Config`].
+//!
+//! Owns the schema and every rule about what a valid configuration is. It is
+//! read at start, by `l3hvd --check-config`, and by the CLI (to find the
+//! control socket). It never touches the kernel: a bad file is refused before
+//! anything else runs. Every error names the file, line, column and field.
+
+mod locate;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use toml_edit::ImDocument;
+
+pub use locate::KeyPath;
+
+/// Where the daemon and the CLI look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/l3hv/l3hv.toml";
+
+/// One problem in a configuration file, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: usize,
+    pub column: usize,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(file, issues))]
+    Invalid {
+        file: String,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(file: &str, issues: &[ConfigIssue]) -> String {
+    issues
+        .iter()
+        .map(|i| {
+            if i.field.is_empty() {
+                format!("{file}:{}:{}: {}", i.line, i.column, i.message)
+            } else {
+                format!(
+                    "{file}:{}:{}: field `{}`: {}",
+                    i.line, i.column, i.field, i.message
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------- schema --
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub hypervisor: HypervisorConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub kernel: KernelConfig,
+    /// Fabric name → fabric. Names are operator's choice (`public`, `private`).
+    pub fabrics: BTreeMap<String, FabricConfig>,
+    #[serde(default)]
+    pub dhcp: DhcpConfig,
+    #[serde(default)]
+    pub ra: RaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorConfig {
+    pub name: String,
+    pub router_id: Ipv4Addr,
+    #[serde(default = "default_asn")]
+    pub asn: u32,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The hypervisor's private loopback address, the preferred source of
+    /// the local-out table.
+    #[serde(default)]
+    pub private_source_v4: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub private_source_v6: Option<Ipv6Addr>,
+}
+
+fn default_asn() -> u32 {
+    65000
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/l3hv")
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket of the local control API (`l3hv status`, tests).
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_socket(),
+        }
+    }
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/l3hv/l3hvd.sock")
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `l3hv=debug`); RUST_LOG overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// What fills the bottom of a routing table so lookups never fall through.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultRoute {
+    #[default]
+    Blackhole,
+    Unreachable,
+    None,
+}
+
+/// How IPv6 forwarding is enabled.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv6Forwarding {
+    /// `force_forwarding=1` on each managed interface only (kernel 6.17+).
+    #[default]
+    PerInterface,
+    /// `all.forwarding=1` (older kernels; turns the host into a router).
+    Global,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// Route, rule and address protocol number marking what l3hv owns.
+    #[serde(default = "default_protocol")]
+    pub route_protocol: u8,
+    /// Metric of local VM routes.
+    #[serde(default = "default_vm_metric")]
+    pub vm_route_metric: u32,
+    #[serde(default = "default_local_out_table")]
+    pub local_out_table: u32,
+    #[serde(default)]
+    pub local_out_default: DefaultRoute,
+    #[serde(default = "RulePriorities::default_v4")]
+    pub rules_v4: RulePriorities,
+    #[serde(default = "RulePriorities::default_v6")]
+    pub rules_v6: RulePriorities,
+    /// Delete the kernel's own `main` (32766) and `default` (32767) rules;
+    /// the catch-all rule makes them unreachable anyway.
+    #[serde(default)]
+    pub remove_default_rules: bool,
+    #[serde(default)]
+    pub ipv6_forwarding: Ipv6Forwarding,
+    /// Period of the level-based reconcile that repairs outside changes.
+    #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            route_protocol: default_protocol(),
+            vm_route_metric: default_vm_metric(),
+            local_out_table: default_local_out_table(),
+            local_out_default: DefaultRoute::Blackhole,
+            rules_v4: RulePriorities::default_v4(),
+            rules_v6: RulePriorities::default_v6(),
+            remove_default_rules: false,
+            ipv6_forwarding: Ipv6Forwarding::PerInterface,
+            reconcile_interval: default_reconcile_interval(),
+        }
+    }
+}
+
+fn default_protocol() -> u8 {
+    203
+}
+fn default_vm_metric() -> u32 {
+    16
+}
+fn default_local_out_table() -> u32 {
+    100
+}
+fn default_reconcile_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Policy rule priorities of one address family. `uplink` and `fabric` are
+/// the first of a block: one rule per private uplink, one per private subnet.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RulePriorities {
+    /// `iif lo lookup main suppress_prefixlength 0`.
+    pub main: u32,
+    /// `iif lo lookup local-out`.
+    pub local_out: u32,
+    /// `iif <uplink of a non-catch-all fabric> lookup <its table>`.
+    pub uplink: u32,
+    /// `from <subnet of a non-catch-all fabric> lookup <its table>`.
+    pub fabric: u32,
+    /// Everything else → the catch-all (public) fabric's table.
+    pub catch_all: u32,
+}
+
+impl RulePriorities {
+    fn default_v4() -> Self {
+        Self {
+            main: 21,
+            local_out: 22,
+            uplink: 26,
+            fabric: 40,
+            catch_all: 99,
+        }
+    }
+    fn default_v6() -> Self {
+        Self {
+            main: 51,
+            local_out: 52,
+            uplink: 56,
+            fabric: 70,
+            catch_all: 99,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv4Mode {
+    /// The VM believes it is on the fabric's shared subnet; the gateway
+    /// address lies inside it.
+    #[default]
+    SharedSubnet,
+    /// The VM gets a /32 and a classless static route to 169.254.0.1.
+    PointToPoint,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ipv6Mode {
+    /// A /64 routed to each VM; no neighbour proxy.
+    #[default]
+    PrefixPerVm,
+    /// A shared /64, RAs with A=0, stateful DHCPv6, NDP proxy from the RIB.
+    SharedDhcpv6,
+    /// Off-link prefix (L=0): the guest sends everything to fe80::1.
+    OffLink,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FabricConfig {
+    /// Kernel routing table of this fabric.
+    pub table: u32,
+    /// The fabric that catches all traffic no other rule claims (public).
+    #[serde(default)]
+    pub catch_all: bool,
+    /// VM subnets (IPv4 and IPv6) of this fabric.
+    #[serde(default)]
+    pub subnets: Vec<IpNet>,
+    /// Gateway the VMs see (DHCP router option); required in shared-subnet
+    /// mode, 169.254.0.1 by default in point-to-point mode.
+    #[serde(default)]
+    pub gateway_v4: Option<Ipv4Addr>,
+    #[serde(default = "default_gateway_v6")]
+    pub gateway_v6: Ipv6Addr,
+    #[serde(default)]
+    pub ipv4_mode: Ipv4Mode,
+    #[serde(default)]
+    pub ipv6_mode: Ipv6Mode,
+    #[serde(default)]
+    pub default_route: DefaultRoute,
+    /// Path name (`a`, `b`) → uplink of this fabric on that path.
+    #[serde(default)]
+    pub paths: BTreeMap<String, PathConfig>,
+}
+
+fn default_gateway_v6() -> Ipv6Addr {
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)
+}
+
+impl FabricConfig {
+    /// The gateway address put on every tap of this fabric.
+    pub fn effective_gateway_v4(&self) -> Ipv4Addr {
+        self.gateway_v4.unwrap_or(Ipv4Addr::new(169, 254, 0, 1))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathConfig {
+    pub interface: String,
+    #[serde(default)]
+    pub addresses: Vec<IpNet>,
+    #[serde(default)]
+    pub reflectors: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    /// Absent: infinite lease.
+    #[serde(default, with = "humantime_serde")]
+    pub lease_time: Option<Duration>,
+    #[serde(default)]
+    pub dns_servers: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RaConfig {
+    #[serde(default = "default_ra_min", with = "humantime_serde")]
+    pub min_interval: Duration,
+    #[serde(default = "default_ra_max", with = "humantime_serde")]
+    pub max_interval: Duration,
+    #[serde(default = "default_router_lifetime", with = "humantime_serde")]
+    pub router_lifetime: Duration,
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub rdnss: Vec<Ipv6Addr>,
+    #[serde(default)]
+    pub dnssl: Vec<String>,
+}
+
+impl Default for RaConfig {
+    fn default() -> Self {
+        Self {
+            min_interval: default_ra_min(),
+            max_interval: default_ra_max(),
+            router_lifetime: default_router_lifetime(),
+            mtu: None,
+            rdnss: Vec::new(),
+            dnssl: Vec::new(),
+        }
+    }
+}
+
+fn default_ra_min() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_ra_max() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_router_lifetime() -> Duration {
+    Duration::from_secs(1800)
+}
+
+// ------------------------------------------------------------- accessors --
+
+/// One uplink: a fabric on a path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Uplink<'a> {
+    pub fabric: &'a str,
+    pub path: &'a str,
+    pub config: &'a PathConfig,
+    pub table: u32,
+    pub catch_all: bool,
+}
+
+impl Config {
+    /// Every uplink, in (fabric, path) order.
+    pub fn uplinks(&self) -> Vec<Uplink<'_>> {
+        self.fabrics
+            .iter()
+            .flat_map(|(fname, f)| {
+                f.paths.iter().map(move |(pname, p)| Uplink {
+                    fabric: fname,
+                    path: pname,
+                    config: p,
+                    table: f.table,
+                    catch_all: f.catch_all,
+                })
+            })
+            .collect()
+    }
+
+    pub fn fabric(&self, name: &str) -> Option<&FabricConfig> {
+        self.fabrics.get(name)
+    }
+
+    pub fn intent_path(&self) -> PathBuf {
+        self.hypervisor.state_dir.join("intent.json")
+    }
+}
+
+// ------------------------------------------------------------- loading --
+
+/// Reads, decodes and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse(&file, &text)
+}
+
+/// Decodes and validates configuration text; `file` only names it in errors.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    let invalid = |issues| ConfigError::Invalid {
+        file: file.to_string(),
+        issues,
+    };
+    let doc = match ImDocument::parse(text.to_string()) {
+        Ok(doc) => doc,
+        Err(e) => {
+            let (line, column) = e.span().map_or((1, 1), |s| locate::line_col(text, s.start));
+            return Err(invalid(vec![ConfigIssue {
+                line,
+                column,
+                field: String::new(),
+                message: e.message().trim().to_string(),
+            }]));
+        }
+    };
+    let config: Config = match toml::from_str(text) {
+        Ok(c) => c,
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            let (line, column) = locate::line_col(text, offset);
+            let field = locate::path_at(&doc, offset).to_string();
+            return Err(invalid(vec![ConfigIssue {
+                line,
+                column,
+                field,
+                message: e.message().trim().to_string(),
+            }]));
+        }
+    };
+    let problems = validate(&config);
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    Err(invalid(
+        problems
+            .into_iter()
+            .map(|(path, message)| {
+                let (line, column) = locate::span_of(&doc, &path)
+                    .map_or((1, 1), |s| locate::line_col(text, s.start));
+                ConfigIssue {
+                    line,
+                    column,
+                    field: path.to_string(),
+                    message,
+                }
+            })
+            .collect(),
+    ))
+}
+
+/// A valid Linux interface name (IFNAMSIZ - 1, no '/', no whitespace).
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// Semantic checks serde cannot express; returns (path, message) pairs.
+pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
+    let mut out = Vec::new();
+    let root = KeyPath::root();
+    let mut err = |p: KeyPath, m: String| out.push((p, m));
+
+    let hv = root.key("hypervisor");
+    if c.hypervisor.name.trim().is_empty() {
+        err(hv.key("name"), "must not be empty".into());
+    }
+    if c.hypervisor.asn == 0 || c.hypervisor.asn == 23456 {
+        err(
+            hv.key("asn"),
+            format!("{} is not a usable AS number", c.hypervisor.asn),
+        );
+    }
+    if !c.hypervisor.state_dir.is_absolute() {
+        err(hv.key("state_dir"), "must be an absolute path".into());
+    }
+    if !c.control.socket.is_absolute() {
+        err(
+            root.key("control").key("socket"),
+            "must be an absolute path".into(),
+        );
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
+        err(
+            root.key("log").key("level"),
+            format!("not a log filter: {e}"),
+        );
+    }
+
+    let k = root.key("kernel");
+    if c.kernel.route_protocol <= 4 {
+        err(
+            k.key("route_protocol"),
+            format!(
+                "{} is reserved for the kernel (0 to 4); pick an unused number such as 203",
+                c.kernel.route_protocol
+            ),
+        );
+    }
+    if c.kernel.reconcile_interval < Duration::from_secs(1) {
+        err(k.key("reconcile_interval"), "must be at least 1s".into());
+    }
+    let reserved_table = |t: u32| t == 0 || (253..=255).contains(&t);
+    if reserved_table(c.kernel.local_out_table) {
+        err(
+            k.key("local_out_table"),
+            format!(
+                "table {} is reserved by the kernel",
+                c.kernel.local_out_table
+            ),
+        );
+    }
+
+    // Fabrics.
+    let fabrics = root.key("fabrics");
+    if c.fabrics.is_empty() {
+        err(fabrics.clone(), "at least one fabric is required".into());
+    }
+    let catch_all: Vec<&String> = c
+        .fabrics
+        .iter()
+        .filter(|(_, f)| f.catch_all)
+        .map(|(n, _)| n)
+        .collect();
+    if catch_all.len() > 1 {
+        err(
+            fabrics.key(catch_all[1]).key("catch_all"),
+            format!(
+                "only one fabric may be the catch-all, and `{}` already is",
+                catch_all[0]
+            ),
+        );
+    } else if catch_all.is_empty() && !c.fabrics.is_empty() {
+        err(
+            fabrics.clone(),
+            "exactly one fabric must set `catch_all = true` (the public one)".into(),
+        );
+    }
+    let mut tables: BTreeMap<u32, String> = BTreeMap::new();
+    tables.insert(c.kernel.local_out_table, "kernel.local_out_table".into());
+    let mut ifnames: BTreeMap<&str, String> = BTreeMap::new();
+    let mut subnets: Vec<(IpNet, String)> = Vec::new();
+    for (name, f) in &c.fabrics {
+        let fp = fabrics.key(name);
+        if !name
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        {
+            err(
+                fp.clone(),
+                format!("fabric name `{name}` may only use letters, digits, '-' and '_'"),
+            );
+        }
+        if reserved_table(f.table) {
+            err(
+                fp.key("table"),
+                format!("table {} is reserved by the kernel", f.table),
+            );
+        } else if let Some(other) = tables.insert(f.table, format!("fabrics.{name}.table")) {
+            err(
+                fp.key("table"),
+                format!("table {} is also used by `{other}`", f.table),
+            );
+        }
+        for (i, net) in f.subnets.iter().enumerate() {
+            if net.trunc() != *net {
+                err(
+                    fp.key("subnets").index(i),
+                    format!("{net} has host bits set; did you mean {}?", net.trunc()),
+                );
+            }
+            for (other, owner) in &subnets {
+                if other.contains(&net.network()) || net.contains(&other.network()) {
+                    err(
+                        fp.key("subnets").index(i),
+                        format!("{net} overlaps {other} of `{owner}`"),
+                    );
+                }
+            }
+            subnets.push((*net, format!("fabrics.{name}.subnets")));
+        }
+        match (f.ipv4_mode, f.gateway_v4) {
+            (Ipv4Mode::SharedSubnet, None) if f.subnets.iter().any(|n| n.addr().is_ipv4()) => err(
+                fp.key("gateway_v4"),
+                "required with ipv4_mode = \"shared-subnet\" (the address VMs use as router)"
+                    .into(),
+            ),
+            (Ipv4Mode::SharedSubnet, Some(gw))
+                if !f.subnets.iter().any(|n| n.contains(&IpAddr::V4(gw))) =>
+            {
+                err(
+                    fp.key("gateway_v4"),
+                    format!("{gw} is not inside any IPv4 subnet of this fabric"),
+                );
+            }
+            _ => {}
+        }
+        if f.gateway_v6.segments()[0] & 0xffc0 != 0xfe80 {
+            err(
+                fp.key("gateway_v6"),
+                format!("{} must be a link-local address (fe80::/10)", f.gateway_v6),
+            );
+        }
+        for (pname, p) in &f.paths {
+            let pp = fp.key("paths").key(pname);
+            if !valid_ifname(&p.interface) {
+                err(
+                    pp.key("interface"),
+                    format!("`{}` is not a valid interface name", p.interface),
+                );
+            } else if let Some(other) =
+                ifnames.insert(&p.interface, format!("fabrics.{name}.paths.{pname}"))
+            {
+                err(
+                    pp.key("interface"),
+                    format!(
+                        "interface `{}` is also the uplink of `{other}`",
+                        p.interface
+                    ),
+                );
+            }
+            for (i, r) in p.reflectors.iter().enumerate() {
+                if !p.addresses.iter().any(|a| a.contains(r)) {
+                    err(
+                        pp.key("reflectors").index(i),
+                        format!("{r} is not on any subnet of this uplink's addresses"),
+                    );
+                }
+            }
+        }
+    }
+
+    // Rule priorities: ordered blocks that must not overlap.
+    let private_uplinks = c.uplinks().iter().filter(|u| !u.catch_all).count() as u32;
+    for (key, prio, family) in [
+        ("rules_v4", c.kernel.rules_v4, true),
+        ("rules_v6", c.kernel.rules_v6, false),
+    ] {
+        let private_subnets = c
+            .fabrics
+            .values()
+            .filter(|f| !f.catch_all)
+            .flat_map(|f| &f.subnets)
+            .filter(|n| n.addr().is_ipv4() == family)
+            .count() as u32;
+        let rp = k.key(key);
+        let blocks = [
+            ("main", prio.main, 1),
+            ("local_out", prio.local_out, 1),
+            ("uplink", prio.uplink, private_uplinks.max(1)),
+            ("fabric", prio.fabric, private_subnets.max(1)),
+            ("catch_all", prio.catch_all, 1),
+        ];
+        for w in blocks.windows(2) {
+            let (an, a, alen) = w[0];
+            let (bn, b, _) = w[1];
+            if a + alen > b {
+                err(
+                    rp.key(bn),
+                    format!(
+                        "priority {b} must be above {an}'s block {a}..{} (rules are evaluated in order)",
+                        a + alen - 1
+                    ),
+                );
+            }
+        }
+        if prio.main == 0 {
+            err(
+                rp.key("main"),
+                "priority 0 belongs to the local table".into(),
+            );
+        }
+        if prio.catch_all >= 32766 {
+            err(
+                rp.key("catch_all"),
+                "must be below 32766, the kernel's main rule".into(),
+            );
+        }
+    }
+
+    // DHCP / RA.
+    if let Some(lt) = c.dhcp.lease_time {
+        if lt < Duration::from_secs(60) || lt.as_secs() >= u64::from(u32::MAX) {
+            err(
+                root.key("dhcp").key("lease_time"),
+                "must be between 60s and 136 years; omit it for an infinite lease".into(),
+            );
+        }
+    }
+    let ra = root.key("ra");
+    if c.ra.min_interval >= c.ra.max_interval {
+        err(ra.key("min_interval"), "must be below max_interval".into());
+    }
+    if c.ra.max_interval < Duration::from_secs(4) || c.ra.max_interval > Duration::from_secs(1800) {
+        err(
+            ra.key("max_interval"),
+            "must be between 4s and 1800s (RFC 4861 §6.2.1)".into(),
+        );
+    }
+    if c.ra.router_lifetime > Duration::from_secs(9000) {
+        err(
+            ra.key("router_lifetime"),
+            "must be at most 9000s (RFC 4861 §6.2.1)".into(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = include_str!("../../packaging/l3hv.toml");
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let c = parse("l3hv.toml", EXAMPLE).unwrap();
+        assert_eq!(c.fabrics["public"].table, 90);
+        assert_eq!(c.uplinks().len(), 4);
+    }
+
+    fn issues(text: &str) -> Vec<ConfigIssue> {
+        match parse("t.toml", text) {
+            Err(ConfigError::Invalid { issues, .. }) => issues,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    const MIN: &str = r#"
+[hypervisor]
+name = "hv1"
+router_id = "198.51.100.101"
+
+[fabrics.public]
+table = 90
+catch_all = true
+subnets = ["203.0.113.0/24"]
+gateway_v4 = "203.0.113.254"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse("t.toml", MIN).unwrap();
+        assert_eq!(c.hypervisor.asn, 65000);
+        assert_eq!(c.kernel.route_protocol, 203);
+        assert_eq!(c.kernel.local_out_table, 100);
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let i = issues("[hypervisor\nname = 1");
+        assert_eq!(i[0].line, 1);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = MIN.replace("table = 90", "table = 90\ntabel = 91");
+        let i = issues(&text);
+        assert!(i[0].message.contains("tabel"), "{i:?}");
+        assert_eq!(i[0].line, 8);
+    }
+
+    #[test]
+    fn wrong_type_names_field_and_line() {
+        let text = MIN.replace("table = 90", "table = \"ninety\"");
+        let i = issues(&text);
+        assert_eq!(i[0].field, "fabrics.public.table");
+        assert_eq!(i[0].line, 7);
+    }
+
+    #[test]
+    fn bad_address_names_field() {
+        let text = MIN.replace("198.51.100.101", "198.51.100.300");
+        let i = issues(&text);
+        assert_eq!(i[0].field, "hypervisor.router_id");
+        assert_eq!(i[0].line, 4);
+    }
+
+    #[test]
+    fn semantic_errors_are_located() {
+        let text = MIN.replace(
+            "gateway_v4 = \"203.0.113.254\"",
+            "gateway_v4 = \"192.0.2.1\"",
+        );
+        let i = issues(&text);
+        assert_eq!(i[0].field, "fabrics.public.gateway_v4");
+        assert_eq!(i[0].line, 10);
+        assert!(i[0].message.contains("not inside"));
+    }
+
+    #[test]
+    fn duplicate_table_and_two_catch_alls() {
+        let text = format!(
+            "{MIN}\n[fabrics.private]\ntable = 90\ncatch_all = true\nsubnets = [\"172.22.0.0/24\"]\ngateway_v4 = \"172.22.0.254\"\n"
+        );
+        let i = issues(&text);
+        let fields: Vec<&str> = i.iter().map(|i| i.field.as_str()).collect();
+        assert!(
+            fields.contains(&"fabrics.public.catch_all")
+                || fields.contains(&"fabrics.private.catch_all"),
+            "{i:?}"
+        );
+        assert!(fields.iter().any(|f| f.ends_with(".table")), "{i:?}");
+    }
+
+    #[test]
+    fn display_names_file_line_field() {
+        let text = MIN.replace("table = 90", "table = 254");
+        let e = parse("/etc/l3hv/l3hv.toml", &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("/etc/l3hv/l3hv.toml:7:9: field `fabrics.public.table`: "),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! The local control socket: newline-delimited JSON requests on a Unix
+//! socket (root only), mapped one to one onto agent [`Command`]s.
+//!
+//! It is how `l3hv status` reaches the agent and the intent entry point the
+//! tests use; the D-Bus API maps onto the same commands. It holds no state.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::agent::{AgentHandle, ApiError, Command};
+use crate::intent::VmIntent;
+
+/// Longest request line accepted; longer input is refused, not buffered.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    ListVms,
+    SetVm { vm: VmIntent },
+    RemoveVm { name: String },
+    Reconcile,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(ApiError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: no answer within {timeout:?}")]
+    Timeout { path: PathBuf, timeout: Duration },
+    #[error("control socket {path}: bad answer: {reason}")]
+    Protocol { path: PathBuf, reason: String },
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(err)?;
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves connections until the listener fails.
+pub async fn serve(listener: UnixListener, agent: AgentHandle) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(stream, agent).await {
+                        debug!(error = %e, "control connection ended");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, agent: AgentHandle) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let response = if line.len() > MAX_REQUEST {
+            Response::Error(ApiError::Invalid(format!(
+                "request longer than {MAX_REQUEST} bytes"
+            )))
+        } else {
+            match serde_json::from_slice::<Request>(&line) {
+                Ok(req) => handle(req, &agent).await,
+                Err(e) => Response::Error(ApiError::Invalid(format!("bad request: {e}"))),
+            }
+        };
+        let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
+        out.push(b'\n');
+        write.write_all(&out).await?;
+        if line.len() > MAX_REQUEST {
+            return Ok(());
+        }
+    }
+}
+
+use tokio::io::AsyncReadExt;
+
+async fn handle(req: Request, agent: &AgentHandle) -> Response {
+    fn value<T: Serialize>(v: T) -> Response {
+        match serde_json::to_value(v) {
+            Ok(v) => Response::Ok(v),
+            Err(e) => Response::Error(ApiError::Internal(e.to_string())),
+        }
+    }
+    let result = match req {
+        Request::Status => agent
+            .call(|reply| Command::Status { reply })
+            .await
+            .map(value),
+        Request::ListVms => agent
+            .call(|reply| Command::ListVms { reply })
+            .await
+            .map(value),
+        Request::Reconcile => agent
+            .call(|reply| Command::Reconcile { reply })
+            .await
+            .map(value),
+        Request::SetVm { vm } => match agent.call(|reply| Command::SetVm { vm, reply }).await {
+            Ok(r) => r.map(|()| Response::Ok(serde_json::Value::Null)),
+            Err(e) => Err(e),
+        },
+        Request::RemoveVm { name } => {
+            match agent.call(|reply| Command::RemoveVm { name, reply }).await {
+                Ok(r) => r.map(|()| Response::Ok(serde_json::Value::Null)),
+                Err(e) => Err(e),
+            }
+        }
+    };
+    result.unwrap_or_else(Response::Error)
+}
+
+/// Sends one request and waits (bounded) for its answer.
+pub async fn request(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
+    let err = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let fut = async {
+        let mut stream = UnixStream::connect(path).await.map_err(err)?;
+        let mut line = serde_json::to_vec(req).map_err(|e| err(e.into()))?;
+        line.push(b'\n');
+        stream.write_all(&line).await.map_err(err)?;
+        let mut reader = BufReader::new(stream);
+        let mut answer = String::new();
+        reader.read_line(&mut answer).await.map_err(err)?;
+        serde_json::from_str::<Response>(&answer).map_err(|e| ControlError::Protocol {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| ControlError::Timeout {
+            path: path.to_path_buf(),
+            timeout,
+        })?
+}

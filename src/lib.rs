@@ -1,0 +1,13 @@
+//! l3hv: turn a KVM/libvirt hypervisor into an L3 router for its VMs.
+//!
+//! Data flows one way: control commands -> [`agent`] -> [`intent`] ->
+//! [`reconcile`] (pure desired/plan) -> [`netlink`] (the only kernel code).
+
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod intent;
+pub mod logging;
+pub mod netlink;
+pub mod reconcile;

@@ -1,0 +1,329 @@
+//! Executes a [`Plan`]: phases in order, the operations of one phase
+//! pipelined on the netlink socket. Every refusal is reported per
+//! operation, never lost.
+
+use futures::StreamExt;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressProtocol, AddressScope,
+};
+use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::LinkUnspec;
+use serde::Serialize;
+
+use super::{Kernel, errno, sysctl, tap};
+use crate::reconcile::{KernelOp, Plan, RouteAttrs, RouteId, RouteKind, RuleSpec};
+
+/// How many requests may be in flight on the socket at once.
+const PIPELINE: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpFailure {
+    pub op: KernelOp,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    pub applied: usize,
+    pub failed: Vec<OpFailure>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OpError {
+    #[error("{0}")]
+    Netlink(#[from] rtnetlink::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("interface {0} does not exist")]
+    NoSuchLink(String),
+}
+
+impl Kernel {
+    /// Applies `plan`; the report lists each operation the kernel refused.
+    pub async fn apply(&self, plan: &Plan) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        for phase in plan.phases() {
+            if phase.is_empty() {
+                continue;
+            }
+            // Sysctls and tap ioctls are synchronous file/ioctl calls: run
+            // them together off the async threads.
+            let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) = phase
+                .iter()
+                .partition(|op| matches!(op, KernelOp::Sysctl { .. } | KernelOp::CreateTap { .. }));
+            if !blocking.is_empty() {
+                let ops: Vec<KernelOp> = blocking.into_iter().cloned().collect();
+                let results = tokio::task::spawn_blocking(move || {
+                    ops.into_iter()
+                        .map(|op| {
+                            let r = match &op {
+                                KernelOp::Sysctl { path, value } => sysctl::write(path, value),
+                                KernelOp::CreateTap { name, multi_queue } => {
+                                    tap::create(name, *multi_queue)
+                                }
+                                _ => Ok(()),
+                            };
+                            (op, r)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                for (op, r) in results {
+                    match r {
+                        Ok(()) => report.applied += 1,
+                        Err(e) => report.failed.push(OpFailure {
+                            op,
+                            error: e.to_string(),
+                        }),
+                    }
+                }
+            }
+            let ops: Vec<KernelOp> = netlink.into_iter().cloned().collect();
+            let results: Vec<(KernelOp, Result<(), OpError>)> = futures::stream::iter(ops)
+                .map(|op| {
+                    let kernel = self.clone();
+                    async move {
+                        let r = kernel.exec(&op).await;
+                        (op, r)
+                    }
+                })
+                .buffer_unordered(PIPELINE)
+                .collect()
+                .await;
+            for (op, r) in results {
+                match r {
+                    Ok(()) => report.applied += 1,
+                    Err(e) => report.failed.push(OpFailure {
+                        op,
+                        error: e.to_string(),
+                    }),
+                }
+            }
+        }
+        report
+    }
+
+    async fn exec(&self, op: &KernelOp) -> Result<(), OpError> {
+        let index =
+            |name: &str| tap::ifindex(name).ok_or_else(|| OpError::NoSuchLink(name.to_string()));
+        match op {
+            KernelOp::SetAlias { name, alias } => {
+                let msg = LinkUnspec::new_with_index(index(name)?)
+                    .append_extra_attribute(LinkAttribute::IfAlias(alias.clone()))
+                    .build();
+                self.handle.link().set(msg).execute().await?;
+            }
+            KernelOp::SetUp { name } => {
+                let msg = LinkUnspec::new_with_index(index(name)?).up().build();
+                self.handle.link().set(msg).execute().await?;
+            }
+            KernelOp::AddAddress {
+                ifname,
+                addr,
+                gateway,
+            } => {
+                let mut req =
+                    self.handle
+                        .address()
+                        .add(index(ifname)?, addr.addr(), addr.prefix_len());
+                let m = req.message_mut();
+                if *gateway {
+                    m.header.scope = AddressScope::Link;
+                    if addr.addr().is_ipv6() {
+                        // fe80::1 cannot collide with an EUI-64 address; without
+                        // nodad it sits tentative until QEMU attaches.
+                        m.attributes
+                            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+                    }
+                }
+                m.attributes
+                    .push(AddressAttribute::Protocol(AddressProtocol::Other(
+                        self.protocol,
+                    )));
+                ignore(req.execute().await, libc::EEXIST)?;
+            }
+            KernelOp::DelAddress { ifname, addr } => {
+                let Some(idx) = tap::ifindex(ifname) else {
+                    return Ok(());
+                };
+                let mut req = self
+                    .handle
+                    .address()
+                    .add(idx, addr.addr(), addr.prefix_len());
+                let msg = req.message_mut().clone();
+                ignore(
+                    self.handle.address().del(msg).execute().await,
+                    libc::EADDRNOTAVAIL,
+                )?;
+            }
+            KernelOp::AddRoute { id, attrs, replace } => {
+                let msg = self.route_message(id, attrs)?;
+                let req = self.handle.route().add(msg);
+                if *replace {
+                    req.replace().execute().await?;
+                } else {
+                    req.execute().await?;
+                }
+            }
+            KernelOp::DelRoute { id, attrs } => {
+                // The route may have gone with its link: resolve the oif
+                // leniently and treat "no such route" as done.
+                let mut attrs = attrs.clone();
+                if attrs
+                    .oif
+                    .as_deref()
+                    .is_some_and(|n| tap::ifindex(n).is_none())
+                {
+                    attrs.oif = None;
+                }
+                let msg = self.route_message(id, &attrs)?;
+                ignore(self.handle.route().del(msg).execute().await, libc::ESRCH)?;
+            }
+            KernelOp::AddRule { rule } => {
+                self.rule_request(RouteNetlinkMessage::NewRule(self.rule_message(rule)), true)
+                    .await?;
+            }
+            KernelOp::DelRule { rule } => {
+                ignore(
+                    self.rule_request(RouteNetlinkMessage::DelRule(self.rule_message(rule)), false)
+                        .await,
+                    libc::ENOENT,
+                )?;
+            }
+            KernelOp::DelForeignRule { v6, priority } => {
+                let mut m = RuleMessage::default();
+                m.header.family = family(*v6);
+                m.attributes.push(RuleAttribute::Priority(*priority));
+                ignore(
+                    self.rule_request(RouteNetlinkMessage::DelRule(m), false)
+                        .await,
+                    libc::ENOENT,
+                )?;
+            }
+            KernelOp::DeleteLink { name } => {
+                let Some(idx) = tap::ifindex(name) else {
+                    return Ok(());
+                };
+                ignore(self.handle.link().del(idx).execute().await, libc::ENODEV)?;
+            }
+            KernelOp::Sysctl { path, value } => sysctl::write(path, value)?,
+            KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue)?,
+        }
+        Ok(())
+    }
+
+    fn route_message(&self, id: &RouteId, attrs: &RouteAttrs) -> Result<RouteMessage, OpError> {
+        let mut m = RouteMessage::default();
+        let v6 = id.dst.addr().is_ipv6();
+        m.header.address_family = family(v6);
+        m.header.destination_prefix_length = id.dst.prefix_len();
+        m.header.protocol = RouteProtocol::Other(self.protocol);
+        // RT_TABLE_COMPAT in the header, the real table in RTA_TABLE.
+        m.header.table = u8::try_from(id.table).unwrap_or(252);
+        m.attributes.push(RouteAttribute::Table(id.table));
+        m.attributes.push(RouteAttribute::Priority(id.metric));
+        if id.dst.prefix_len() > 0 {
+            m.attributes
+                .push(RouteAttribute::Destination(RouteAddress::from(
+                    id.dst.addr(),
+                )));
+        }
+        m.header.kind = match attrs.kind {
+            RouteKind::Unicast => RouteType::Unicast,
+            RouteKind::Blackhole => RouteType::BlackHole,
+            RouteKind::Unreachable => RouteType::Unreachable,
+        };
+        m.header.scope = if attrs.kind == RouteKind::Unicast && attrs.gateway.is_none() {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
+        if let Some(oif) = &attrs.oif {
+            let idx = tap::ifindex(oif).ok_or_else(|| OpError::NoSuchLink(oif.clone()))?;
+            m.attributes.push(RouteAttribute::Oif(idx));
+        }
+        if let Some(gw) = attrs.gateway {
+            m.attributes
+                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        }
+        if let Some(src) = attrs.pref_src {
+            m.attributes
+                .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
+        }
+        if attrs.onlink {
+            m.header.flags |= RouteFlags::Onlink;
+        }
+        Ok(m)
+    }
+
+    fn rule_message(&self, r: &RuleSpec) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = family(r.v6);
+        // An unspecified action makes lookups fail with EINVAL: always
+        // "to table".
+        m.header.action = RuleAction::ToTable;
+        m.header.table = u8::try_from(r.table).unwrap_or(252);
+        m.attributes.push(RuleAttribute::Table(r.table));
+        m.attributes.push(RuleAttribute::Priority(r.priority));
+        m.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(self.protocol)));
+        if let Some(iif) = &r.iif {
+            m.attributes.push(RuleAttribute::Iifname(iif.clone()));
+        }
+        if let Some(src) = r.src {
+            m.header.src_len = src.prefix_len();
+            m.attributes.push(RuleAttribute::Source(src.addr()));
+        }
+        if let Some(n) = r.suppress_prefixlength {
+            m.attributes.push(RuleAttribute::SuppressPrefixLen(n));
+        }
+        m
+    }
+
+    /// rtnetlink's rule requests cannot carry every attribute we set (the
+    /// protocol, suppress_prefixlength), so rules go out as raw messages.
+    async fn rule_request(
+        &self,
+        msg: RouteNetlinkMessage,
+        create: bool,
+    ) -> Result<(), rtnetlink::Error> {
+        let mut req = NetlinkMessage::from(msg);
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        if create {
+            req.header.flags |= netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
+        }
+        let mut handle = self.handle.clone();
+        let mut response = handle.request(req)?;
+        while let Some(m) = response.next().await {
+            if let netlink_packet_core::NetlinkPayload::Error(e) = m.payload {
+                if e.code.is_some() {
+                    return Err(rtnetlink::Error::NetlinkError(e));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn family(v6: bool) -> AddressFamily {
+    if v6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+/// Deleting what is already gone (or adding what is there) is success.
+fn ignore(r: Result<(), rtnetlink::Error>, code: i32) -> Result<(), rtnetlink::Error> {
+    match r {
+        Err(e) if errno(&e) == Some(code) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,227 @@
+//! Dumps links, addresses, routes and rules into an [`ObservedKernel`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressProtocol};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
+};
+use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
+use rtnetlink::{IpVersion, RouteMessageBuilder};
+
+use super::{Kernel, NetlinkError};
+use crate::reconcile::{ObservedKernel, ObservedLink, RouteAttrs, RouteId, RouteKind, RuleSpec};
+
+/// The "no suppression" value the kernel reports for suppress_prefixlength.
+const SUPPRESS_UNSET: u32 = u32::MAX;
+
+impl Kernel {
+    /// Dumps what l3hv may own: every link (name, index, up, alias), the
+    /// addresses carrying l3hv's protocol (all addresses of `uplinks`), and
+    /// the routes and rules carrying l3hv's protocol. Sysctls are not read
+    /// here.
+    pub async fn dump(&self, uplinks: &BTreeSet<String>) -> Result<ObservedKernel, NetlinkError> {
+        let err = |what| move |source| NetlinkError::Dump { what, source };
+        let mut o = ObservedKernel::default();
+
+        let mut names: BTreeMap<u32, String> = BTreeMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(msg) = links.try_next().await.map_err(err("links"))? {
+            let mut name = None;
+            let mut alias = None;
+            for a in &msg.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n.clone()),
+                    LinkAttribute::IfAlias(s) if !s.is_empty() => alias = Some(s.clone()),
+                    _ => {}
+                }
+            }
+            let Some(name) = name else { continue };
+            names.insert(msg.header.index, name.clone());
+            o.links.insert(
+                name.clone(),
+                ObservedLink {
+                    name,
+                    ifindex: msg.header.index,
+                    up: msg.header.flags.contains(LinkFlags::Up),
+                    alias,
+                    addresses: BTreeSet::new(),
+                },
+            );
+        }
+
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(err("addresses"))? {
+            let Some(name) = names.get(&msg.header.index) else {
+                continue;
+            };
+            let ours = address_protocol(&msg) == Some(self.protocol);
+            if !ours && !uplinks.contains(name) {
+                continue;
+            }
+            if let (Some(addr), Some(link)) = (address_of(&msg), o.links.get_mut(name)) {
+                if let Ok(net) = IpNet::new(addr, msg.header.prefix_len) {
+                    link.addresses.insert(net);
+                }
+            }
+        }
+
+        for family in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut routes = self.handle.route().get(family).execute();
+            while let Some(msg) = routes.try_next().await.map_err(err("routes"))? {
+                if u8::from(msg.header.protocol) != self.protocol {
+                    continue;
+                }
+                if let Some((id, attrs)) = route_of(&msg, &names) {
+                    match o.routes.entry(id) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            o.duplicate_routes.push((id, attrs))
+                        }
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(attrs);
+                        }
+                    }
+                }
+            }
+        }
+
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut rules = self.handle.rule().get(version).execute();
+            while let Some(msg) = rules.try_next().await.map_err(err("rules"))? {
+                let protocol = msg.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Protocol(p) => Some(u8::from(*p)),
+                    _ => None,
+                });
+                let spec = rule_of(&msg);
+                if protocol == Some(self.protocol) {
+                    o.rules.insert(spec);
+                } else {
+                    o.foreign_rules.insert((spec.v6, spec.priority));
+                }
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn address_protocol(msg: &AddressMessage) -> Option<u8> {
+    msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Protocol(p) => Some(match p {
+            AddressProtocol::Loopback => 1,
+            AddressProtocol::RouterAnnouncement => 2,
+            AddressProtocol::LinkLocal => 3,
+            AddressProtocol::Other(n) => *n,
+            _ => 0,
+        }),
+        _ => None,
+    })
+}
+
+/// IFA_LOCAL is the interface's own IPv4 address (IFA_ADDRESS is the peer
+/// on point-to-point links); IPv6 only has IFA_ADDRESS.
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    local.or_else(|| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+    })
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// Normalises a route to the fields l3hv compares.
+pub(crate) fn route_of(
+    msg: &RouteMessage,
+    names: &BTreeMap<u32, String>,
+) -> Option<(RouteId, RouteAttrs)> {
+    let v6 = msg.header.address_family == AddressFamily::Inet6;
+    let mut table = u32::from(msg.header.table);
+    let mut dst = None;
+    let mut metric = 0;
+    let mut oif = None;
+    let mut gateway = None;
+    let mut pref_src = None;
+    for a in &msg.attributes {
+        match a {
+            // Tables above 255 are reported as 252 in the header.
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = ip_of(d),
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Oif(i) => oif = names.get(i).cloned(),
+            RouteAttribute::Gateway(g) => gateway = ip_of(g),
+            RouteAttribute::PrefSource(s) => pref_src = ip_of(s),
+            _ => {}
+        }
+    }
+    let dst = dst.unwrap_or(if v6 {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    });
+    let dst = IpNet::new(dst, msg.header.destination_prefix_length).ok()?;
+    let kind = match msg.header.kind {
+        RouteType::Unicast => RouteKind::Unicast,
+        RouteType::BlackHole => RouteKind::Blackhole,
+        RouteType::Unreachable => RouteKind::Unreachable,
+        _ => return None,
+    };
+    // IPv6 blackhole/unreachable routes are reported on `lo`.
+    if kind != RouteKind::Unicast {
+        oif = None;
+        gateway = None;
+    }
+    Some((
+        RouteId { table, dst, metric },
+        RouteAttrs {
+            kind,
+            oif,
+            gateway,
+            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+            pref_src,
+        },
+    ))
+}
+
+fn rule_of(msg: &RuleMessage) -> RuleSpec {
+    let v6 = msg.header.family == AddressFamily::Inet6;
+    let mut spec = RuleSpec {
+        v6,
+        priority: 0,
+        iif: None,
+        src: None,
+        table: u32::from(msg.header.table),
+        suppress_prefixlength: None,
+    };
+    for a in &msg.attributes {
+        match a {
+            RuleAttribute::Priority(p) => spec.priority = *p,
+            RuleAttribute::Iifname(n) => spec.iif = Some(n.clone()),
+            RuleAttribute::Source(ip) => spec.src = IpNet::new(*ip, msg.header.src_len).ok(),
+            RuleAttribute::Table(t) => spec.table = *t,
+            RuleAttribute::SuppressPrefixLen(n) if *n != SUPPRESS_UNSET => {
+                spec.suppress_prefixlength = Some(*n)
+            }
+            _ => {}
+        }
+    }
+    spec
+}

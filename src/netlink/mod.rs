@@ -1,0 +1,52 @@
+//! The only code that talks to the kernel: netlink dumps into
+//! [`ObservedKernel`](crate::reconcile::ObservedKernel), execution of a
+//! [`Plan`](crate::reconcile::Plan), tap ioctls and sysctl files.
+//!
+//! It decides nothing: what to change comes from `reconcile`. Kernel quirks
+//! are handled here, each with a comment saying why.
+
+pub mod apply;
+pub mod dump;
+pub mod sysctl;
+pub mod tap;
+
+use rtnetlink::Handle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Socket(#[from] std::io::Error),
+    #[error("netlink dump of {what}: {source}")]
+    Dump {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
+}
+
+/// A netlink connection to the kernel of the current network namespace.
+#[derive(Clone)]
+pub struct Kernel {
+    handle: Handle,
+    protocol: u8,
+}
+
+impl Kernel {
+    /// Opens the connection; its reader task runs on the current runtime.
+    pub fn connect(protocol: u8) -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        tokio::spawn(conn);
+        Ok(Self { handle, protocol })
+    }
+
+    pub fn protocol(&self) -> u8 {
+        self.protocol
+    }
+}
+
+/// The errno of a netlink error reply, positive (`libc::ENOENT`, ...).
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}

@@ -1,0 +1,398 @@
+//! PURE: configuration + intent → [`DesiredKernel`].
+//!
+//! This is the one place that says what the kernel of a hypervisor must look
+//! like (DESIGN.md "Kernel layout"): per VM interface its gateway addresses,
+//! sysctls and host routes; host-wide the rules, the default routes at the
+//! bottom of each table and the host sysctls.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+
+use super::model::*;
+use crate::config::{Config, DefaultRoute, Ipv6Forwarding, Ipv6Mode};
+use crate::intent::{Intent, LinkMode};
+
+pub const PROXY_ARP: IfSysctl = IfSysctl {
+    dir: "ipv4/conf",
+    key: "proxy_arp",
+};
+pub const RP_FILTER: IfSysctl = IfSysctl {
+    dir: "ipv4/conf",
+    key: "rp_filter",
+};
+pub const FORWARDING_V4: IfSysctl = IfSysctl {
+    dir: "ipv4/conf",
+    key: "forwarding",
+};
+pub const SEND_REDIRECTS: IfSysctl = IfSysctl {
+    dir: "ipv4/conf",
+    key: "send_redirects",
+};
+pub const PROXY_DELAY_V4: IfSysctl = IfSysctl {
+    dir: "ipv4/neigh",
+    key: "proxy_delay",
+};
+pub const PROXY_DELAY_V6: IfSysctl = IfSysctl {
+    dir: "ipv6/neigh",
+    key: "proxy_delay",
+};
+pub const ACCEPT_RA: IfSysctl = IfSysctl {
+    dir: "ipv6/conf",
+    key: "accept_ra",
+};
+pub const FORCE_FORWARDING_V6: IfSysctl = IfSysctl {
+    dir: "ipv6/conf",
+    key: "force_forwarding",
+};
+pub const PROXY_NDP: IfSysctl = IfSysctl {
+    dir: "ipv6/conf",
+    key: "proxy_ndp",
+};
+/// 1 = no automatic link-local: the tap's only link-local is fe80::1.
+pub const ADDR_GEN_MODE: IfSysctl = IfSysctl {
+    dir: "ipv6/conf",
+    key: "addr_gen_mode",
+};
+
+/// Every per-interface sysctl l3hv may set on a VM interface (restored to
+/// the kernel's `default` value when an adopted interface is released).
+pub const VM_SYSCTLS: &[IfSysctl] = &[
+    PROXY_ARP,
+    RP_FILTER,
+    FORWARDING_V4,
+    SEND_REDIRECTS,
+    PROXY_DELAY_V4,
+    PROXY_DELAY_V6,
+    ACCEPT_RA,
+    FORCE_FORWARDING_V6,
+    PROXY_NDP,
+    ADDR_GEN_MODE,
+];
+
+fn default_v4() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::new(Ipv4Addr::UNSPECIFIED, 0).expect("/0 is valid"))
+}
+fn default_v6() -> IpNet {
+    IpNet::V6(ipnet::Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0 is valid"))
+}
+fn host(a: IpAddr) -> IpNet {
+    IpNet::from(a)
+}
+
+fn default_route(kind: DefaultRoute) -> Option<RouteAttrs> {
+    let kind = match kind {
+        DefaultRoute::Blackhole => RouteKind::Blackhole,
+        DefaultRoute::Unreachable => RouteKind::Unreachable,
+        DefaultRoute::None => return None,
+    };
+    Some(RouteAttrs {
+        kind,
+        oif: None,
+        gateway: None,
+        onlink: false,
+        pref_src: None,
+    })
+}
+
+/// Computes the kernel state for `intent` under `config`.
+pub fn desired(config: &Config, intent: &Intent) -> DesiredKernel {
+    let mut d = DesiredKernel::default();
+    let k = &config.kernel;
+
+    // Host-wide sysctls (DESIGN.md: as the seed does).
+    let hs = &mut d.host_sysctls;
+    hs.insert("net/ipv4/icmp_errors_use_inbound_ifaddr".into(), "1".into());
+    hs.insert("net/ipv4/conf/all/arp_announce".into(), "2".into());
+    // rp_filter is max(all, if): uplinks need 0, taps set 1 themselves.
+    hs.insert("net/ipv4/conf/all/rp_filter".into(), "0".into());
+    // send_redirects is all OR if.
+    hs.insert("net/ipv4/conf/all/send_redirects".into(), "0".into());
+    if k.ipv6_forwarding == Ipv6Forwarding::Global {
+        hs.insert("net/ipv6/conf/all/forwarding".into(), "1".into());
+    }
+
+    // Uplinks.
+    for u in config.uplinks() {
+        let fabric = &config.fabrics[u.fabric];
+        let mut s = BTreeMap::new();
+        s.insert(FORWARDING_V4, "1".into());
+        s.insert(RP_FILTER, "0".into());
+        s.insert(SEND_REDIRECTS, "0".into());
+        if k.ipv6_forwarding == Ipv6Forwarding::PerInterface {
+            s.insert(FORCE_FORWARDING_V6, "1".into());
+        }
+        if fabric.ipv6_mode == Ipv6Mode::SharedDhcpv6 {
+            s.insert(PROXY_NDP, "1".into());
+        }
+        d.uplinks.insert(
+            u.config.interface.clone(),
+            DesiredUplink {
+                addresses: u.config.addresses.iter().copied().collect(),
+                sysctls: s,
+            },
+        );
+    }
+
+    // Bottom of every table.
+    let mut tables: Vec<(u32, DefaultRoute)> = config
+        .fabrics
+        .values()
+        .map(|f| (f.table, f.default_route))
+        .collect();
+    tables.push((k.local_out_table, k.local_out_default));
+    for (table, kind) in tables {
+        if let Some(attrs) = default_route(kind) {
+            for dst in [default_v4(), default_v6()] {
+                d.routes.insert(
+                    RouteId {
+                        table,
+                        dst,
+                        metric: u32::MAX,
+                    },
+                    attrs.clone(),
+                );
+            }
+        }
+    }
+
+    // Rules: a constant number whatever the VM count.
+    for (v6, p) in [(false, k.rules_v4), (true, k.rules_v6)] {
+        let rule = |priority, iif: Option<&str>, src, table, suppress| RuleSpec {
+            v6,
+            priority,
+            iif: iif.map(str::to_string),
+            src,
+            table,
+            suppress_prefixlength: suppress,
+        };
+        d.rules.insert(rule(p.main, Some("lo"), None, 254, Some(0)));
+        d.rules
+            .insert(rule(p.local_out, Some("lo"), None, k.local_out_table, None));
+        let private_uplinks = config.uplinks().into_iter().filter(|u| !u.catch_all);
+        for (i, u) in private_uplinks.enumerate() {
+            d.rules.insert(rule(
+                p.uplink + i as u32,
+                Some(&u.config.interface),
+                None,
+                u.table,
+                None,
+            ));
+        }
+        let private_subnets = config
+            .fabrics
+            .values()
+            .filter(|f| !f.catch_all)
+            .flat_map(|f| f.subnets.iter().map(move |n| (f.table, *n)))
+            .filter(|(_, n)| n.addr().is_ipv6() == v6);
+        for (i, (table, net)) in private_subnets.enumerate() {
+            d.rules
+                .insert(rule(p.fabric + i as u32, None, Some(net), table, None));
+        }
+        if let Some(f) = config.fabrics.values().find(|f| f.catch_all) {
+            d.rules.insert(rule(p.catch_all, None, None, f.table, None));
+        }
+        if k.remove_default_rules {
+            d.absent_rules.insert((v6, 32766));
+            d.absent_rules.insert((v6, 32767));
+        }
+    }
+
+    // VM interfaces.
+    for (vm, i) in intent.interfaces() {
+        let Some(fabric) = config.fabric(&i.fabric) else {
+            // Validation refuses such intent; a config reload may still
+            // remove a fabric under a VM. Its routes simply go.
+            d.conflicts.push(format!(
+                "vm {vm}: interface {}: fabric `{}` is not configured",
+                i.name, i.fabric
+            ));
+            continue;
+        };
+        let ownership = match i.link {
+            LinkMode::Tap => Ownership::Created { multi_queue: false },
+            LinkMode::TapMultiQueue => Ownership::Created { multi_queue: true },
+            LinkMode::Adopt => Ownership::Adopted,
+        };
+        let mut addresses = BTreeSet::new();
+        addresses.insert(host(IpAddr::V4(fabric.effective_gateway_v4())));
+        addresses.insert(host(IpAddr::V6(fabric.gateway_v6)));
+        let mut s = BTreeMap::new();
+        s.insert(PROXY_ARP, "1".to_string());
+        s.insert(RP_FILTER, "1".into());
+        s.insert(FORWARDING_V4, "1".into());
+        s.insert(SEND_REDIRECTS, "0".into());
+        s.insert(PROXY_DELAY_V4, "0".into());
+        s.insert(PROXY_DELAY_V6, "0".into());
+        s.insert(ACCEPT_RA, "0".into());
+        if k.ipv6_forwarding == Ipv6Forwarding::PerInterface {
+            s.insert(FORCE_FORWARDING_V6, "1".into());
+        }
+        if fabric.ipv6_mode == Ipv6Mode::SharedDhcpv6 {
+            s.insert(PROXY_NDP, "1".into());
+        }
+        if matches!(ownership, Ownership::Created { .. }) {
+            s.insert(ADDR_GEN_MODE, "1".into());
+        }
+        d.links.insert(
+            i.name.clone(),
+            DesiredLink {
+                name: i.name.clone(),
+                vm: vm.to_string(),
+                ownership,
+                addresses,
+                sysctls: s,
+            },
+        );
+
+        let add = |d: &mut DesiredKernel, table, dst: IpNet, attrs: RouteAttrs| {
+            let id = RouteId {
+                table,
+                dst,
+                metric: k.vm_route_metric,
+            };
+            if let Some(existing) = d.routes.get(&id) {
+                if *existing != attrs {
+                    d.conflicts.push(format!(
+                        "vm {vm}: {dst} in table {table} is already routed via {}",
+                        existing.oif.as_deref().unwrap_or("?")
+                    ));
+                }
+                return;
+            }
+            d.routes.insert(id, attrs);
+        };
+        let pref_src = |dst: &IpNet| match dst {
+            IpNet::V4(_) => config.hypervisor.private_source_v4.map(IpAddr::V4),
+            IpNet::V6(_) => config.hypervisor.private_source_v6.map(IpAddr::V6),
+        };
+        let direct = |gateway: Option<IpAddr>, pref_src: Option<IpAddr>| RouteAttrs {
+            kind: RouteKind::Unicast,
+            oif: Some(i.name.clone()),
+            gateway,
+            onlink: gateway.is_some(),
+            pref_src,
+        };
+        for dst in i.host_prefixes() {
+            add(&mut d, fabric.table, dst, direct(None, None));
+            add(&mut d, k.local_out_table, dst, direct(None, pref_src(&dst)));
+        }
+        for r in &i.routed {
+            let dst = r.prefix.trunc();
+            add(&mut d, fabric.table, dst, direct(Some(r.via), None));
+            add(
+                &mut d,
+                k.local_out_table,
+                dst,
+                direct(Some(r.via), pref_src(&dst)),
+            );
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use crate::intent::{InterfaceIntent, RoutedAddr, VmIntent};
+
+    fn cfg() -> Config {
+        config::parse("t", include_str!("../../packaging/l3hv.toml")).unwrap()
+    }
+
+    fn intent() -> Intent {
+        let mut i = Intent::default();
+        i.vms.insert(
+            "vm1".into(),
+            VmIntent {
+                name: "vm1".into(),
+                interfaces: vec![InterfaceIntent {
+                    name: "tap1".into(),
+                    mac: "52:54:00:00:00:01".parse().unwrap(),
+                    fabric: "public".into(),
+                    link: LinkMode::Tap,
+                    ipv4: vec!["203.0.113.1".parse().unwrap()],
+                    ipv6: vec!["2001:db8:cb00:7100::1".parse().unwrap()],
+                    ipv6_prefixes: vec![],
+                    routed: vec![RoutedAddr {
+                        prefix: "203.0.113.10/32".parse().unwrap(),
+                        via: "203.0.113.1".parse().unwrap(),
+                    }],
+                }],
+            },
+        );
+        i
+    }
+
+    #[test]
+    fn empty_intent_has_rules_and_defaults_only() {
+        let d = desired(&cfg(), &Intent::default());
+        assert!(d.links.is_empty());
+        // 3 tables (90, 20, 100) × 2 families.
+        assert_eq!(d.routes.len(), 6);
+        assert!(d.routes.values().all(|a| a.kind == RouteKind::Blackhole));
+        // v4: main, local-out, 2 private uplinks, 1 private subnet, catch-all.
+        assert_eq!(d.rules.iter().filter(|r| !r.v6).count(), 6);
+        // v6: no private v6 subnet.
+        assert_eq!(d.rules.iter().filter(|r| r.v6).count(), 5);
+        let main = d.rules.iter().find(|r| !r.v6 && r.priority == 21).unwrap();
+        assert_eq!(main.table, 254);
+        assert_eq!(main.suppress_prefixlength, Some(0));
+        let private = d.rules.iter().find(|r| !r.v6 && r.priority == 40).unwrap();
+        assert_eq!(private.src, Some("172.22.2.0/24".parse().unwrap()));
+        assert_eq!(private.table, 20);
+        let uplinks: Vec<_> = d
+            .rules
+            .iter()
+            .filter(|r| !r.v6 && r.iif.as_deref().is_some_and(|i| i != "lo"))
+            .collect();
+        assert_eq!(uplinks.len(), 2);
+        assert!(uplinks.iter().all(|r| r.table == 20));
+    }
+
+    #[test]
+    fn vm_interface_state() {
+        let d = desired(&cfg(), &intent());
+        let l = &d.links["tap1"];
+        assert_eq!(l.alias(), "l3hv:tap:vm1");
+        assert!(l.addresses.contains(&"203.0.113.254/32".parse().unwrap()));
+        assert!(l.addresses.contains(&"fe80::1/128".parse().unwrap()));
+        assert_eq!(l.sysctls[&PROXY_ARP], "1");
+        assert_eq!(l.sysctls[&PROXY_NDP], "1"); // public is shared-dhcpv6
+        let vm_routes: Vec<_> = d.routes.iter().filter(|(_, a)| a.oif.is_some()).collect();
+        // (v4, v6, routed) × (public, local-out)
+        assert_eq!(vm_routes.len(), 6);
+        let anycast = d
+            .routes
+            .get(&RouteId {
+                table: 90,
+                dst: "203.0.113.10/32".parse().unwrap(),
+                metric: 16,
+            })
+            .unwrap();
+        assert_eq!(anycast.gateway, Some("203.0.113.1".parse().unwrap()));
+        assert!(anycast.onlink);
+    }
+
+    #[test]
+    fn conflicting_routes_are_reported_not_overwritten() {
+        let mut i = intent();
+        let mut vm2 = i.vms["vm1"].clone();
+        vm2.name = "vm2".into();
+        vm2.interfaces[0].name = "tap2".into();
+        vm2.interfaces[0].ipv4 = vec!["203.0.113.2".parse().unwrap()];
+        vm2.interfaces[0].ipv6 = vec![];
+        vm2.interfaces[0].routed[0].via = "203.0.113.2".parse().unwrap();
+        i.vms.insert("vm2".into(), vm2);
+        let d = desired(&cfg(), &i);
+        assert_eq!(d.conflicts.len(), 2, "{:?}", d.conflicts);
+        let anycast = &d.routes[&RouteId {
+            table: 90,
+            dst: "203.0.113.10/32".parse().unwrap(),
+            metric: 16,
+        }];
+        assert_eq!(anycast.oif.as_deref(), Some("tap1"));
+    }
+}

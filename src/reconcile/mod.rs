@@ -1,0 +1,50 @@
+//! Kernel reconciliation, the pure half: what the kernel must hold
+//! ([`desired`]), what differs from what it holds ([`plan`]), and which
+//! sysctls need reading. The effectful half lives in [`crate::netlink`].
+
+pub mod desired;
+pub mod model;
+pub mod plan;
+
+use std::collections::BTreeMap;
+
+pub use desired::desired;
+pub use model::*;
+pub use plan::{KernelOp, Plan, plan};
+
+/// Which sysctl files to read before planning: the host and uplink ones
+/// (few), those of VM links not yet verified at their current ifindex, and
+/// those of adopted links being released (with the kernel's defaults).
+/// `verified` maps a link name to the ifindex whose sysctls were last
+/// confirmed; a recreated link gets a new ifindex and is read again.
+pub fn sysctls_to_read(
+    desired: &DesiredKernel,
+    observed: &ObservedKernel,
+    verified: &BTreeMap<String, u32>,
+) -> Vec<SysctlPath> {
+    let mut out: Vec<SysctlPath> = desired.host_sysctls.keys().cloned().collect();
+    for (name, u) in &desired.uplinks {
+        out.extend(u.sysctls.keys().map(|s| s.path(name)));
+    }
+    for (name, l) in &desired.links {
+        let current = observed.links.get(name).map(|o| o.ifindex);
+        if current.is_none() || verified.get(name) != current.as_ref() {
+            out.extend(l.sysctls.keys().map(|s| s.path(name)));
+        }
+    }
+    let releasing: Vec<&String> = observed
+        .links
+        .iter()
+        .filter(|(n, o)| {
+            !desired.links.contains_key(*n) && o.ownership() == Some(Ownership::Adopted)
+        })
+        .map(|(n, _)| n)
+        .collect();
+    if !releasing.is_empty() {
+        for s in desired::VM_SYSCTLS {
+            out.push(s.default_path());
+            out.extend(releasing.iter().map(|n| s.path(n)));
+        }
+    }
+    out
+}

@@ -1,0 +1,169 @@
+//! The kernel objects l3hv manages, as plain comparable values.
+//!
+//! Desired and observed state are both expressed in these types, so a
+//! reconcile is a diff of two maps. Nothing here knows about netlink.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// What identifies a route to the kernel: (table, destination, metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RouteId {
+    pub table: u32,
+    pub dst: IpNet,
+    pub metric: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteKind {
+    Unicast,
+    Blackhole,
+    Unreachable,
+}
+
+/// Everything else about a route; a difference here is a `replace`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RouteAttrs {
+    pub kind: RouteKind,
+    pub oif: Option<String>,
+    pub gateway: Option<IpAddr>,
+    pub onlink: bool,
+    pub pref_src: Option<IpAddr>,
+}
+
+/// A policy rule (always `lookup <table>`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct RuleSpec {
+    pub v6: bool,
+    pub priority: u32,
+    pub iif: Option<String>,
+    pub src: Option<IpNet>,
+    pub table: u32,
+    pub suppress_prefixlength: Option<u32>,
+}
+
+/// A sysctl under /proc/sys, by its slash path (`net/ipv4/conf/tap1/proxy_arp`).
+pub type SysctlPath = String;
+
+/// How a managed VM interface came to exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Ownership {
+    /// Created by l3hv (a persistent tap); deleted when no longer intended.
+    Created { multi_queue: bool },
+    /// Created by someone else; l3hv only configures it.
+    Adopted,
+}
+
+/// The alias l3hv writes on every VM interface it manages: its ownership
+/// tag in the kernel, so a restarted agent finds what it must sweep.
+pub fn alias_for(ownership: Ownership, vm: &str) -> String {
+    match ownership {
+        Ownership::Created { .. } => format!("{ALIAS_CREATED}{vm}"),
+        Ownership::Adopted => format!("{ALIAS_ADOPTED}{vm}"),
+    }
+}
+
+pub const ALIAS_CREATED: &str = "l3hv:tap:";
+pub const ALIAS_ADOPTED: &str = "l3hv:adopt:";
+
+/// One per-interface sysctl: `net/<dir>/<ifname>/<key>` with its default
+/// under `net/<dir>/default/<key>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct IfSysctl {
+    pub dir: &'static str,
+    pub key: &'static str,
+}
+
+impl IfSysctl {
+    pub fn path(&self, ifname: &str) -> SysctlPath {
+        format!("net/{}/{}/{}", self.dir, ifname, self.key)
+    }
+    pub fn default_path(&self) -> SysctlPath {
+        self.path("default")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DesiredLink {
+    pub name: String,
+    pub vm: String,
+    pub ownership: Ownership,
+    /// Addresses (with prefix length) tagged with l3hv's protocol.
+    pub addresses: BTreeSet<IpNet>,
+    pub sysctls: BTreeMap<IfSysctl, String>,
+}
+
+impl DesiredLink {
+    pub fn alias(&self) -> String {
+        alias_for(self.ownership, &self.vm)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct DesiredUplink {
+    /// Ensured present; l3hv never deletes an uplink address.
+    pub addresses: BTreeSet<IpNet>,
+    pub sysctls: BTreeMap<IfSysctl, String>,
+}
+
+/// The kernel state l3hv wants, computed from configuration and intent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct DesiredKernel {
+    pub links: BTreeMap<String, DesiredLink>,
+    pub uplinks: BTreeMap<String, DesiredUplink>,
+    pub host_sysctls: BTreeMap<SysctlPath, String>,
+    pub routes: BTreeMap<RouteId, RouteAttrs>,
+    pub rules: BTreeSet<RuleSpec>,
+    /// Kernel rules (v6, priority) to remove (`remove_default_rules`).
+    pub absent_rules: BTreeSet<(bool, u32)>,
+    /// Two intents that want the same route; the first one wins.
+    pub conflicts: Vec<String>,
+}
+
+/// A link as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedLink {
+    pub name: String,
+    pub ifindex: u32,
+    pub up: bool,
+    pub alias: Option<String>,
+    /// Addresses carrying l3hv's protocol (all addresses, for uplinks).
+    pub addresses: BTreeSet<IpNet>,
+}
+
+impl ObservedLink {
+    /// The ownership l3hv left on this link, if any.
+    pub fn ownership(&self) -> Option<Ownership> {
+        let alias = self.alias.as_deref()?;
+        if alias.starts_with(ALIAS_CREATED) {
+            Some(Ownership::Created { multi_queue: false })
+        } else if alias.starts_with(ALIAS_ADOPTED) {
+            Some(Ownership::Adopted)
+        } else {
+            None
+        }
+    }
+}
+
+/// The kernel state l3hv found (only what it may own or depends on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct ObservedKernel {
+    pub links: BTreeMap<String, ObservedLink>,
+    /// Routes carrying l3hv's protocol.
+    pub routes: BTreeMap<RouteId, RouteAttrs>,
+    /// Further routes with an id already seen (IPv4 `append`ed duplicates).
+    pub duplicate_routes: Vec<(RouteId, RouteAttrs)>,
+    /// Rules carrying l3hv's protocol.
+    pub rules: BTreeSet<RuleSpec>,
+    /// Every (v6, priority) of a rule that is not l3hv's.
+    pub foreign_rules: BTreeSet<(bool, u32)>,
+    /// Sysctls that were read: `None` when the file does not exist. A
+    /// desired sysctl missing from this map was verified earlier and is
+    /// trusted.
+    pub sysctls: BTreeMap<SysctlPath, Option<String>>,
+}

@@ -1,0 +1,504 @@
+//! PURE: desired vs observed kernel state → [`Plan`].
+//!
+//! Level-based and idempotent: only differences become operations, so a
+//! plan against a kernel that is already right is empty (a restarted agent
+//! causes no flap). Only objects carrying l3hv's tag are ever deleted:
+//! routes and rules with its protocol, addresses with its protocol on its
+//! own links, links whose alias says l3hv created them.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+use super::desired::VM_SYSCTLS;
+use super::model::*;
+
+/// One change to the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum KernelOp {
+    CreateTap {
+        name: String,
+        multi_queue: bool,
+    },
+    SetAlias {
+        name: String,
+        alias: String,
+    },
+    SetUp {
+        name: String,
+    },
+    Sysctl {
+        path: SysctlPath,
+        value: String,
+    },
+    /// `gateway`: a VM-facing gateway address (scope link, nodad).
+    AddAddress {
+        ifname: String,
+        addr: IpNet,
+        gateway: bool,
+    },
+    DelAddress {
+        ifname: String,
+        addr: IpNet,
+    },
+    AddRoute {
+        id: RouteId,
+        attrs: RouteAttrs,
+        replace: bool,
+    },
+    DelRoute {
+        id: RouteId,
+        attrs: RouteAttrs,
+    },
+    AddRule {
+        rule: RuleSpec,
+    },
+    DelRule {
+        rule: RuleSpec,
+    },
+    /// Delete a rule that is not l3hv's (the kernel's main/default rules).
+    DelForeignRule {
+        v6: bool,
+        priority: u32,
+    },
+    DeleteLink {
+        name: String,
+    },
+}
+
+/// Operations grouped in the order they must be applied. Within a group
+/// the operations are independent and may run concurrently.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// Taps to create, before anything can refer to them.
+    pub create_links: Vec<KernelOp>,
+    /// Alias and sysctls (addr_gen_mode must precede `up`).
+    pub configure_links: Vec<KernelOp>,
+    pub set_up: Vec<KernelOp>,
+    /// Stale routes, rules and addresses.
+    pub remove: Vec<KernelOp>,
+    /// Addresses, then routes and rules.
+    pub add_addresses: Vec<KernelOp>,
+    pub add_routes: Vec<KernelOp>,
+    /// Links l3hv created and no longer intends; last.
+    pub delete_links: Vec<KernelOp>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.phases().iter().map(|p| p.len()).sum()
+    }
+
+    pub fn phases(&self) -> [&Vec<KernelOp>; 7] {
+        [
+            &self.create_links,
+            &self.configure_links,
+            &self.set_up,
+            &self.remove,
+            &self.add_addresses,
+            &self.add_routes,
+            &self.delete_links,
+        ]
+    }
+}
+
+/// Should `desired` be written given what was read?
+fn needs_write(observed: &ObservedKernel, path: &str, desired: &str) -> bool {
+    match observed.sysctls.get(path) {
+        Some(Some(v)) => v.trim() != desired,
+        Some(None) => true,
+        None => false,
+    }
+}
+
+/// Computes the operations that turn `observed` into `desired`.
+pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
+    let mut p = Plan::default();
+
+    // Host sysctls.
+    for (path, value) in &desired.host_sysctls {
+        if needs_write(observed, path, value) {
+            p.configure_links.push(KernelOp::Sysctl {
+                path: path.clone(),
+                value: value.clone(),
+            });
+        }
+    }
+
+    // Uplinks: sysctls and missing addresses; never removed.
+    for (name, u) in &desired.uplinks {
+        for (s, value) in &u.sysctls {
+            let path = s.path(name);
+            if needs_write(observed, &path, value) {
+                p.configure_links.push(KernelOp::Sysctl {
+                    path,
+                    value: value.clone(),
+                });
+            }
+        }
+        if let Some(o) = observed.links.get(name) {
+            for a in u.addresses.difference(&o.addresses) {
+                p.add_addresses.push(KernelOp::AddAddress {
+                    ifname: name.clone(),
+                    addr: *a,
+                    gateway: false,
+                });
+            }
+        }
+    }
+
+    // VM links.
+    for (name, l) in &desired.links {
+        let observed_link = observed.links.get(name);
+        let created_now = observed_link.is_none();
+        if let (None, Ownership::Created { multi_queue }) = (observed_link, l.ownership) {
+            p.create_links.push(KernelOp::CreateTap {
+                name: name.clone(),
+                multi_queue,
+            });
+        }
+        if created_now && l.ownership == Ownership::Adopted {
+            // Nothing to configure yet: the interface does not exist. The
+            // next reconcile (link event or timer) picks it up.
+            continue;
+        }
+        let alias = l.alias();
+        if observed_link.and_then(|o| o.alias.as_deref()) != Some(alias.as_str()) {
+            p.configure_links.push(KernelOp::SetAlias {
+                name: name.clone(),
+                alias,
+            });
+        }
+        for (s, value) in &l.sysctls {
+            let path = s.path(name);
+            if created_now || needs_write(observed, &path, value) {
+                p.configure_links.push(KernelOp::Sysctl {
+                    path,
+                    value: value.clone(),
+                });
+            }
+        }
+        if !observed_link.is_some_and(|o| o.up) {
+            p.set_up.push(KernelOp::SetUp { name: name.clone() });
+        }
+        let have: BTreeSet<IpNet> = observed_link
+            .map(|o| o.addresses.clone())
+            .unwrap_or_default();
+        for a in l.addresses.difference(&have) {
+            p.add_addresses.push(KernelOp::AddAddress {
+                ifname: name.clone(),
+                addr: *a,
+                gateway: true,
+            });
+        }
+        for a in have.difference(&l.addresses) {
+            p.remove.push(KernelOp::DelAddress {
+                ifname: name.clone(),
+                addr: *a,
+            });
+        }
+    }
+
+    // Links l3hv tagged and no longer intends.
+    for (name, o) in &observed.links {
+        if desired.links.contains_key(name) || desired.uplinks.contains_key(name) {
+            continue;
+        }
+        match o.ownership() {
+            Some(Ownership::Created { .. }) => p
+                .delete_links
+                .push(KernelOp::DeleteLink { name: name.clone() }),
+            Some(Ownership::Adopted) => {
+                // Give the interface back as the kernel's defaults would
+                // have it.
+                for a in &o.addresses {
+                    p.remove.push(KernelOp::DelAddress {
+                        ifname: name.clone(),
+                        addr: *a,
+                    });
+                }
+                for s in VM_SYSCTLS {
+                    let default = observed.sysctls.get(&s.default_path()).cloned().flatten();
+                    let current = observed.sysctls.get(&s.path(name)).cloned().flatten();
+                    if let (Some(default), Some(current)) = (default, current) {
+                        if default.trim() != current.trim() {
+                            p.configure_links.push(KernelOp::Sysctl {
+                                path: s.path(name),
+                                value: default.trim().to_string(),
+                            });
+                        }
+                    }
+                }
+                p.configure_links.push(KernelOp::SetAlias {
+                    name: name.clone(),
+                    alias: String::new(),
+                });
+            }
+            None => {}
+        }
+    }
+
+    // Routes.
+    for (id, attrs) in &desired.routes {
+        match observed.routes.get(id) {
+            Some(o) if o == attrs => {}
+            Some(_) => p.add_routes.push(KernelOp::AddRoute {
+                id: *id,
+                attrs: attrs.clone(),
+                replace: true,
+            }),
+            None => p.add_routes.push(KernelOp::AddRoute {
+                id: *id,
+                attrs: attrs.clone(),
+                replace: false,
+            }),
+        }
+    }
+    for (id, attrs) in &observed.routes {
+        if !desired.routes.contains_key(id) {
+            // Routes on a link about to be deleted go with it.
+            if attrs.oif.as_ref().is_some_and(|oif| {
+                p.delete_links
+                    .iter()
+                    .any(|op| matches!(op, KernelOp::DeleteLink { name } if name == oif))
+            }) {
+                continue;
+            }
+            p.remove.push(KernelOp::DelRoute {
+                id: *id,
+                attrs: attrs.clone(),
+            });
+        }
+    }
+    for (id, attrs) in &observed.duplicate_routes {
+        p.remove.push(KernelOp::DelRoute {
+            id: *id,
+            attrs: attrs.clone(),
+        });
+    }
+
+    // Rules.
+    for r in desired.rules.difference(&observed.rules) {
+        p.add_routes.push(KernelOp::AddRule { rule: r.clone() });
+    }
+    for r in observed.rules.difference(&desired.rules) {
+        p.remove.push(KernelOp::DelRule { rule: r.clone() });
+    }
+    for (v6, priority) in &desired.absent_rules {
+        if observed.foreign_rules.contains(&(*v6, *priority)) {
+            p.remove.push(KernelOp::DelForeignRule {
+                v6: *v6,
+                priority: *priority,
+            });
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Config};
+    use crate::intent::{Intent, InterfaceIntent, LinkMode, VmIntent};
+    use crate::reconcile::desired::desired;
+
+    fn cfg() -> Config {
+        config::parse("t", include_str!("../../packaging/l3hv.toml")).unwrap()
+    }
+
+    fn intent(link: LinkMode) -> Intent {
+        let mut i = Intent::default();
+        i.vms.insert(
+            "vm1".into(),
+            VmIntent {
+                name: "vm1".into(),
+                interfaces: vec![InterfaceIntent {
+                    name: "tap1".into(),
+                    mac: "52:54:00:00:00:01".parse().unwrap(),
+                    fabric: "public".into(),
+                    link,
+                    ipv4: vec!["203.0.113.1".parse().unwrap()],
+                    ipv6: vec![],
+                    ipv6_prefixes: vec![],
+                    routed: vec![],
+                }],
+            },
+        );
+        i
+    }
+
+    /// The kernel after `d` was applied perfectly, with sysctls trusted.
+    fn converged(d: &DesiredKernel) -> ObservedKernel {
+        let mut o = ObservedKernel::default();
+        for (i, (name, l)) in d.links.iter().enumerate() {
+            o.links.insert(
+                name.clone(),
+                ObservedLink {
+                    name: name.clone(),
+                    ifindex: 10 + i as u32,
+                    up: true,
+                    alias: Some(l.alias()),
+                    addresses: l.addresses.clone(),
+                },
+            );
+        }
+        for (name, u) in &d.uplinks {
+            o.links.insert(
+                name.clone(),
+                ObservedLink {
+                    name: name.clone(),
+                    ifindex: 2,
+                    up: true,
+                    alias: None,
+                    addresses: u.addresses.clone(),
+                },
+            );
+        }
+        o.routes = d.routes.clone();
+        o.rules = d.rules.clone();
+        o
+    }
+
+    #[test]
+    fn converged_kernel_needs_nothing() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let p = plan(&d, &converged(&d));
+        assert!(p.is_empty(), "{p:#?}");
+    }
+
+    #[test]
+    fn empty_kernel_gets_everything() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let p = plan(&d, &ObservedKernel::default());
+        assert_eq!(
+            p.create_links,
+            vec![KernelOp::CreateTap {
+                name: "tap1".into(),
+                multi_queue: false
+            }]
+        );
+        assert_eq!(p.set_up.len(), 1);
+        // Both gateway addresses; uplinks are absent so get none.
+        assert_eq!(p.add_addresses.len(), 2);
+        let routes = p
+            .add_routes
+            .iter()
+            .filter(|o| matches!(o, KernelOp::AddRoute { .. }))
+            .count();
+        assert_eq!(routes, d.routes.len());
+        // Sysctls of the new tap are written although nothing was read.
+        assert!(p.configure_links.iter().any(
+            |o| matches!(o, KernelOp::Sysctl { path, value } if path == "net/ipv4/conf/tap1/proxy_arp" && value == "1")
+        ));
+    }
+
+    #[test]
+    fn removed_interface_is_swept_exactly() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let o = converged(&d);
+        let empty = desired(&cfg(), &Intent::default());
+        let p = plan(&empty, &o);
+        assert_eq!(
+            p.delete_links,
+            vec![KernelOp::DeleteLink {
+                name: "tap1".into()
+            }]
+        );
+        // Routes through the tap go with it; nothing else is touched.
+        assert!(p.remove.is_empty(), "{:#?}", p.remove);
+        assert!(p.add_routes.is_empty());
+    }
+
+    #[test]
+    fn released_adopted_interface_is_given_back() {
+        let d = desired(&cfg(), &intent(LinkMode::Adopt));
+        let mut o = converged(&d);
+        o.sysctls
+            .insert("net/ipv4/conf/tap1/proxy_arp".into(), Some("1".into()));
+        o.sysctls
+            .insert("net/ipv4/conf/default/proxy_arp".into(), Some("0".into()));
+        let empty = desired(&cfg(), &Intent::default());
+        let p = plan(&empty, &o);
+        assert!(p.delete_links.is_empty());
+        let removed_routes = p
+            .remove
+            .iter()
+            .filter(|o| matches!(o, KernelOp::DelRoute { .. }))
+            .count();
+        assert_eq!(removed_routes, 2);
+        let removed_addrs = p
+            .remove
+            .iter()
+            .filter(|o| matches!(o, KernelOp::DelAddress { .. }))
+            .count();
+        assert_eq!(removed_addrs, 2);
+        assert!(p.configure_links.contains(&KernelOp::Sysctl {
+            path: "net/ipv4/conf/tap1/proxy_arp".into(),
+            value: "0".into()
+        }));
+        assert!(p.configure_links.contains(&KernelOp::SetAlias {
+            name: "tap1".into(),
+            alias: String::new()
+        }));
+    }
+
+    #[test]
+    fn changed_route_is_replaced_not_deleted() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let mut o = converged(&d);
+        let (id, attrs) = o
+            .routes
+            .iter_mut()
+            .find(|(_, a)| a.oif.is_some())
+            .map(|(id, a)| (*id, a))
+            .unwrap();
+        attrs.oif = Some("other".into());
+        let p = plan(&d, &o);
+        assert_eq!(p.len(), 1);
+        assert!(
+            matches!(&p.add_routes[0], KernelOp::AddRoute { id: i, replace: true, .. } if *i == id)
+        );
+    }
+
+    #[test]
+    fn foreign_objects_are_never_touched() {
+        let d = desired(&cfg(), &Intent::default());
+        let mut o = converged(&d);
+        o.links.insert(
+            "eth0".into(),
+            ObservedLink {
+                name: "eth0".into(),
+                ifindex: 3,
+                up: false,
+                alias: Some("uplink to the world".into()),
+                addresses: ["192.0.2.1/24".parse().unwrap()].into(),
+            },
+        );
+        o.foreign_rules.insert((false, 32766));
+        assert!(plan(&d, &o).is_empty());
+    }
+
+    #[test]
+    fn sysctl_drift_is_repaired() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let mut o = converged(&d);
+        o.sysctls
+            .insert("net/ipv4/conf/tap1/rp_filter".into(), Some("0".into()));
+        o.sysctls
+            .insert("net/ipv4/conf/tap1/proxy_arp".into(), Some("1\n".into()));
+        let p = plan(&d, &o);
+        assert_eq!(
+            p.configure_links,
+            vec![KernelOp::Sysctl {
+                path: "net/ipv4/conf/tap1/rp_filter".into(),
+                value: "1".into()
+            }]
+        );
+    }
+}
