@@ -14,7 +14,7 @@ use crate::reconcile::{self, KernelOp};
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ReconcileReport {
     pub at_unix: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(rename = "duration_ms", serialize_with = "as_millis")]
     pub duration: Duration,
     pub planned: usize,
     pub applied: usize,
@@ -22,6 +22,18 @@ pub struct ReconcileReport {
     pub conflicts: Vec<String>,
     /// The pass could not run at all (dump failed).
     pub error: Option<String>,
+}
+
+fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1e6).round() / 1e3)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UplinkStatus {
+    pub fabric: String,
+    pub path: String,
+    pub interface: String,
+    pub present: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -52,6 +64,7 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub vms: usize,
+    pub uplinks: Vec<UplinkStatus>,
     pub interfaces: Vec<InterfaceStatus>,
     pub routes_programmed: usize,
     pub routes_failed: usize,
@@ -191,6 +204,16 @@ pub fn build(
         version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: started.elapsed().map_or(0, |d| d.as_secs()),
         vms: intent.vms.len(),
+        uplinks: config
+            .uplinks()
+            .iter()
+            .map(|u| UplinkStatus {
+                fabric: u.fabric.to_string(),
+                path: u.path.to_string(),
+                interface: u.config.interface.clone(),
+                present: crate::netlink::tap::ifindex(&u.config.interface).is_some(),
+            })
+            .collect(),
         interfaces,
         routes_programmed: programmed,
         routes_failed: failed_names.len(),

@@ -28,9 +28,9 @@ pub fn render_status(v: &Value) -> String {
         out.push_str("last reconcile: never\n");
     } else {
         out.push_str(&format!(
-            "last reconcile: at {} took {}, {} changes planned, {} applied, {} failed{}\n",
+            "last reconcile: at {} took {} ms, {} changes planned, {} applied, {} failed{}\n",
             s(&r["at_unix"]),
-            s(&r["duration"]),
+            s(&r["duration_ms"]),
             s(&r["planned"]),
             s(&r["applied"]),
             r["failed"].as_array().map_or(0, |a| a.len()),
@@ -42,6 +42,19 @@ pub fn render_status(v: &Value) -> String {
         for c in r["conflicts"].as_array().into_iter().flatten() {
             out.push_str(&format!("  conflict: {}\n", s(c)));
         }
+    }
+    for u in v["uplinks"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "uplink {}/{}: {} {}\n",
+            s(&u["fabric"]),
+            s(&u["path"]),
+            s(&u["interface"]),
+            if u["present"] == true {
+                "present"
+            } else {
+                "MISSING"
+            },
+        ));
     }
     out.push_str(&format!(
         "\n{:<16} {:<15} {:<18} {:<9} {:<7} {:<6} {}\n",

@@ -131,8 +131,12 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
         }
     }
 
-    // Uplinks: sysctls and missing addresses; never removed.
+    // Uplinks: sysctls and missing addresses; never removed. An uplink
+    // that does not exist (yet) is reported in status, not written to.
     for (name, u) in &desired.uplinks {
+        if !observed.links.contains_key(name) {
+            continue;
+        }
         for (s, value) in &u.sysctls {
             let path = s.path(name);
             if needs_write(observed, &path, value) {
