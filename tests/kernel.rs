@@ -14,8 +14,9 @@ use common::*;
 /// and a private uplink `up-p` to `extp` (172.22.15.126).
 struct World {
     hv: Netns,
-    ext: Netns,
-    extp: Netns,
+    /// Kept alive for the test's duration (dropped = deleted).
+    _ext: Netns,
+    _extp: Netns,
 }
 
 fn world() -> World {
@@ -46,7 +47,11 @@ fn world() -> World {
     veth(&hv, "up-p", &extp, "eth0");
     extp.ip(&["addr", "add", "172.22.15.126/25", "dev", "eth0"]);
     extp.ip(&["route", "add", "172.22.2.0/24", "via", "172.22.15.101"]);
-    World { hv, ext, extp }
+    World {
+        hv,
+        _ext: ext,
+        _extp: extp,
+    }
 }
 
 /// Stands in for the default route BGP will bring: a foreign (proto static)
