@@ -267,6 +267,7 @@ impl Agent {
     async fn reconcile(&mut self) {
         let start = Instant::now();
         let desired = reconcile::desired(&self.config, &self.intent);
+        let mut compute = start.elapsed();
         for c in &desired.conflicts {
             warn!(conflict = %c, "intent conflict");
         }
@@ -277,7 +278,10 @@ impl Agent {
             conflicts: desired.conflicts.clone(),
             ..Default::default()
         };
-        let mut observed = match self.kernel.dump(&self.uplink_names()).await {
+        let t = Instant::now();
+        let dumped = self.kernel.dump(&self.uplink_names()).await;
+        report.dump = t.elapsed();
+        let mut observed = match dumped {
             Ok(o) => o,
             Err(e) => {
                 warn!(error = %e, "kernel dump failed");
@@ -287,13 +291,21 @@ impl Agent {
                 return;
             }
         };
+        let t = Instant::now();
         let paths = reconcile::sysctls_to_read(&desired, &observed, &self.verified);
-        let read = tokio::task::spawn_blocking(move || sysctl::read_many(&paths))
-            .await
-            .unwrap_or_default();
-        observed.sysctls.extend(read);
+        if !paths.is_empty() {
+            let read = tokio::task::spawn_blocking(move || sysctl::read_many(&paths))
+                .await
+                .unwrap_or_default();
+            observed.sysctls.extend(read);
+        }
+        report.sysctls = t.elapsed();
+        let t = Instant::now();
         let plan = reconcile::plan(&desired, &observed);
+        compute += t.elapsed();
+        report.compute = compute;
         report.planned = plan.len();
+        let t = Instant::now();
         let applied = if plan.is_empty() {
             ApplyReport::default()
         } else {
@@ -317,10 +329,16 @@ impl Agent {
             if failed_links.contains(name.as_str()) {
                 continue;
             }
-            if let Some(idx) = crate::netlink::tap::ifindex(name) {
+            let idx = match observed.links.get(name) {
+                Some(o) => Some(o.ifindex),
+                // Created in this pass.
+                None => crate::netlink::tap::ifindex(name),
+            };
+            if let Some(idx) = idx {
                 self.verified.insert(name.clone(), idx);
             }
         }
+        report.apply = t.elapsed();
         report.applied = applied.applied;
         report.failed = applied.failed;
         report.duration = start.elapsed();

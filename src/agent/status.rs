@@ -16,6 +16,15 @@ pub struct ReconcileReport {
     pub at_unix: u64,
     #[serde(rename = "duration_ms", serialize_with = "as_millis")]
     pub duration: Duration,
+    /// Where the time went: kernel dump, sysctl reads, desired + plan, apply.
+    #[serde(serialize_with = "as_millis")]
+    pub dump: Duration,
+    #[serde(serialize_with = "as_millis")]
+    pub sysctls: Duration,
+    #[serde(serialize_with = "as_millis")]
+    pub compute: Duration,
+    #[serde(serialize_with = "as_millis")]
+    pub apply: Duration,
     pub planned: usize,
     pub applied: usize,
     pub failed: Vec<OpFailure>,

@@ -7,9 +7,8 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressProtocol};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, RouteMessageBuilder};
@@ -26,37 +25,31 @@ impl Kernel {
     /// the routes and rules carrying l3hv's protocol. Sysctls are not read
     /// here.
     pub async fn dump(&self, uplinks: &BTreeSet<String>) -> Result<ObservedKernel, NetlinkError> {
-        let err = |what| move |source| NetlinkError::Dump { what, source };
         let mut o = ObservedKernel::default();
 
+        // Links on a blocking thread (lean hand parser, see links.rs) while
+        // addresses, routes and rules come over the async socket.
+        let links = tokio::task::spawn_blocking(super::links::dump);
+        let (addrs, routes, rules) =
+            tokio::join!(self.dump_addresses(), self.dump_routes(), self.dump_rules());
+        let links = links
+            .await
+            .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))??;
         let mut names: BTreeMap<u32, String> = BTreeMap::new();
-        let mut links = self.handle.link().get().execute();
-        while let Some(msg) = links.try_next().await.map_err(err("links"))? {
-            let mut name = None;
-            let mut alias = None;
-            for a in &msg.attributes {
-                match a {
-                    LinkAttribute::IfName(n) => name = Some(n.clone()),
-                    LinkAttribute::IfAlias(s) if !s.is_empty() => alias = Some(s.clone()),
-                    _ => {}
-                }
-            }
-            let Some(name) = name else { continue };
-            names.insert(msg.header.index, name.clone());
+        for l in links {
+            names.insert(l.index, l.name.clone());
             o.links.insert(
-                name.clone(),
+                l.name.clone(),
                 ObservedLink {
-                    name,
-                    ifindex: msg.header.index,
-                    up: msg.header.flags.contains(LinkFlags::Up),
-                    alias,
+                    name: l.name,
+                    ifindex: l.index,
+                    up: l.up,
+                    alias: l.alias,
                     addresses: BTreeSet::new(),
                 },
             );
         }
-
-        let mut addrs = self.handle.address().get().execute();
-        while let Some(msg) = addrs.try_next().await.map_err(err("addresses"))? {
+        for msg in addrs? {
             let Some(name) = names.get(&msg.header.index) else {
                 continue;
             };
@@ -70,48 +63,98 @@ impl Kernel {
                 }
             }
         }
-
-        for family in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let mut routes = self.handle.route().get(family).execute();
-            while let Some(msg) = routes.try_next().await.map_err(err("routes"))? {
-                if u8::from(msg.header.protocol) != self.protocol {
-                    continue;
-                }
-                if let Some((id, attrs)) = route_of(&msg, &names) {
-                    match o.routes.entry(id) {
-                        std::collections::btree_map::Entry::Occupied(_) => {
-                            o.duplicate_routes.push((id, attrs))
-                        }
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(attrs);
-                        }
+        for msg in routes? {
+            if u8::from(msg.header.protocol) != self.protocol {
+                continue;
+            }
+            if let Some((id, attrs)) = route_of(&msg, &names) {
+                match o.routes.entry(id) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        o.duplicate_routes.push((id, attrs))
+                    }
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(attrs);
                     }
                 }
             }
         }
-
-        for version in [IpVersion::V4, IpVersion::V6] {
-            let mut rules = self.handle.rule().get(version).execute();
-            while let Some(msg) = rules.try_next().await.map_err(err("rules"))? {
-                let protocol = msg.attributes.iter().find_map(|a| match a {
-                    RuleAttribute::Protocol(p) => Some(u8::from(*p)),
-                    _ => None,
-                });
-                let spec = rule_of(&msg);
-                if protocol == Some(self.protocol) {
-                    o.rules.insert(spec);
-                } else {
-                    o.foreign_rules.insert((spec.v6, spec.priority));
-                }
+        for msg in rules? {
+            let protocol = msg.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Protocol(p) => Some(u8::from(*p)),
+                _ => None,
+            });
+            let spec = rule_of(&msg);
+            if protocol == Some(self.protocol) {
+                o.rules.insert(spec);
+            } else {
+                o.foreign_rules.insert((spec.v6, spec.priority));
             }
         }
         Ok(o)
     }
-}
 
+    async fn dump_addresses(&self) -> Result<Vec<AddressMessage>, NetlinkError> {
+        self.handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetlinkError::Dump {
+                what: "addresses",
+                source,
+            })
+    }
+
+    /// Routes carrying l3hv's protocol (filtered by the kernel under strict
+    /// checking, and again by the caller).
+    async fn dump_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let mut req = self.handle.route().get(family);
+            let header = &mut req.message_mut().header;
+            header.protocol = RouteProtocol::Other(self.protocol);
+            // The builder's defaults (table main, type unicast) would become
+            // dump filters too under strict checking: dump every table and
+            // type.
+            header.table = 0;
+            header.kind = RouteType::Unspec;
+            header.scope = RouteScope::Universe;
+            let mut part: Vec<RouteMessage> =
+                req.execute()
+                    .try_collect()
+                    .await
+                    .map_err(|source| NetlinkError::Dump {
+                        what: "routes",
+                        source,
+                    })?;
+            out.append(&mut part);
+        }
+        Ok(out)
+    }
+
+    async fn dump_rules(&self) -> Result<Vec<RuleMessage>, NetlinkError> {
+        let mut out = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut part: Vec<RuleMessage> = self
+                .handle
+                .rule()
+                .get(version)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(|source| NetlinkError::Dump {
+                    what: "rules",
+                    source,
+                })?;
+            out.append(&mut part);
+        }
+        Ok(out)
+    }
+}
 fn address_protocol(msg: &AddressMessage) -> Option<u8> {
     msg.attributes.iter().find_map(|a| match a {
         AddressAttribute::Protocol(p) => Some(match p {

@@ -7,6 +7,7 @@
 
 pub mod apply;
 pub mod dump;
+pub mod links;
 pub mod sysctl;
 pub mod tap;
 
@@ -33,7 +34,19 @@ pub struct Kernel {
 impl Kernel {
     /// Opens the connection; its reader task runs on the current runtime.
     pub fn connect(protocol: u8) -> Result<Self, NetlinkError> {
-        let (conn, handle, _) = rtnetlink::new_connection()?;
+        use rtnetlink::sys::AsyncSocket;
+        let (mut conn, handle, _) = rtnetlink::new_connection()?;
+        // Strict checking makes the kernel filter route dumps by protocol
+        // (RTM_GETROUTE with rtm_protocol set): a dump then carries only
+        // l3hv's routes, not every local/broadcast entry of every tap. On a
+        // kernel without it the dump is just larger; we filter again.
+        if let Err(e) = conn
+            .socket_mut()
+            .socket_mut()
+            .set_netlink_get_strict_chk(true)
+        {
+            tracing::debug!(error = %e, "NETLINK_GET_STRICT_CHK unavailable");
+        }
         tokio::spawn(conn);
         Ok(Self { handle, protocol })
     }
