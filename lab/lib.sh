@@ -19,13 +19,14 @@ LAB_RUN=/run/l3hv-lab
 # Fabric paths: two independent L2 fabrics, each a "switch" namespace.
 PATHS=(a b)
 declare -A SWITCH=([a]=swA [b]=swB)
-SWITCHES=(swA swB)
 
 # The networks (the seed's VLANs public 90 and private 20) every path
 # carries. The kernel here has no 8021q: each (path, network) is one bridge
 # "br-<network>" in the path's switch namespace, and each host on it has one
 # veth "<path>-<network>" (e.g. a-public) plugged into that bridge.
 NETWORKS=(public private)
+# Short names for the switch ports ("<host>-<short>", at most 15 characters).
+declare -A NETWORK_SHORT=([public]=pub [private]=priv)
 
 # One l3hv fabric per network, as written into every l3hv.toml.
 declare -A FABRIC_TABLE=([public]=90 [private]=20)
@@ -76,6 +77,7 @@ declare -A RR_ADDR=(
 # The "internet" router: on the public network of both paths, with the
 # internet host's addresses on its lo.
 INTERNET=internet
+INTERNET_NETWORK=public
 declare -A INTERNET_ADDR=(
     [a]="198.51.100.1/25 2001:db8:c633:6400::1/120"
     [b]="198.51.100.129/25 2001:db8:c633:6401::1/120"
@@ -115,9 +117,11 @@ HAVE_NDP_PROXY=0  # NTF_PROXY entries for the shared /64 (DESIGN.md "IPv6 neighb
 
 # ================================================================= helpers ==
 
-lab_namespaces() {
-    echo "${SWITCHES[*]} ${HVS[*]} ${RRS[*]} $INTERNET ${VMS[*]}"
-}
+SWITCHES=()
+for _p in "${PATHS[@]}"; do SWITCHES+=("${SWITCH[$_p]}"); done
+unset _p
+# Every namespace the lab creates, and the only ones lab/down deletes.
+LAB_NAMESPACES=("${SWITCHES[@]}" "${HVS[@]}" "${RRS[@]}" "$INTERNET" "${VMS[@]}")
 
 die() {
     echo "lab: $*" >&2

@@ -19,7 +19,9 @@ pub mod status;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
@@ -95,9 +97,17 @@ pub enum Command {
 #[derive(Clone)]
 pub struct AgentHandle {
     tx: mpsc::Sender<Command>,
+    intent: watch::Receiver<Arc<Intent>>,
 }
 
 impl AgentHandle {
+    /// A read-only view of the intent, updated after every change is
+    /// persisted. Services that serve VMs (DHCP, RA) follow it; they never
+    /// write intent.
+    pub fn subscribe_intent(&self) -> watch::Receiver<Arc<Intent>> {
+        self.intent.clone()
+    }
+
     pub async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -122,6 +132,7 @@ pub struct Agent {
     last: Option<ReconcileReport>,
     started: SystemTime,
     rx: mpsc::Receiver<Command>,
+    published: watch::Sender<Arc<Intent>>,
 }
 
 impl Agent {
@@ -133,6 +144,7 @@ impl Agent {
         let intent = store.load()?;
         let kernel = Kernel::connect(config.kernel.route_protocol)?;
         let (tx, rx) = mpsc::channel(1024);
+        let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
         info!(
             vms = intent.vms.len(),
             path = %store.path().display(),
@@ -148,8 +160,12 @@ impl Agent {
                 last: None,
                 started: SystemTime::now(),
                 rx,
+                published,
             },
-            AgentHandle { tx },
+            AgentHandle {
+                tx,
+                intent: intent_rx,
+            },
         ))
     }
 
@@ -222,6 +238,8 @@ impl Agent {
                 for (_, reply) in waiting.drain(..) {
                     let _ = reply.send(Err(ApiError::Internal(e.to_string())));
                 }
+            } else {
+                self.published.send_replace(Arc::new(self.intent.clone()));
             }
         }
         if !waiting.is_empty() || later.iter().any(|c| matches!(c, Command::Reconcile { .. })) {
