@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # the variables are used by the scripts sourcing this
 # lab/lib.sh: the lab's topology and the helpers lab/up, lab/down and
 # lab/status share. Sourced, never executed.
 #
@@ -37,7 +38,7 @@ declare -A FABRIC_SUBNETS=(
 )
 declare -A FABRIC_GATEWAY_V4=([public]=203.0.113.254 [private]=172.22.2.254)
 # Empty: the agent's default.
-declare -A FABRIC_IPV6_MODE=([public]=shared-dhcpv6 [private]=)
+declare -A FABRIC_IPV6_MODE=([public]=shared-dhcpv6 [private]="")
 GATEWAY_V6=fe80::1
 ASN=65000
 # The agents' log filter (RUST_LOG syntax).

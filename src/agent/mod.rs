@@ -17,7 +17,7 @@
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
@@ -64,6 +64,9 @@ impl From<IntentError> for ApiError {
         }
     }
 }
+
+/// First retry delay after a failed reconcile pass.
+const RETRY_MIN: Duration = Duration::from_secs(1);
 
 /// Where the verdict of an intent change goes.
 type Reply = oneshot::Sender<Result<(), ApiError>>;
@@ -131,6 +134,10 @@ pub struct Agent {
     verified: BTreeMap<String, u32>,
     last: Option<ReconcileReport>,
     started: SystemTime,
+    /// When the next level-based pass runs: the configured interval after
+    /// a clean pass, sooner (backing off) after a failed one.
+    next_reconcile: Instant,
+    retry: Duration,
     rx: mpsc::Receiver<Command>,
     published: watch::Sender<Arc<Intent>>,
 }
@@ -159,6 +166,8 @@ impl Agent {
                 verified: BTreeMap::new(),
                 last: None,
                 started: SystemTime::now(),
+                next_reconcile: Instant::now(),
+                retry: RETRY_MIN,
                 rx,
                 published,
             },
@@ -177,10 +186,8 @@ impl Agent {
 
     /// Runs until every [`AgentHandle`] is dropped.
     pub async fn run(mut self) {
-        let mut timer = tokio::time::interval(self.config.kernel.reconcile_interval);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        timer.reset();
         loop {
+            let next = tokio::time::Instant::from_std(self.next_reconcile);
             tokio::select! {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -190,7 +197,7 @@ impl Agent {
                     }
                     self.on_commands(batch).await;
                 }
-                _ = timer.tick() => {
+                _ = tokio::time::sleep_until(next) => {
                     self.reconcile().await;
                 }
             }
@@ -305,6 +312,7 @@ impl Agent {
                 warn!(error = %e, "kernel dump failed");
                 report.error = Some(e.to_string());
                 report.duration = start.elapsed();
+                self.schedule_next(true);
                 self.last = Some(report);
                 return;
             }
@@ -374,7 +382,19 @@ impl Agent {
                 "reconciled, no change"
             );
         }
+        self.schedule_next(!report.failed.is_empty());
         self.last = Some(report);
+    }
+
+    fn schedule_next(&mut self, failed: bool) {
+        let interval = self.config.kernel.reconcile_interval;
+        if failed {
+            self.next_reconcile = Instant::now() + self.retry.min(interval);
+            self.retry = (self.retry * 2).min(interval);
+        } else {
+            self.next_reconcile = Instant::now() + interval;
+            self.retry = RETRY_MIN;
+        }
     }
 
     fn status(&self) -> Status {

@@ -39,6 +39,11 @@ enum Cmd {
         #[command(subcommand)]
         command: VmCmd,
     },
+    /// BGP sessions: state, negotiated capabilities, counters, last error.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Reconcile the kernel now and print the report.
     Reconcile {
         #[arg(long)]
@@ -74,6 +79,7 @@ fn main() -> ExitCode {
     let (req, json) = match &args.command {
         Cmd::Status { json } => (Request::Status, *json),
         Cmd::Reconcile { json } => (Request::Reconcile, *json),
+        Cmd::Peers { json } => (Request::Peers, *json),
         Cmd::Vm {
             command: VmCmd::List { json },
         } => (Request::ListVms, *json),

@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn run(config: config::Config) -> ExitCode {
     let socket = config.control.socket.clone();
+    let shared = std::sync::Arc::new(config.clone());
     let (mut agent, handle) = match agent::Agent::new(config) {
         Ok(a) => a,
         Err(e) => {
@@ -81,8 +82,9 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let bgp = l3hv::bgp::start(shared, handle.subscribe_intent());
     let agent_task = agent::spawn(agent);
-    tokio::spawn(control::serve(listener, handle));
+    tokio::spawn(control::serve(listener, handle, bgp));
     info!(socket = %socket.display(), "ready");
 
     let stop = async {

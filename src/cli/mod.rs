@@ -43,6 +43,16 @@ pub fn render_status(v: &Value) -> String {
             out.push_str(&format!("  conflict: {}\n", s(c)));
         }
     }
+    for p in v["peers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "bgp {} -> {}: {} ({} received, {} advertised)\n",
+            s(&p["peer"]["name"]),
+            s(&p["peer"]["remote"]),
+            s(&p["state"]),
+            s(&p["prefixes_received"]),
+            s(&p["prefixes_advertised"]),
+        ));
+    }
     for u in v["uplinks"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "uplink {}/{}: {} {}\n",
@@ -93,6 +103,42 @@ pub fn render_status(v: &Value) -> String {
         }
         for e in i["errors"].as_array().into_iter().flatten() {
             out.push_str(&format!("    error: {}\n", s(e)));
+        }
+    }
+    out
+}
+
+/// `l3hv peers` as text.
+pub fn render_peers(v: &Value) -> String {
+    let mut out = format!(
+        "{:<34} {:<16} {:<12} {:>8} {:>8} {:>8}  {}\n",
+        "SESSION", "REMOTE", "STATE", "RECV", "ADV", "REFUSED", "LAST ERROR"
+    );
+    for p in v.as_array().into_iter().flatten() {
+        let refused: u64 = p["counters"]["refused"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+        out.push_str(&format!(
+            "{:<34} {:<16} {:<12} {:>8} {:>8} {:>8}  {}\n",
+            s(&p["peer"]["name"]),
+            s(&p["peer"]["remote"]),
+            s(&p["state"]),
+            s(&p["prefixes_received"]),
+            s(&p["prefixes_advertised"]),
+            refused,
+            p["last_error"].as_str().unwrap_or(""),
+        ));
+        if let Some(n) = p["negotiated"].as_object() {
+            out.push_str(&format!(
+                "    hold {}s keepalive {}s, remote id {}, ipv4 {} ipv6 {}, add-path rx {} tx {}\n",
+                n["hold_time"]["secs"],
+                n["keepalive"]["secs"],
+                s(&n["remote_id"]),
+                n["ipv4"],
+                n["ipv6"],
+                n["add_path_rx"],
+                n["add_path_tx"],
+            ));
         }
     }
     out

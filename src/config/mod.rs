@@ -76,9 +76,83 @@ pub struct Config {
     /// Fabric name → fabric. Names are operator's choice (`public`, `private`).
     pub fabrics: BTreeMap<String, FabricConfig>,
     #[serde(default)]
+    pub bgp: BgpConfig,
+    #[serde(default)]
     pub dhcp: DhcpConfig,
     #[serde(default)]
     pub ra: RaConfig,
+}
+
+/// The embedded BGP speaker: one MP-BGP session (IPv4 + IPv6 unicast) per
+/// reflector listed under each fabric path.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Proposed hold time; the session uses the smaller of both sides'.
+    #[serde(default = "default_hold_time", with = "humantime_serde")]
+    pub hold_time: Duration,
+    /// First connect-retry delay; doubles per failure up to 60s.
+    #[serde(default = "default_connect_retry", with = "humantime_serde")]
+    pub connect_retry: Duration,
+    /// GTSM (RFC 5082): send TTL/hop limit 255 and require 255.
+    #[serde(default = "default_true")]
+    pub gtsm: bool,
+    /// Send ADD-PATH (receive is always offered).
+    #[serde(default)]
+    pub add_path_send: bool,
+    /// Advertise graceful restart with this restart time.
+    #[serde(default, with = "humantime_serde")]
+    pub graceful_restart: Option<Duration>,
+    #[serde(default = "default_local_pref")]
+    pub local_pref: u32,
+    /// Per session; exceeding it sends Cease/Maximum Number of Prefixes
+    /// Reached (RFC 4486).
+    #[serde(default = "default_max_prefixes")]
+    pub max_prefixes: usize,
+    /// Prefixes accepted besides the fabric's VM subnets and the default.
+    #[serde(default)]
+    pub accept: Vec<IpNet>,
+    /// TCP port of the reflectors.
+    #[serde(default = "default_bgp_port")]
+    pub port: u16,
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            hold_time: default_hold_time(),
+            connect_retry: default_connect_retry(),
+            gtsm: true,
+            add_path_send: false,
+            graceful_restart: None,
+            local_pref: default_local_pref(),
+            max_prefixes: default_max_prefixes(),
+            accept: Vec::new(),
+            port: default_bgp_port(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_hold_time() -> Duration {
+    Duration::from_secs(90)
+}
+fn default_connect_retry() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_local_pref() -> u32 {
+    100
+}
+fn default_max_prefixes() -> usize {
+    1_000_000
+}
+fn default_bgp_port() -> u16 {
+    179
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -732,6 +806,52 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
                 rp.key("catch_all"),
                 "must be below 32766, the kernel's main rule".into(),
             );
+        }
+    }
+
+    // BGP.
+    let b = root.key("bgp");
+    let hold = c.bgp.hold_time.as_secs();
+    if c.bgp.hold_time.subsec_nanos() != 0 || (hold != 0 && hold < 3) || hold > 65535 {
+        err(
+            b.key("hold_time"),
+            "must be 0 or whole seconds between 3s and 65535s (RFC 4271 §4.2)".into(),
+        );
+    }
+    if c.bgp.connect_retry < Duration::from_millis(100)
+        || c.bgp.connect_retry > Duration::from_secs(60)
+    {
+        err(
+            b.key("connect_retry"),
+            "must be between 100ms and 60s".into(),
+        );
+    }
+    if let Some(gr) = c.bgp.graceful_restart {
+        if gr.as_secs() > 4095 {
+            err(
+                b.key("graceful_restart"),
+                "must be at most 4095s (RFC 4724 §3)".into(),
+            );
+        }
+    }
+    for u in c.uplinks() {
+        for (i, r) in u.config.reflectors.iter().enumerate() {
+            if !u
+                .config
+                .addresses
+                .iter()
+                .any(|a| a.addr().is_ipv4() == r.is_ipv4())
+            {
+                err(
+                    fabrics
+                        .key(u.fabric)
+                        .key("paths")
+                        .key(u.path)
+                        .key("reflectors")
+                        .index(i),
+                    format!("{r}: the uplink has no address of this family to speak BGP from"),
+                );
+            }
         }
     }
 

@@ -13,6 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::agent::{AgentHandle, ApiError, Command};
+use crate::bgp::BgpHandle;
 use crate::intent::VmIntent;
 
 /// Longest request line accepted; longer input is refused, not buffered.
@@ -26,6 +27,7 @@ pub enum Request {
     SetVm { vm: VmIntent },
     RemoveVm { name: String },
     Reconcile,
+    Peers,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,13 +71,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
 }
 
 /// Serves connections until the listener fails.
-pub async fn serve(listener: UnixListener, agent: AgentHandle) {
+pub async fn serve(listener: UnixListener, agent: AgentHandle, bgp: BgpHandle) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let agent = agent.clone();
+                let bgp = bgp.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, agent).await {
+                    if let Err(e) = connection(stream, agent, bgp).await {
                         debug!(error = %e, "control connection ended");
                     }
                 });
@@ -88,7 +91,7 @@ pub async fn serve(listener: UnixListener, agent: AgentHandle) {
     }
 }
 
-async fn connection(stream: UnixStream, agent: AgentHandle) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, agent: AgentHandle, bgp: BgpHandle) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -107,7 +110,7 @@ async fn connection(stream: UnixStream, agent: AgentHandle) -> std::io::Result<(
             )))
         } else {
             match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(req, &agent).await,
+                Ok(req) => handle(req, &agent, &bgp).await,
                 Err(e) => Response::Error(ApiError::Invalid(format!("bad request: {e}"))),
             }
         };
@@ -122,7 +125,7 @@ async fn connection(stream: UnixStream, agent: AgentHandle) -> std::io::Result<(
 
 use tokio::io::AsyncReadExt;
 
-async fn handle(req: Request, agent: &AgentHandle) -> Response {
+async fn handle(req: Request, agent: &AgentHandle, bgp: &BgpHandle) -> Response {
     fn value<T: Serialize>(v: T) -> Response {
         match serde_json::to_value(v) {
             Ok(v) => Response::Ok(v),
@@ -133,7 +136,17 @@ async fn handle(req: Request, agent: &AgentHandle) -> Response {
         Request::Status => agent
             .call(|reply| Command::Status { reply })
             .await
-            .map(value),
+            .map(|st| {
+                let mut v = serde_json::to_value(st).unwrap_or_default();
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert(
+                        "peers".into(),
+                        serde_json::to_value(bgp.peers()).unwrap_or_default(),
+                    );
+                }
+                Response::Ok(v)
+            }),
+        Request::Peers => Ok(value(bgp.peers())),
         Request::ListVms => agent
             .call(|reply| Command::ListVms { reply })
             .await

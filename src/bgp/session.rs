@@ -1,0 +1,593 @@
+//! One BGP session on tokio: the TCP connection (GTSM, bound to the uplink
+//! address), the OPEN exchange, timers, UPDATE processing into the
+//! Adj-RIB-In and export of the intent's routes. Decisions (negotiation,
+//! policy, codec) are made by the pure modules; this file does the I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use ipnet::IpNet;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs};
+use super::fsm::{self, Negotiated, State};
+use super::policy::{self, ImportPolicy, RefusalCounts};
+use crate::config::{BgpConfig, Config};
+use crate::intent::Intent;
+
+/// Static description of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerSpec {
+    pub name: String,
+    pub fabric: String,
+    pub path: String,
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    /// Next hops announced (next-hop-self): the uplink's addresses.
+    pub next_hop_v4: Option<IpAddr>,
+    pub next_hop_v6: Option<IpAddr>,
+    pub uplink_addresses: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counters {
+    pub messages_in: u64,
+    pub messages_out: u64,
+    pub updates_in: u64,
+    pub updates_out: u64,
+    pub notifications_in: u64,
+    pub notifications_out: u64,
+    pub treated_as_withdraw: u64,
+    pub refused: RefusalCounts,
+    pub established_transitions: u64,
+}
+
+/// A received path as kept in the Adj-RIB-In.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReceivedPath {
+    pub prefix: IpNet,
+    pub path_id: Option<u32>,
+    pub next_hop: Option<IpAddr>,
+    pub local_pref: Option<u32>,
+}
+
+/// What `l3hv peers` shows of a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionStatus {
+    pub peer: PeerSpec,
+    pub state: State,
+    pub since_unix: u64,
+    pub negotiated: Option<Negotiated>,
+    pub prefixes_received: usize,
+    pub prefixes_advertised: usize,
+    pub end_of_rib_received: Vec<Afi>,
+    pub counters: Counters,
+    pub last_error: Option<String>,
+    pub received: Vec<ReceivedPath>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("sent notification {0}")]
+    Sent(Notification),
+    #[error("received notification {0}")]
+    Received(Notification),
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("encode: {0}")]
+    Encode(#[from] codec::CodecError),
+}
+
+pub struct Session {
+    spec: PeerSpec,
+    bgp: BgpConfig,
+    config: Arc<Config>,
+    local_open: LocalOpen,
+    intent: watch::Receiver<Arc<Intent>>,
+    status: watch::Sender<SessionStatus>,
+    policy: ImportPolicy,
+}
+
+impl Session {
+    pub fn new(
+        spec: PeerSpec,
+        config: Arc<Config>,
+        intent: watch::Receiver<Arc<Intent>>,
+    ) -> (Self, watch::Receiver<SessionStatus>) {
+        let bgp = config.bgp.clone();
+        let local_open = LocalOpen {
+            asn: config.hypervisor.asn,
+            hold_time: bgp.hold_time.as_secs().min(65535) as u16,
+            bgp_id: config.hypervisor.router_id,
+            add_path_send: bgp.add_path_send,
+            graceful_restart: bgp.graceful_restart.map(|d| d.as_secs().min(4095) as u16),
+        };
+        let policy = ImportPolicy::new(&config, &spec.fabric, &spec.uplink_addresses, &bgp.accept);
+        let (status, rx) = watch::channel(SessionStatus {
+            peer: spec.clone(),
+            state: State::Idle,
+            since_unix: now_unix(),
+            negotiated: None,
+            prefixes_received: 0,
+            prefixes_advertised: 0,
+            end_of_rib_received: vec![],
+            counters: Counters::default(),
+            last_error: None,
+            received: vec![],
+        });
+        (
+            Self {
+                spec,
+                bgp,
+                config,
+                local_open,
+                intent,
+                status,
+                policy,
+            },
+            rx,
+        )
+    }
+
+    fn set_state(&self, state: State) {
+        self.status.send_modify(|s| {
+            if s.state != state {
+                s.state = state;
+                s.since_unix = now_unix();
+            }
+        });
+    }
+
+    /// Runs forever: connect, serve, back off, retry.
+    pub async fn run(self) {
+        let mut failures = 0u32;
+        loop {
+            self.set_state(State::Connect);
+            let started = Instant::now();
+            let end = match self.connect().await {
+                Ok(stream) => self.serve(stream).await,
+                Err(e) => Err(SessionEnd::Connect(e)),
+            };
+            let end = match end {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let was_established = self.status.borrow().state == State::Established;
+            match &end {
+                SessionEnd::Connect(_) => {
+                    debug!(peer = %self.spec.name, error = %end, "session down")
+                }
+                _ => warn!(peer = %self.spec.name, error = %end, "session down"),
+            }
+            self.status.send_modify(|s| {
+                s.last_error = Some(end.to_string());
+                s.negotiated = None;
+                s.received.clear();
+                s.prefixes_received = 0;
+                s.prefixes_advertised = 0;
+                s.end_of_rib_received.clear();
+            });
+            self.set_state(State::Active);
+            if was_established && started.elapsed() > Duration::from_secs(60) {
+                failures = 0;
+            }
+            let jitter = (now_unix() as u8).wrapping_mul(37) ^ (self.spec.name.len() as u8);
+            let wait = fsm::backoff(
+                self.bgp.connect_retry,
+                Duration::from_secs(60),
+                failures,
+                jitter,
+            );
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Active open from the uplink address with GTSM.
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let socket = match self.spec.remote {
+            IpAddr::V4(_) => TcpSocket::new_v4()?,
+            IpAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if self.bgp.gtsm {
+            gtsm(&socket, self.spec.remote.is_ipv6())?;
+        }
+        socket.set_nodelay(true)?;
+        socket.bind(SocketAddr::new(self.spec.local, 0))?;
+        let remote = SocketAddr::new(self.spec.remote, self.bgp.port);
+        match tokio::time::timeout(Duration::from_secs(5), socket.connect(remote)).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )),
+        }
+    }
+
+    async fn send(&self, stream: &mut TcpStream, bytes: &[u8]) -> Result<(), SessionEnd> {
+        stream.write_all(bytes).await?;
+        self.status.send_modify(|s| s.counters.messages_out += 1);
+        Ok(())
+    }
+
+    async fn notify(&self, stream: &mut TcpStream, n: Notification) -> SessionEnd {
+        let _ = stream.write_all(&codec::notification(&n)).await;
+        let _ = stream.shutdown().await;
+        self.status
+            .send_modify(|s| s.counters.notifications_out += 1);
+        SessionEnd::Sent(n)
+    }
+
+    /// Reads one whole message, or `None` at EOF.
+    async fn read(
+        &self,
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        codec: &Codec,
+    ) -> Result<Message, SessionEnd> {
+        loop {
+            match Codec::frame(buf) {
+                Ok(Some(len)) => {
+                    let frame = buf.split_to(len);
+                    self.status.send_modify(|s| s.counters.messages_in += 1);
+                    return match codec.decode(&frame) {
+                        Ok(m) => Ok(m),
+                        Err(n) => Err(self.notify(stream, n).await),
+                    };
+                }
+                Ok(None) => {}
+                Err(n) => return Err(self.notify(stream, n).await),
+            }
+            if stream.read_buf(buf).await? == 0 {
+                return Err(SessionEnd::Closed);
+            }
+        }
+    }
+
+    async fn serve(&self, mut stream: TcpStream) -> Result<(), SessionEnd> {
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        self.send(&mut stream, &codec::open(&self.local_open)?)
+            .await?;
+        self.set_state(State::OpenSent);
+        // RFC 4271 §8.2.2: a large hold time while waiting for the OPEN.
+        let open = match tokio::time::timeout(
+            Duration::from_secs(240),
+            self.read(&mut stream, &mut buf, &Codec::default()),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(self
+                    .notify(&mut stream, Notification::new(4, 0, vec![]))
+                    .await);
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Message::Open(o))) => o,
+            Ok(Ok(Message::Notification(n))) => return Err(SessionEnd::Received(n)),
+            Ok(Ok(_)) => {
+                return Err(self
+                    .notify(&mut stream, Notification::new(5, 1, vec![]))
+                    .await);
+            }
+        };
+        let (negotiated, codec) =
+            match fsm::negotiate(&self.local_open, self.config.hypervisor.asn, &open) {
+                Ok(x) => x,
+                Err(n) => return Err(self.notify(&mut stream, n).await),
+            };
+        self.send(&mut stream, &codec::keepalive()).await?;
+        self.set_state(State::OpenConfirm);
+        let hold = negotiated.hold_time;
+        let wait = if hold.is_zero() {
+            Duration::from_secs(240)
+        } else {
+            hold
+        };
+        match tokio::time::timeout(wait, self.read(&mut stream, &mut buf, &codec)).await {
+            Err(_) => {
+                return Err(self
+                    .notify(&mut stream, Notification::new(4, 0, vec![]))
+                    .await);
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(Message::KeepAlive)) => {}
+            Ok(Ok(Message::Notification(n))) => return Err(SessionEnd::Received(n)),
+            Ok(Ok(_)) => {
+                return Err(self
+                    .notify(&mut stream, Notification::new(5, 2, vec![]))
+                    .await);
+            }
+        }
+        info!(peer = %self.spec.name, remote_id = %negotiated.remote_id, hold = ?hold, "established");
+        self.status.send_modify(|s| {
+            s.negotiated = Some(negotiated.clone());
+            s.counters.established_transitions += 1;
+            s.last_error = None;
+        });
+        self.set_state(State::Established);
+        self.established(stream, buf, codec, negotiated).await
+    }
+
+    fn wanted(&self) -> BTreeSet<IpNet> {
+        policy::export(&self.config, &self.intent.borrow(), &self.spec.fabric)
+    }
+
+    async fn advertise(
+        &self,
+        stream: &mut TcpStream,
+        codec: &Codec,
+        negotiated: &Negotiated,
+        add: &[IpNet],
+        remove: &[IpNet],
+    ) -> Result<usize, SessionEnd> {
+        let mut msgs = Vec::new();
+        if !remove.is_empty() {
+            msgs.extend(codec::withdraw(codec, remove)?);
+        }
+        for (v6, nh) in [
+            (false, self.spec.next_hop_v4),
+            (true, self.spec.next_hop_v6),
+        ] {
+            let prefixes: Vec<IpNet> = add
+                .iter()
+                .filter(|p| p.addr().is_ipv6() == v6)
+                .copied()
+                .collect();
+            let family_ok = if v6 { negotiated.ipv6 } else { negotiated.ipv4 };
+            if prefixes.is_empty() || !family_ok {
+                continue;
+            }
+            let Some(next_hop) = nh else { continue };
+            msgs.extend(codec::announce(
+                codec,
+                &Announce {
+                    prefixes,
+                    next_hop,
+                    local_pref: self.bgp.local_pref,
+                },
+            )?);
+        }
+        let n = msgs.len();
+        // One write for the whole batch.
+        let all: Vec<u8> = msgs.concat();
+        if !all.is_empty() {
+            stream.write_all(&all).await?;
+        }
+        self.status.send_modify(|s| {
+            s.counters.messages_out += n as u64;
+            s.counters.updates_out += n as u64;
+        });
+        Ok(n)
+    }
+
+    async fn established(
+        &self,
+        mut stream: TcpStream,
+        mut buf: BytesMut,
+        codec: Codec,
+        negotiated: Negotiated,
+    ) -> Result<(), SessionEnd> {
+        let mut intent = self.intent.clone();
+        let mut advertised = self.wanted();
+        let initial: Vec<IpNet> = advertised.iter().copied().collect();
+        self.advertise(&mut stream, &codec, &negotiated, &initial, &[])
+            .await?;
+        let mut eor = Vec::new();
+        for m in codec::end_of_rib()? {
+            eor.extend(m);
+        }
+        stream.write_all(&eor).await?;
+        self.status
+            .send_modify(|s| s.prefixes_advertised = advertised.len());
+
+        let mut adj_in: BTreeMap<Nlri, PathAttrs> = BTreeMap::new();
+        let keepalive = negotiated.keepalive;
+        let hold = negotiated.hold_time;
+        let mut ka = tokio::time::interval(if keepalive.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            keepalive
+        });
+        ka.tick().await;
+        let mut last_in = Instant::now();
+        loop {
+            let hold_left = if hold.is_zero() {
+                Duration::from_secs(3600)
+            } else {
+                hold.saturating_sub(last_in.elapsed())
+            };
+            tokio::select! {
+                _ = ka.tick(), if !keepalive.is_zero() => {
+                    stream.write_all(&codec::keepalive()).await?;
+                    self.status.send_modify(|s| s.counters.messages_out += 1);
+                }
+                _ = tokio::time::sleep(hold_left) => {
+                    let n = Notification::new(4, 0, vec![]);
+                    let _ = stream.write_all(&codec::notification(&n)).await;
+                    return Err(SessionEnd::Sent(n));
+                }
+                changed = intent.changed() => {
+                    if changed.is_err() { return Ok(()); }
+                    let wanted = self.wanted();
+                    let add: Vec<IpNet> = wanted.difference(&advertised).copied().collect();
+                    let remove: Vec<IpNet> = advertised.difference(&wanted).copied().collect();
+                    if !add.is_empty() || !remove.is_empty() {
+                        self.advertise(&mut stream, &codec, &negotiated, &add, &remove).await?;
+                        advertised = wanted;
+                        self.status.send_modify(|s| s.prefixes_advertised = advertised.len());
+                    }
+                }
+                read = stream.read_buf(&mut buf) => {
+                    if read? == 0 {
+                        return Err(SessionEnd::Closed);
+                    }
+                    last_in = Instant::now();
+                    loop {
+                        let len = match Codec::frame(&buf) {
+                            Ok(Some(len)) => len,
+                            Ok(None) => break,
+                            Err(n) => {
+                                let _ = stream.write_all(&codec::notification(&n)).await;
+                                return Err(SessionEnd::Sent(n));
+                            }
+                        };
+                        let frame = buf.split_to(len);
+                        self.status.send_modify(|s| s.counters.messages_in += 1);
+                        let msg = match codec.decode(&frame) {
+                            Ok(m) => m,
+                            Err(n) => {
+                                let _ = stream.write_all(&codec::notification(&n)).await;
+                                self.status.send_modify(|s| s.counters.notifications_out += 1);
+                                return Err(SessionEnd::Sent(n));
+                            }
+                        };
+                        match msg {
+                            Message::KeepAlive => {}
+                            Message::Notification(n) => {
+                                self.status.send_modify(|s| s.counters.notifications_in += 1);
+                                return Err(SessionEnd::Received(n));
+                            }
+                            Message::Open(_) => {
+                                let n = Notification::new(5, 3, vec![]);
+                                let _ = stream.write_all(&codec::notification(&n)).await;
+                                return Err(SessionEnd::Sent(n));
+                            }
+                            Message::RouteRefresh => {
+                                // RFC 2918: re-send the Adj-RIB-Out.
+                                let all: Vec<IpNet> = advertised.iter().copied().collect();
+                                self.advertise(&mut stream, &codec, &negotiated, &all, &[]).await?;
+                            }
+                            Message::Update(u) => {
+                                if let Some(n) = self.on_update(u, &mut adj_in) {
+                                    let _ = stream.write_all(&codec::notification(&n)).await;
+                                    self.status.send_modify(|s| s.counters.notifications_out += 1);
+                                    return Err(SessionEnd::Sent(n));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one UPDATE to the Adj-RIB-In; returns a NOTIFICATION when
+    /// the session must close (maximum prefixes).
+    fn on_update(
+        &self,
+        u: codec::Update,
+        adj_in: &mut BTreeMap<Nlri, PathAttrs>,
+    ) -> Option<Notification> {
+        let mut refused = Vec::new();
+        for w in &u.withdraw {
+            adj_in.remove(w);
+        }
+        if let Some(attrs) = &u.attrs {
+            for n in &u.announce {
+                match self.policy.check(&n.prefix, attrs) {
+                    Ok(()) => {
+                        adj_in.insert(*n, attrs.clone());
+                    }
+                    Err(r) => {
+                        adj_in.remove(n);
+                        refused.push(r);
+                    }
+                }
+            }
+        }
+        let over = adj_in.len() > self.bgp.max_prefixes;
+        self.status.send_modify(|s| {
+            s.counters.updates_in += 1;
+            if u.treated_as_withdraw {
+                s.counters.treated_as_withdraw += 1;
+                *s.counters
+                    .refused
+                    .entry(policy::Refusal::Malformed)
+                    .or_default() += 1;
+            }
+            for r in &refused {
+                *s.counters.refused.entry(*r).or_default() += 1;
+            }
+            if let Some(v4) = u.end_of_rib {
+                let afi = if v4 { Afi::Ipv4 } else { Afi::Ipv6 };
+                if !s.end_of_rib_received.contains(&afi) {
+                    s.end_of_rib_received.push(afi);
+                }
+            }
+            s.prefixes_received = adj_in.len();
+            s.received = adj_in
+                .iter()
+                .take(10_000)
+                .map(|(n, a)| ReceivedPath {
+                    prefix: n.prefix,
+                    path_id: n.path_id,
+                    next_hop: a.next_hop,
+                    local_pref: a.local_pref,
+                })
+                .collect();
+        });
+        if over {
+            // RFC 4486 §4: Cease / Maximum Number of Prefixes Reached, data:
+            // AFI, SAFI, upper bound.
+            let mut data = vec![0, 1, 1];
+            data.extend_from_slice(
+                &(self.bgp.max_prefixes.min(u32::MAX as usize) as u32).to_be_bytes(),
+            );
+            return Some(Notification::new(6, 1, data));
+        }
+        None
+    }
+}
+
+/// GTSM (RFC 5082): send with TTL/hop limit 255 and drop anything that
+/// arrived with less (IP_MINTTL / IPV6_MINHOPCOUNT).
+fn gtsm(socket: &TcpSocket, v6: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let value: libc::c_int = 255;
+    let set = |level, name| {
+        // SAFETY: fd is a valid socket; value outlives the call and its
+        // size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    if v6 {
+        set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)?;
+        // IPV6_MINHOPCOUNT = 73 (linux/in6.h).
+        set(libc::IPPROTO_IPV6, 73)?;
+    } else {
+        set(libc::IPPROTO_IP, libc::IP_TTL)?;
+        set(libc::IPPROTO_IP, libc::IP_MINTTL)?;
+    }
+    Ok(())
+}

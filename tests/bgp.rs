@@ -1,0 +1,309 @@
+//! BGP interop in namespaces: two hypervisors (l3hvd) and a route reflector
+//! (BIRD 2, FRR bgpd or GoBGP) on one L2 segment (a bridge in a switch
+//! namespace). Checks sessions, reflection with next hops and ADD-PATH
+//! path ids, withdraw, reflector restart, and refusal of forbidden routes.
+
+mod common;
+
+use std::fs;
+use std::process::Child;
+use std::time::Duration;
+
+use common::*;
+
+struct Fabric {
+    _sw: Netns,
+    rr: Netns,
+    hv1: Netns,
+    hv2: Netns,
+}
+
+fn fabric() -> Fabric {
+    require_root();
+    let sw = Netns::new(&unique("sw"));
+    sw.ip(&["link", "add", "br0", "type", "bridge"]);
+    sw.ip(&["link", "set", "br0", "up"]);
+    let rr = Netns::new(&unique("rr"));
+    let hv1 = Netns::new(&unique("hv1"));
+    let hv2 = Netns::new(&unique("hv2"));
+    for (ns, ifname, port) in [
+        (&rr, "eth0", "p-rr"),
+        (&hv1, "a-public", "p-hv1"),
+        (&hv2, "a-public", "p-hv2"),
+    ] {
+        veth(&sw, port, ns, ifname);
+        sw.ip(&["link", "set", port, "master", "br0"]);
+    }
+    rr.ip(&["addr", "add", "198.51.100.126/25", "dev", "eth0"]);
+    rr.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:c633:6400::126/120",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    Fabric {
+        _sw: sw,
+        rr,
+        hv1,
+        hv2,
+    }
+}
+
+fn hv_config(n: u8) -> String {
+    format!(
+        r#"
+[hypervisor]
+name = "hv{n}"
+router_id = "198.51.100.10{n}"
+state_dir = "@DIR@/state"
+
+[control]
+socket = "@DIR@/l3hvd.sock"
+
+[bgp]
+hold_time = "9s"
+connect_retry = "200ms"
+
+[fabrics.public]
+table = 90
+catch_all = true
+subnets = ["203.0.113.0/24", "2001:db8:cb00:7100::/64"]
+gateway_v4 = "203.0.113.254"
+
+[fabrics.public.paths.a]
+interface = "a-public"
+addresses = ["198.51.100.10{n}/25", "2001:db8:c633:6400::10{n}/120"]
+reflectors = ["198.51.100.126"]
+"#
+    )
+}
+
+/// A reflector daemon started by the test, killed by PID on drop.
+struct Reflector {
+    child: Option<Child>,
+    pid_file: Option<std::path::PathBuf>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Reflector {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Reflector {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(p) = self.pid_file.take() {
+            if let Ok(pid) = fs::read_to_string(&p) {
+                if let Ok(pid) = pid.trim().parse::<i32>() {
+                    // SAFETY: kill(2) of the daemon this test started.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn bird(rr: &Netns, extra_export: &str) -> Reflector {
+    let dir = std::env::temp_dir().join(format!("{}-bird", rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let conf = dir.join("bird.conf");
+    fs::write(
+        &conf,
+        format!(
+            r#"
+router id 198.51.100.126;
+protocol device {{}}
+protocol static forbidden4 {{
+    ipv4;
+    {extra_export}
+}}
+template bgp rrc {{
+    local 198.51.100.126 as 65000;
+    rr client;
+    rr cluster id 198.51.100.126;
+    direct;
+    ttl security on;
+    hold time 9;
+    ipv4 {{ import all; export all; add paths tx; next hop keep; }};
+    ipv6 {{ import all; export all; add paths tx; next hop keep; }};
+}}
+protocol bgp hv1 from rrc {{ neighbor 198.51.100.101 as 65000; }}
+protocol bgp hv2 from rrc {{ neighbor 198.51.100.102 as 65000; }}
+"#
+        ),
+    )
+    .unwrap();
+    let pid = dir.join("bird.pid");
+    let sock = dir.join("bird.ctl");
+    rr.exec(&[
+        "bird",
+        "-c",
+        conf.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-P",
+        pid.to_str().unwrap(),
+    ]);
+    Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    }
+}
+
+fn peers(agent: &Agent) -> serde_json::Value {
+    let out = agent.cli(&["peers", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn received(agent: &Agent) -> Vec<(String, Option<u64>, String)> {
+    let p = peers(agent);
+    p[0]["received"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["prefix"].as_str().unwrap_or("").to_string(),
+                r["path_id"].as_u64(),
+                r["next_hop"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn wait_established(agent: &Agent) {
+    wait_for("session established", Duration::from_secs(30), || {
+        peers(agent)[0]["state"] == "Established"
+    });
+}
+
+#[test]
+fn bird_reflects_routes_between_two_hypervisors() {
+    let f = fabric();
+    let _rr = bird(&f.rr, "");
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let a2 = Agent::start(&f.hv2, &hv_config(2));
+    wait_established(&a1);
+    wait_established(&a2);
+    let p = peers(&a1);
+    let n = &p[0]["negotiated"];
+    assert_eq!(n["ipv4"], true, "{p}");
+    assert_eq!(n["ipv6"], true, "{p}");
+    assert_eq!(n["four_octet_as"], true, "{p}");
+    assert_eq!(n["add_path_rx"], serde_json::json!(["ipv4", "ipv6"]), "{p}");
+
+    a1.set_vm(r#"{"name":"vm1","interfaces":[{"name":"tap1","mac":"52:54:00:00:00:01","fabric":"public","ipv4":["203.0.113.1"],"ipv6":["2001:db8:cb00:7100::1"],"routed":[{"prefix":"203.0.113.10/32","via":"203.0.113.1"}]}]}"#);
+    a2.set_vm(r#"{"name":"vm3","interfaces":[{"name":"tap3","mac":"52:54:00:00:00:03","fabric":"public","ipv4":["203.0.113.3"],"ipv6":["2001:db8:cb00:7100::3"],"routed":[{"prefix":"203.0.113.10/32","via":"203.0.113.3"}]}]}"#);
+
+    let want1 = [
+        ("203.0.113.3/32", "198.51.100.102"),
+        ("203.0.113.10/32", "198.51.100.102"),
+        ("2001:db8:cb00:7100::3/128", "2001:db8:c633:6400::102"),
+    ];
+    wait_for("hv1 learns hv2's routes", Duration::from_secs(20), || {
+        let r = received(&a1);
+        want1.iter().all(|(p, nh)| {
+            r.iter()
+                .any(|(rp, id, rnh)| rp == p && rnh == nh && id.is_some())
+        })
+    });
+    wait_for("hv2 learns hv1's routes", Duration::from_secs(20), || {
+        let r = received(&a2);
+        r.iter()
+            .any(|(p, _, nh)| p == "203.0.113.1/32" && nh == "198.51.100.101")
+            && r.iter()
+                .any(|(p, _, nh)| p == "203.0.113.10/32" && nh == "198.51.100.101")
+    });
+    // hv1's own routes are not reflected back to it.
+    assert!(
+        !received(&a1)
+            .iter()
+            .any(|(_, _, nh)| nh == "198.51.100.101")
+    );
+
+    // Withdraw on removal.
+    a2.remove_vm("vm3");
+    wait_for("withdraw reaches hv1", Duration::from_secs(20), || {
+        !received(&a1)
+            .iter()
+            .any(|(p, _, _)| p == "203.0.113.3/32" || p == "203.0.113.10/32")
+    });
+}
+
+#[test]
+fn bird_restart_reestablishes_and_resyncs() {
+    let f = fabric();
+    let mut rr = bird(&f.rr, "");
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let a2 = Agent::start(&f.hv2, &hv_config(2));
+    a2.set_vm(r#"{"name":"vm3","interfaces":[{"name":"tap3","mac":"52:54:00:00:00:03","fabric":"public","ipv4":["203.0.113.3"]}]}"#);
+    wait_for("learn", Duration::from_secs(30), || {
+        received(&a1).iter().any(|(p, _, _)| p == "203.0.113.3/32")
+    });
+    rr.stop();
+    wait_for("session down", Duration::from_secs(30), || {
+        peers(&a1)[0]["state"] != "Established"
+    });
+    assert!(
+        received(&a1).is_empty(),
+        "paths kept after the session went down"
+    );
+    let _rr2 = bird(&f.rr, "");
+    wait_for("relearn", Duration::from_secs(60), || {
+        received(&a1).iter().any(|(p, _, _)| p == "203.0.113.3/32")
+    });
+    assert!(
+        peers(&a1)[0]["counters"]["established_transitions"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+}
+
+#[test]
+fn forbidden_prefixes_and_foreign_next_hops_are_refused_and_counted() {
+    let f = fabric();
+    // A second subnet on the reflector, for a next hop off the uplink.
+    f.rr.ip(&["link", "add", "x0", "type", "veth", "peer", "name", "x1"]);
+    f.rr.ip(&["link", "set", "x0", "up"]);
+    f.rr.ip(&["link", "set", "x1", "up"]);
+    f.rr.ip(&["addr", "add", "192.0.2.254/24", "dev", "x0"]);
+    let _rr = bird(
+        &f.rr,
+        r#"route 192.0.2.0/24 via 198.51.100.102;
+    route 203.0.113.77/32 via 192.0.2.1;
+    route 0.0.0.0/0 via 198.51.100.102;"#,
+    );
+    // Let BIRD export its static routes to the clients.
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    wait_established(&a1);
+    wait_for("refusals counted", Duration::from_secs(20), || {
+        let p = peers(&a1);
+        let r = &p[0]["counters"]["refused"];
+        r["prefix_not_allowed"].as_u64().unwrap_or(0) >= 1
+            && r["foreign_next_hop"].as_u64().unwrap_or(0) >= 1
+    });
+    let r = received(&a1);
+    assert!(
+        r.iter().any(|(p, _, _)| p == "0.0.0.0/0"),
+        "default route accepted: {r:?}"
+    );
+    assert!(!r.iter().any(|(p, _, _)| p == "192.0.2.0/24"), "{r:?}");
+    assert!(!r.iter().any(|(p, _, _)| p == "203.0.113.77/32"), "{r:?}");
+}
