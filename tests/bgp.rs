@@ -161,6 +161,110 @@ protocol bgp hv2 from rrc {{ neighbor 198.51.100.102 as 65000; }}
     }
 }
 
+fn frr(rr: &Netns) -> Reflector {
+    let dir = std::env::temp_dir().join(format!("{}-frr", rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let mut neighbors = String::new();
+    let mut af4 = String::new();
+    let mut af6 = String::new();
+    for n in ["198.51.100.101", "198.51.100.102"] {
+        neighbors.push_str(&format!(
+            " neighbor {n} remote-as 65000\n neighbor {n} ttl-security hops 1\n neighbor {n} timers 3 9\n"
+        ));
+        for af in [&mut af4, &mut af6] {
+            af.push_str(&format!(
+                "  neighbor {n} activate\n  neighbor {n} route-reflector-client\n  neighbor {n} addpath-tx-all-paths\n"
+            ));
+        }
+    }
+    let conf = dir.join("bgpd.conf");
+    fs::write(
+        &conf,
+        format!(
+            "frr defaults traditional\nhostname rr\nrouter bgp 65000\n bgp router-id 198.51.100.126\n bgp cluster-id 198.51.100.126\n no bgp ebgp-requires-policy\n no bgp network import-check\n{neighbors} address-family ipv4 unicast\n{af4} exit-address-family\n address-family ipv6 unicast\n{af6} exit-address-family\n"
+        ),
+    )
+    .unwrap();
+    let pid = dir.join("bgpd.pid");
+    rr.exec(&[
+        "/usr/lib/frr/bgpd",
+        "-d",
+        "-Z",
+        "-S",
+        "-f",
+        conf.to_str().unwrap(),
+        "--vty_socket",
+        dir.to_str().unwrap(),
+        "-i",
+        pid.to_str().unwrap(),
+    ]);
+    Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    }
+}
+
+fn gobgp(rr: &Netns) -> Reflector {
+    let dir = std::env::temp_dir().join(format!("{}-gobgp", rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let mut conf = String::from(
+        "[global.config]\n  as = 65000\n  router-id = \"198.51.100.126\"\n  port = 179\n",
+    );
+    for n in ["198.51.100.101", "198.51.100.102"] {
+        conf.push_str(&format!(
+            r#"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{n}"
+    peer-as = 65000
+  [neighbors.timers.config]
+    hold-time = 9
+    keepalive-interval = 3
+  [neighbors.ttl-security.config]
+    enabled = true
+    ttl-min = 255
+  [neighbors.route-reflector.config]
+    route-reflector-client = true
+    route-reflector-cluster-id = "198.51.100.126"
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+    [neighbors.afi-safis.add-paths.config]
+      send-max = 8
+      receive = true
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv6-unicast"
+    [neighbors.afi-safis.add-paths.config]
+      send-max = 8
+      receive = true
+"#
+        ));
+    }
+    let path = dir.join("gobgpd.toml");
+    fs::write(&path, conf).unwrap();
+    let child = rr.spawn(
+        &[
+            "gobgpd",
+            "-f",
+            path.to_str().unwrap(),
+            "-t",
+            "toml",
+            "-p",
+            "--api-hosts",
+            "127.0.0.1:50051",
+            "--pprof-disable",
+        ],
+        &dir.join("gobgpd.log"),
+    );
+    Reflector {
+        child: Some(child),
+        pid_file: None,
+        dir,
+    }
+}
+
 fn peers(agent: &Agent) -> serde_json::Value {
     let out = agent.cli(&["peers", "--json"]);
     assert!(
@@ -196,7 +300,25 @@ fn wait_established(agent: &Agent) {
 #[test]
 fn bird_reflects_routes_between_two_hypervisors() {
     let f = fabric();
-    let _rr = bird(&f.rr, "");
+    let rr = bird(&f.rr, "");
+    reflection(&f, rr);
+}
+
+#[test]
+fn frr_reflects_routes_between_two_hypervisors() {
+    let f = fabric();
+    let rr = frr(&f.rr);
+    reflection(&f, rr);
+}
+
+#[test]
+fn gobgp_reflects_routes_between_two_hypervisors() {
+    let f = fabric();
+    let rr = gobgp(&f.rr);
+    reflection(&f, rr);
+}
+
+fn reflection(f: &Fabric, _rr: Reflector) {
     let a1 = Agent::start(&f.hv1, &hv_config(1));
     let a2 = Agent::start(&f.hv2, &hv_config(2));
     wait_established(&a1);
