@@ -76,12 +76,16 @@ declare -A RR_ADDR=(
 )
 
 # The "internet" router: on the public network of both paths, with the
-# internet host's addresses on its lo.
+# internet host's addresses on its lo. Note the IPv6 uplink /120s: the
+# host parts are hexadecimal, so path a (::101-::103, ::126) is really
+# 2001:db8:c633:6400::100/120 and path b (::201-::203, ::226) is
+# 2001:db8:c633:6401::200/120; ::1 would be off-link. The router is ::1fe
+# and ::2fe.
 INTERNET=internet
 INTERNET_NETWORK=public
 declare -A INTERNET_ADDR=(
-    [a]="198.51.100.1/25 2001:db8:c633:6400::1/120"
-    [b]="198.51.100.129/25 2001:db8:c633:6401::1/120"
+    [a]="198.51.100.1/25 2001:db8:c633:6400::1fe/120"
+    [b]="198.51.100.129/25 2001:db8:c633:6401::2fe/120"
 )
 INTERNET_HOST_V4=192.0.2.8
 INTERNET_HOST_V6=2001:db8:ffff::8

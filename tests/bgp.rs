@@ -429,3 +429,80 @@ fn forbidden_prefixes_and_foreign_next_hops_are_refused_and_counted() {
     assert!(!r.iter().any(|(p, _, _)| p == "192.0.2.0/24"), "{r:?}");
     assert!(!r.iter().any(|(p, _, _)| p == "203.0.113.77/32"), "{r:?}");
 }
+
+/// Runs the raw test peer in `rr` with `frames` and returns its report lines.
+fn raw_peer(rr: &Netns, frames: &[String]) -> Vec<serde_json::Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/raw_rr.py");
+    let mut args = vec!["python3", script, "198.51.100.126"];
+    args.extend(frames.iter().map(String::as_str));
+    let out = rr.try_exec(&args);
+    assert!(
+        out.status.success(),
+        "raw peer: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn hex_msg(kind: u8, body: &[u8]) -> String {
+    let mut m = vec![0xffu8; 16];
+    m.extend_from_slice(&((19 + body.len()) as u16).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn malformed_messages_get_the_right_notification_or_treat_as_withdraw() {
+    let f = fabric();
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let notification = |report: &[serde_json::Value]| {
+        report
+            .iter()
+            .find(|r| r["type"] == 3)
+            .map(|r| (r["code"].as_u64().unwrap(), r["subcode"].as_u64().unwrap()))
+    };
+    // Bad marker: connection not synchronized.
+    let mut bad_marker = hex_msg(4, &[]);
+    bad_marker.replace_range(0..2, "00");
+    let cases: Vec<(&str, String, (u64, u64))> = vec![
+        ("bad marker", bad_marker, (1, 1)),
+        ("bad type", hex_msg(9, &[]), (1, 3)),
+        ("keepalive with a body", hex_msg(4, &[0]), (1, 2)),
+        // Path attribute length runs past the message.
+        (
+            "attribute list overrun",
+            hex_msg(2, &[0, 0, 0, 40, 0x40, 1, 1, 0]),
+            (3, 1),
+        ),
+    ];
+    for (what, frame, want) in cases {
+        let report = raw_peer(&f.rr, &[frame]);
+        assert_eq!(notification(&report), Some(want), "{what}: {report:?}");
+    }
+    // UPDATE with an NLRI but no ORIGIN/AS_PATH/NEXT_HOP: treat-as-withdraw
+    // (RFC 7606), the session stays up.
+    let update = hex_msg(2, &[0, 0, 0, 0, 32, 203, 0, 113, 9]);
+    let report = raw_peer(&f.rr, &[update]);
+    // The only NOTIFICATION may be the hold timer's (4/0): the raw peer
+    // falls silent after its frames.
+    assert!(
+        matches!(notification(&report), None | Some((4, 0))),
+        "{report:?}"
+    );
+    assert!(
+        report.iter().any(|r| r["type"] == 4),
+        "session did not stay up: {report:?}"
+    );
+    let p = peers(&a1);
+    assert!(
+        p[0]["counters"]["treated_as_withdraw"].as_u64().unwrap() >= 1,
+        "{p}"
+    );
+    assert!(p[0]["received"].as_array().unwrap().is_empty(), "{p}");
+    // The agent still answers.
+    assert_eq!(a1.status_json()["hypervisor"], "hv1");
+}
