@@ -12,3 +12,4 @@ pub mod intent;
 pub mod logging;
 pub mod netlink;
 pub mod reconcile;
+pub mod rib;

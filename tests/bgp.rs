@@ -506,3 +506,86 @@ fn malformed_messages_get_the_right_notification_or_treat_as_withdraw() {
     // The agent still answers.
     assert_eq!(a1.status_json()["hypervisor"], "hv1");
 }
+
+#[test]
+fn vms_on_two_hypervisors_reach_each_other_through_learned_routes() {
+    let f = fabric();
+    let _rr = bird(&f.rr, "");
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let a2 = Agent::start(&f.hv2, &hv_config(2));
+    let vm1 = vm_ns(
+        &f.hv1,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    let vm3 = vm_ns(
+        &f.hv2,
+        &unique("vm3"),
+        "vm3e0",
+        "203.0.113.3/24",
+        "203.0.113.254",
+    );
+    for (vm, a) in [
+        (&vm1, "2001:db8:cb00:7100::1/128"),
+        (&vm3, "2001:db8:cb00:7100::3/128"),
+    ] {
+        vm.ip(&["-6", "addr", "add", a, "dev", "eth0", "nodad"]);
+        vm.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+    }
+    a1.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        Some("2001:db8:cb00:7100::1"),
+    ));
+    a2.set_vm(&vm_json(
+        "vm3",
+        "vm3e0",
+        "adopt",
+        "public",
+        "203.0.113.3",
+        Some("2001:db8:cb00:7100::3"),
+    ));
+    wait_for(
+        "learned route in hv1's kernel",
+        Duration::from_secs(30),
+        || {
+            f.hv1
+                .ip(&["route", "show", "table", "90", "proto", "203"])
+                .contains("203.0.113.3 via 198.51.100.102 dev a-public")
+        },
+    );
+    let r6 = f
+        .hv2
+        .ip(&["-6", "route", "show", "table", "90", "proto", "203"]);
+    wait_for(
+        "learned v6 route in hv2's kernel",
+        Duration::from_secs(30),
+        || {
+            f.hv2
+                .ip(&["-6", "route", "show", "table", "90", "proto", "203"])
+                .contains("2001:db8:cb00:7100::1 via 2001:db8:c633:6400::101 dev a-public")
+        },
+    );
+    let _ = r6;
+    assert!(vm1.ping("203.0.113.3"), "vm1 -> vm3 over the fabric");
+    assert!(vm3.ping("203.0.113.1"), "vm3 -> vm1 over the fabric");
+    assert!(vm1.ping("2001:db8:cb00:7100::3"), "vm1 -> vm3 over IPv6");
+    // The learned route goes when the VM goes.
+    a2.remove_vm("vm3");
+    wait_for(
+        "withdrawn route leaves hv1's kernel",
+        Duration::from_secs(30),
+        || {
+            !f.hv1
+                .ip(&["route", "show", "table", "90"])
+                .contains("203.0.113.3")
+        },
+    );
+}

@@ -29,6 +29,7 @@ use crate::intent::store::{Store, StoreError};
 use crate::intent::{Intent, IntentError, VmIntent};
 use crate::netlink::{Kernel, NetlinkError, apply::ApplyReport, sysctl};
 use crate::reconcile::{self, KernelOp};
+use crate::rib::{Rib, RibEvent};
 pub use status::{ReconcileReport, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +95,8 @@ pub enum Command {
     Reconcile {
         reply: oneshot::Sender<ReconcileReport>,
     },
+    /// Paths learned or lost by a BGP session (no reply).
+    Rib(RibEvent),
 }
 
 /// A cheap handle for sending commands to the agent.
@@ -109,6 +112,11 @@ impl AgentHandle {
     /// write intent.
     pub fn subscribe_intent(&self) -> watch::Receiver<Arc<Intent>> {
         self.intent.clone()
+    }
+
+    /// Hands learned paths to the RIB (BGP import → RIB → kernel).
+    pub async fn rib(&self, event: RibEvent) {
+        let _ = self.tx.send(Command::Rib(event)).await;
     }
 
     pub async fn call<T>(
@@ -129,6 +137,8 @@ pub struct Agent {
     config: Config,
     store: Store,
     intent: Intent,
+    /// Learned routes (from the BGP sessions).
+    rib: Rib,
     kernel: Kernel,
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
@@ -162,6 +172,7 @@ impl Agent {
                 config,
                 store,
                 intent,
+                rib: Rib::default(),
                 kernel,
                 verified: BTreeMap::new(),
                 last: None,
@@ -206,6 +217,7 @@ impl Agent {
 
     async fn on_commands(&mut self, batch: Vec<Command>) {
         let mut changed = false;
+        let mut rib_changed = false;
         let mut waiting: Vec<(Option<String>, Reply)> = Vec::new();
         let mut later = Vec::new();
         for cmd in batch {
@@ -224,6 +236,9 @@ impl Agent {
                         let _ = reply.send(Err(e));
                     }
                 },
+                Command::Rib(event) => {
+                    rib_changed |= self.rib.apply(event);
+                }
                 Command::RemoveVm { name, reply } => {
                     if self.intent.vms.remove(&name).is_some() {
                         info!(vm = %name, "remove vm");
@@ -249,10 +264,11 @@ impl Agent {
                 self.published.send_replace(Arc::new(self.intent.clone()));
             }
         }
-        if !waiting.is_empty() || later.iter().any(|c| matches!(c, Command::Reconcile { .. })) {
-            if changed || later.iter().any(|c| matches!(c, Command::Reconcile { .. })) {
-                self.reconcile().await;
-            }
+        let asked = later.iter().any(|c| matches!(c, Command::Reconcile { .. }));
+        if changed || rib_changed || asked {
+            self.reconcile().await;
+        }
+        if !waiting.is_empty() {
             let report = self.last.clone().unwrap_or_default();
             for (vm, reply) in waiting {
                 let _ = reply.send(vm_result(vm.as_deref(), &self.intent, &report));
@@ -269,7 +285,7 @@ impl Agent {
                 Command::Reconcile { reply } => {
                     let _ = reply.send(self.last.clone().unwrap_or_default());
                 }
-                Command::SetVm { .. } | Command::RemoveVm { .. } => {}
+                Command::SetVm { .. } | Command::RemoveVm { .. } | Command::Rib(_) => {}
             }
         }
     }
@@ -291,7 +307,7 @@ impl Agent {
     /// One level-based pass: dump, read sysctls, plan, apply.
     async fn reconcile(&mut self) {
         let start = Instant::now();
-        let desired = reconcile::desired(&self.config, &self.intent);
+        let desired = reconcile::desired(&self.config, &self.intent, &self.rib);
         let mut compute = start.elapsed();
         for c in &desired.conflicts {
             warn!(conflict = %c, "intent conflict");
@@ -398,7 +414,13 @@ impl Agent {
     }
 
     fn status(&self) -> Status {
-        status::build(&self.config, &self.intent, self.last.as_ref(), self.started)
+        status::build(
+            &self.config,
+            &self.intent,
+            &self.rib,
+            self.last.as_ref(),
+            self.started,
+        )
     }
 }
 

@@ -77,6 +77,9 @@ pub struct Status {
     pub interfaces: Vec<InterfaceStatus>,
     pub routes_programmed: usize,
     pub routes_failed: usize,
+    /// Learned paths in the RIB, and prefixes with a selected route.
+    pub rib_paths: usize,
+    pub rib_prefixes: usize,
     pub last_reconcile: Option<ReconcileReport>,
 }
 
@@ -144,10 +147,11 @@ pub fn describe(op: &KernelOp) -> String {
 pub fn build(
     config: &Config,
     intent: &Intent,
+    rib: &crate::rib::Rib,
     last: Option<&ReconcileReport>,
     started: SystemTime,
 ) -> Status {
-    let desired = reconcile::desired(config, intent);
+    let desired = reconcile::desired(config, intent, rib);
     let failed_routes: Vec<(&reconcile::RouteId, &str)> = last
         .map(|r| {
             r.failed
@@ -226,6 +230,8 @@ pub fn build(
         interfaces,
         routes_programmed: programmed,
         routes_failed: failed_names.len(),
+        rib_paths: rib.path_count(),
+        rib_prefixes: rib.prefix_count(),
         last_reconcile: last.cloned(),
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::sync::watch;
 
+use crate::agent::AgentHandle;
 use crate::config::Config;
-use crate::intent::Intent;
 pub use session::SessionStatus;
 
 /// Read-only view of every session's status.
@@ -53,6 +53,7 @@ pub fn peer_specs(config: &Config) -> Vec<session::PeerSpec> {
                 path: u.path.to_string(),
                 local,
                 remote: *r,
+                uplink: u.config.interface.clone(),
                 next_hop_v4: pick(false),
                 next_hop_v6: pick(true),
                 uplink_addresses: addrs.clone(),
@@ -62,14 +63,15 @@ pub fn peer_specs(config: &Config) -> Vec<session::PeerSpec> {
     out
 }
 
-/// Starts every session; returns the status handle.
-pub fn start(config: Arc<Config>, intent: watch::Receiver<Arc<Intent>>) -> BgpHandle {
+/// Starts every session; they follow the agent's intent (export) and hand
+/// learned paths to its RIB. Returns the status handle.
+pub fn start(config: Arc<Config>, agent: AgentHandle) -> BgpHandle {
     let mut handle = BgpHandle::default();
     if !config.bgp.enabled {
         return handle;
     }
     for spec in peer_specs(&config) {
-        let (session, status) = session::Session::new(spec, config.clone(), intent.clone());
+        let (session, status) = session::Session::new(spec, config.clone(), agent.clone());
         handle.sessions.push(status);
         tokio::spawn(session.run());
     }

@@ -19,8 +19,10 @@ use tracing::{debug, info, warn};
 use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs};
 use super::fsm::{self, Negotiated, State};
 use super::policy::{self, ImportPolicy, RefusalCounts};
+use crate::agent::AgentHandle;
 use crate::config::{BgpConfig, Config};
 use crate::intent::Intent;
+use crate::rib::{Path, RibEvent};
 
 /// Static description of a session.
 #[derive(Debug, Clone, Serialize)]
@@ -30,6 +32,8 @@ pub struct PeerSpec {
     pub path: String,
     pub local: IpAddr,
     pub remote: IpAddr,
+    /// The uplink interface the session runs on.
+    pub uplink: String,
     /// Next hops announced (next-hop-self): the uplink's addresses.
     pub next_hop_v4: Option<IpAddr>,
     pub next_hop_v6: Option<IpAddr>,
@@ -104,14 +108,16 @@ pub struct Session {
     intent: watch::Receiver<Arc<Intent>>,
     status: watch::Sender<SessionStatus>,
     policy: ImportPolicy,
+    rib: AgentHandle,
 }
 
 impl Session {
     pub fn new(
         spec: PeerSpec,
         config: Arc<Config>,
-        intent: watch::Receiver<Arc<Intent>>,
+        rib: AgentHandle,
     ) -> (Self, watch::Receiver<SessionStatus>) {
+        let intent = rib.subscribe_intent();
         let bgp = config.bgp.clone();
         let local_open = LocalOpen {
             asn: config.hypervisor.asn,
@@ -142,6 +148,7 @@ impl Session {
                 intent,
                 status,
                 policy,
+                rib,
             },
             rx,
         )
@@ -171,6 +178,13 @@ impl Session {
                 Err(e) => e,
             };
             let was_established = self.status.borrow().state == State::Established;
+            if was_established {
+                self.rib
+                    .rib(RibEvent::SessionDown {
+                        session: self.spec.name.clone(),
+                    })
+                    .await;
+            }
             match &end {
                 SessionEnd::Connect(_) => {
                     debug!(peer = %self.spec.name, error = %end, "session down")
@@ -476,7 +490,11 @@ impl Session {
                                 self.advertise(&mut stream, &codec, &negotiated, &all, &[]).await?;
                             }
                             Message::Update(u) => {
-                                if let Some(n) = self.on_update(u, &mut adj_in) {
+                                let (event, close) = self.on_update(u, &mut adj_in);
+                                if let Some(event) = event {
+                                    self.rib.rib(event).await;
+                                }
+                                if let Some(n) = close {
                                     let _ = stream.write_all(&codec::notification(&n)).await;
                                     self.status.send_modify(|s| s.counters.notifications_out += 1);
                                     return Err(SessionEnd::Sent(n));
@@ -489,30 +507,54 @@ impl Session {
         }
     }
 
-    /// Applies one UPDATE to the Adj-RIB-In; returns a NOTIFICATION when
-    /// the session must close (maximum prefixes).
+    /// Applies one UPDATE to the Adj-RIB-In; returns what the RIB must
+    /// learn, and a NOTIFICATION when the session must close (maximum
+    /// prefixes).
     fn on_update(
         &self,
         u: codec::Update,
         adj_in: &mut BTreeMap<Nlri, PathAttrs>,
-    ) -> Option<Notification> {
+    ) -> (Option<RibEvent>, Option<Notification>) {
         let mut refused = Vec::new();
+        let mut announce = Vec::new();
+        let mut withdraw = Vec::new();
         for w in &u.withdraw {
-            adj_in.remove(w);
+            if adj_in.remove(w).is_some() {
+                withdraw.push((w.prefix, w.path_id));
+            }
         }
         if let Some(attrs) = &u.attrs {
             for n in &u.announce {
-                match self.policy.check(&n.prefix, attrs) {
-                    Ok(()) => {
+                match (self.policy.check(&n.prefix, attrs), attrs.next_hop) {
+                    (Ok(()), Some(next_hop)) => {
                         adj_in.insert(*n, attrs.clone());
+                        announce.push((
+                            n.prefix,
+                            n.path_id,
+                            Path {
+                                next_hop,
+                                uplink: self.spec.uplink.clone(),
+                                local_pref: attrs.local_pref.unwrap_or(100),
+                                as_path_len: attrs.as_path_len,
+                            },
+                        ));
                     }
-                    Err(r) => {
-                        adj_in.remove(n);
+                    (Err(r), _) => {
+                        if adj_in.remove(n).is_some() {
+                            withdraw.push((n.prefix, n.path_id));
+                        }
                         refused.push(r);
                     }
+                    (Ok(()), None) => {}
                 }
             }
         }
+        let event = (!announce.is_empty() || !withdraw.is_empty()).then(|| RibEvent::Update {
+            session: self.spec.name.clone(),
+            fabric: self.spec.fabric.clone(),
+            announce,
+            withdraw,
+        });
         let over = adj_in.len() > self.bgp.max_prefixes;
         self.status.send_modify(|s| {
             s.counters.updates_in += 1;
@@ -551,9 +593,9 @@ impl Session {
             data.extend_from_slice(
                 &(self.bgp.max_prefixes.min(u32::MAX as usize) as u32).to_be_bytes(),
             );
-            return Some(Notification::new(6, 1, data));
+            return (event, Some(Notification::new(6, 1, data)));
         }
-        None
+        (event, None)
     }
 }
 

@@ -69,6 +69,9 @@ async fn run(config: config::Config) -> ExitCode {
         }
     };
     let report = agent.initial_reconcile().await;
+    if let Some(e) = &report.error {
+        tracing::warn!(error = %e, "initial reconcile could not run; retrying");
+    }
     info!(
         planned = report.planned,
         failed = report.failed.len(),
@@ -82,7 +85,7 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bgp = l3hv::bgp::start(shared, handle.subscribe_intent());
+    let bgp = l3hv::bgp::start(shared, handle.clone());
     let agent_task = agent::spawn(agent);
     tokio::spawn(control::serve(listener, handle, bgp));
     info!(socket = %socket.display(), "ready");

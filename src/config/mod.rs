@@ -260,6 +260,9 @@ pub struct KernelConfig {
     /// Metric of local VM routes.
     #[serde(default = "default_vm_metric")]
     pub vm_route_metric: u32,
+    /// Metric of routes learned by BGP.
+    #[serde(default = "default_learned_metric")]
+    pub learned_route_metric: u32,
     #[serde(default = "default_local_out_table")]
     pub local_out_table: u32,
     #[serde(default)]
@@ -284,6 +287,7 @@ impl Default for KernelConfig {
         Self {
             route_protocol: default_protocol(),
             vm_route_metric: default_vm_metric(),
+            learned_route_metric: default_learned_metric(),
             local_out_table: default_local_out_table(),
             local_out_default: DefaultRoute::Blackhole,
             rules_v4: RulePriorities::default_v4(),
@@ -300,6 +304,9 @@ fn default_protocol() -> u8 {
 }
 fn default_vm_metric() -> u32 {
     16
+}
+fn default_learned_metric() -> u32 {
+    32
 }
 fn default_local_out_table() -> u32 {
     100

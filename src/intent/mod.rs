@@ -219,10 +219,26 @@ impl VmIntent {
                 if a.is_unspecified() || a.is_multicast() || a.segments()[0] & 0xffc0 == 0xfe80 {
                     return Err(fail(format!("{a} is not a global unicast address")));
                 }
+                if !fabric.subnets.iter().any(|n| n.contains(&IpAddr::V6(*a))) {
+                    return Err(fail(format!(
+                        "{a} is outside the subnets of fabric `{}`",
+                        i.fabric
+                    )));
+                }
             }
             for p in &i.ipv6_prefixes {
                 if p.prefix_len() < 48 {
                     return Err(fail(format!("{p} is wider than /48")));
+                }
+                if !fabric
+                    .subnets
+                    .iter()
+                    .any(|n| n.contains(&IpNet::V6(p.trunc())))
+                {
+                    return Err(fail(format!(
+                        "{p} is outside the subnets of fabric `{}`",
+                        i.fabric
+                    )));
                 }
             }
             for r in &i.routed {

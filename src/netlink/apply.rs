@@ -9,7 +9,8 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHop, RouteNextHopFlags,
+    RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -252,6 +253,24 @@ impl Kernel {
         if let Some(gw) = attrs.gateway {
             m.attributes
                 .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+        }
+        if !attrs.multipath.is_empty() {
+            let mut hops = Vec::with_capacity(attrs.multipath.len());
+            for h in &attrs.multipath {
+                let idx = tap::ifindex(&h.oif).ok_or_else(|| OpError::NoSuchLink(h.oif.clone()))?;
+                let mut flags = RouteNextHopFlags::empty();
+                if h.onlink {
+                    flags |= RouteNextHopFlags::Onlink;
+                }
+                let mut hop = RouteNextHop::default();
+                hop.flags = flags;
+                hop.interface_index = idx;
+                hop.attributes
+                    .push(RouteAttribute::Gateway(RouteAddress::from(h.gateway)));
+                hops.push(hop);
+            }
+            m.attributes.push(RouteAttribute::MultiPath(hops));
+            m.header.scope = RouteScope::Universe;
         }
         if let Some(src) = attrs.pref_src {
             m.attributes

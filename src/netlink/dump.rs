@@ -8,13 +8,16 @@ use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressProtocol};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteProtocol,
+    RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{IpVersion, RouteMessageBuilder};
 
 use super::{Kernel, NetlinkError};
-use crate::reconcile::{ObservedKernel, ObservedLink, RouteAttrs, RouteId, RouteKind, RuleSpec};
+use crate::reconcile::{
+    NextHopSpec, ObservedKernel, ObservedLink, RouteAttrs, RouteId, RouteKind, RuleSpec,
+};
 
 /// The "no suppression" value the kernel reports for suppress_prefixlength.
 const SUPPRESS_UNSET: u32 = u32::MAX;
@@ -206,6 +209,7 @@ pub(crate) fn route_of(
     let mut oif = None;
     let mut gateway = None;
     let mut pref_src = None;
+    let mut multipath = Vec::new();
     for a in &msg.attributes {
         match a {
             // Tables above 255 are reported as 252 in the header.
@@ -215,6 +219,22 @@ pub(crate) fn route_of(
             RouteAttribute::Oif(i) => oif = names.get(i).cloned(),
             RouteAttribute::Gateway(g) => gateway = ip_of(g),
             RouteAttribute::PrefSource(s) => pref_src = ip_of(s),
+            RouteAttribute::MultiPath(hops) => {
+                for h in hops {
+                    let gateway = h.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Gateway(g) => ip_of(g),
+                        _ => None,
+                    });
+                    if let (Some(gateway), Some(oif)) = (gateway, names.get(&h.interface_index)) {
+                        multipath.push(NextHopSpec {
+                            gateway,
+                            oif: oif.clone(),
+                            onlink: h.flags.contains(RouteNextHopFlags::Onlink),
+                        });
+                    }
+                }
+                multipath.sort();
+            }
             _ => {}
         }
     }
@@ -243,6 +263,7 @@ pub(crate) fn route_of(
             gateway,
             onlink: msg.header.flags.contains(RouteFlags::Onlink),
             pref_src,
+            multipath,
         },
     ))
 }

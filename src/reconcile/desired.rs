@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use super::model::*;
 use crate::config::{Config, DefaultRoute, Ipv6Forwarding, Ipv6Mode};
 use crate::intent::{Intent, LinkMode};
+use crate::rib::Rib;
 
 pub const PROXY_ARP: IfSysctl = IfSysctl {
     dir: "ipv4/conf",
@@ -93,11 +94,13 @@ fn default_route(kind: DefaultRoute) -> Option<RouteAttrs> {
         gateway: None,
         onlink: false,
         pref_src: None,
+        multipath: Vec::new(),
     })
 }
 
-/// Computes the kernel state for `intent` under `config`.
-pub fn desired(config: &Config, intent: &Intent) -> DesiredKernel {
+/// Computes the kernel state for `intent` and the learned routes of `rib`
+/// under `config`.
+pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
     let mut d = DesiredKernel::default();
     let k = &config.kernel;
 
@@ -273,6 +276,7 @@ pub fn desired(config: &Config, intent: &Intent) -> DesiredKernel {
             gateway,
             onlink: gateway.is_some(),
             pref_src,
+            multipath: Vec::new(),
         };
         for dst in i.host_prefixes() {
             add(&mut d, fabric.table, dst, direct(None, None));
@@ -289,7 +293,84 @@ pub fn desired(config: &Config, intent: &Intent) -> DesiredKernel {
             );
         }
     }
+    learned(config, rib, &mut d);
     d
+}
+
+/// Learned routes: ECMP over every selected next hop, in the fabric's
+/// table; private (non-catch-all) fabrics also in local-out. A prefix with
+/// a local VM route in that table is never shadowed: local wins.
+fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel) {
+    let k = &config.kernel;
+    for (name, fabric) in &config.fabrics {
+        for (dst, hops) in rib.selected(name) {
+            let members: Vec<NextHopSpec> = hops
+                .iter()
+                .filter(|h| h.gateway.is_ipv4() == dst.addr().is_ipv4())
+                .map(|h| NextHopSpec {
+                    gateway: h.gateway,
+                    oif: h.uplink.clone(),
+                    onlink: true,
+                })
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let attrs = |pref_src: Option<IpAddr>| match members.as_slice() {
+                [one] => RouteAttrs {
+                    kind: RouteKind::Unicast,
+                    oif: Some(one.oif.clone()),
+                    gateway: Some(one.gateway),
+                    onlink: true,
+                    pref_src,
+                    multipath: Vec::new(),
+                },
+                _ => RouteAttrs {
+                    kind: RouteKind::Unicast,
+                    oif: None,
+                    gateway: None,
+                    onlink: false,
+                    pref_src,
+                    multipath: members.clone(),
+                },
+            };
+            let mut tables = vec![(fabric.table, None)];
+            if !fabric.catch_all {
+                let src = match dst {
+                    IpNet::V4(_) => config.hypervisor.private_source_v4.map(IpAddr::V4),
+                    IpNet::V6(_) => config.hypervisor.private_source_v6.map(IpAddr::V6),
+                };
+                tables.push((k.local_out_table, src));
+            }
+            for (table, src) in tables {
+                let first = RouteId {
+                    table,
+                    dst,
+                    metric: 0,
+                };
+                let last = RouteId {
+                    table,
+                    dst,
+                    metric: u32::MAX,
+                };
+                let local = d
+                    .routes
+                    .range(first..=last)
+                    .any(|(_, a)| a.oif.as_ref().is_some_and(|o| d.links.contains_key(o)));
+                if local {
+                    continue;
+                }
+                d.routes.insert(
+                    RouteId {
+                        table,
+                        dst,
+                        metric: k.learned_route_metric,
+                    },
+                    attrs(src),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -328,7 +409,7 @@ mod tests {
 
     #[test]
     fn empty_intent_has_rules_and_defaults_only() {
-        let d = desired(&cfg(), &Intent::default());
+        let d = desired(&cfg(), &Intent::default(), &Rib::default());
         assert!(d.links.is_empty());
         // 3 tables (90, 20, 100) × 2 families.
         assert_eq!(d.routes.len(), 6);
@@ -354,7 +435,7 @@ mod tests {
 
     #[test]
     fn vm_interface_state() {
-        let d = desired(&cfg(), &intent());
+        let d = desired(&cfg(), &intent(), &Rib::default());
         let l = &d.links["tap1"];
         assert_eq!(l.alias(), "l3hv:tap:vm1");
         assert!(l.addresses.contains(&"203.0.113.254/32".parse().unwrap()));
@@ -386,7 +467,7 @@ mod tests {
         vm2.interfaces[0].ipv6 = vec![];
         vm2.interfaces[0].routed[0].via = "203.0.113.2".parse().unwrap();
         i.vms.insert("vm2".into(), vm2);
-        let d = desired(&cfg(), &i);
+        let d = desired(&cfg(), &i, &Rib::default());
         assert_eq!(d.conflicts.len(), 2, "{:?}", d.conflicts);
         let anycast = &d.routes[&RouteId {
             table: 90,

@@ -33,6 +33,17 @@ pub struct RouteAttrs {
     pub gateway: Option<IpAddr>,
     pub onlink: bool,
     pub pref_src: Option<IpAddr>,
+    /// ECMP members (RTA_MULTIPATH); empty for a single next hop, which
+    /// uses `oif`/`gateway`.
+    pub multipath: Vec<NextHopSpec>,
+}
+
+/// One member of an ECMP route.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NextHopSpec {
+    pub gateway: IpAddr,
+    pub oif: String,
+    pub onlink: bool,
 }
 
 /// A policy rule (always `lookup <table>`).

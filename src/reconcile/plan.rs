@@ -371,14 +371,14 @@ mod tests {
 
     #[test]
     fn converged_kernel_needs_nothing() {
-        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let p = plan(&d, &converged(&d));
         assert!(p.is_empty(), "{p:#?}");
     }
 
     #[test]
     fn empty_kernel_gets_everything() {
-        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let p = plan(&d, &ObservedKernel::default());
         assert_eq!(
             p.create_links,
@@ -404,9 +404,9 @@ mod tests {
 
     #[test]
     fn removed_interface_is_swept_exactly() {
-        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let o = converged(&d);
-        let empty = desired(&cfg(), &Intent::default());
+        let empty = desired(&cfg(), &Intent::default(), &crate::rib::Rib::default());
         let p = plan(&empty, &o);
         assert_eq!(
             p.delete_links,
@@ -421,13 +421,17 @@ mod tests {
 
     #[test]
     fn released_adopted_interface_is_given_back() {
-        let d = desired(&cfg(), &intent(LinkMode::Adopt));
+        let d = desired(
+            &cfg(),
+            &intent(LinkMode::Adopt),
+            &crate::rib::Rib::default(),
+        );
         let mut o = converged(&d);
         o.sysctls
             .insert("net/ipv4/conf/tap1/proxy_arp".into(), Some("1".into()));
         o.sysctls
             .insert("net/ipv4/conf/default/proxy_arp".into(), Some("0".into()));
-        let empty = desired(&cfg(), &Intent::default());
+        let empty = desired(&cfg(), &Intent::default(), &crate::rib::Rib::default());
         let p = plan(&empty, &o);
         assert!(p.delete_links.is_empty());
         let removed_routes = p
@@ -454,7 +458,7 @@ mod tests {
 
     #[test]
     fn changed_route_is_replaced_not_deleted() {
-        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let mut o = converged(&d);
         let (id, attrs) = o
             .routes
@@ -472,7 +476,7 @@ mod tests {
 
     #[test]
     fn foreign_objects_are_never_touched() {
-        let d = desired(&cfg(), &Intent::default());
+        let d = desired(&cfg(), &Intent::default(), &crate::rib::Rib::default());
         let mut o = converged(&d);
         o.links.insert(
             "eth0".into(),
@@ -490,7 +494,7 @@ mod tests {
 
     #[test]
     fn sysctl_drift_is_repaired() {
-        let d = desired(&cfg(), &intent(LinkMode::Tap));
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let mut o = converged(&d);
         o.sysctls
             .insert("net/ipv4/conf/tap1/rp_filter".into(), Some("0".into()));

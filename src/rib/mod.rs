@@ -1,0 +1,271 @@
+//! PURE Loc-RIB: every path learned from every session (ADD-PATH paths
+//! from several hypervisors included), per fabric, and the selection that
+//! the kernel gets: the best paths by LOCAL_PREF then AS_PATH length, and
+//! all of them with distinct next hops installed as ECMP (the seed's BIRD
+//! "merge paths"). A local VM route always wins on its own hypervisor; that
+//! is decided where local and learned routes meet, in
+//! `reconcile::desired`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Serialize;
+
+/// A path as the RIB keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Path {
+    pub next_hop: IpAddr,
+    /// The uplink the session runs on: the next hop is reached through it.
+    pub uplink: String,
+    pub local_pref: u32,
+    pub as_path_len: usize,
+}
+
+/// What a session reports to the RIB.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RibEvent {
+    /// Paths added or replaced, and withdrawn, by one session.
+    Update {
+        session: String,
+        fabric: String,
+        announce: Vec<(IpNet, Option<u32>, Path)>,
+        withdraw: Vec<(IpNet, Option<u32>)>,
+    },
+    /// The session went down: all its paths go.
+    SessionDown { session: String },
+}
+
+/// One ECMP member as installed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Hop {
+    pub gateway: IpAddr,
+    pub uplink: String,
+}
+
+/// (session, path id): what identifies a path of a prefix.
+type PathKey = (String, Option<u32>);
+
+#[derive(Debug, Clone, Default)]
+pub struct Rib {
+    /// fabric → prefix → paths.
+    fabrics: BTreeMap<String, BTreeMap<IpNet, BTreeMap<PathKey, Path>>>,
+}
+
+impl Rib {
+    /// Applies an event; returns true when anything changed.
+    pub fn apply(&mut self, event: RibEvent) -> bool {
+        match event {
+            RibEvent::Update {
+                session,
+                fabric,
+                announce,
+                withdraw,
+            } => {
+                let table = self.fabrics.entry(fabric).or_default();
+                let mut changed = false;
+                for (prefix, id) in withdraw {
+                    if let Some(paths) = table.get_mut(&prefix) {
+                        changed |= paths.remove(&(session.clone(), id)).is_some();
+                        if paths.is_empty() {
+                            table.remove(&prefix);
+                        }
+                    }
+                }
+                for (prefix, id, path) in announce {
+                    let paths = table.entry(prefix).or_default();
+                    let old = paths.insert((session.clone(), id), path.clone());
+                    changed |= old.as_ref() != Some(&path);
+                }
+                changed
+            }
+            RibEvent::SessionDown { session } => {
+                let mut changed = false;
+                for table in self.fabrics.values_mut() {
+                    table.retain(|_, paths| {
+                        let before = paths.len();
+                        paths.retain(|(s, _), _| *s != session);
+                        changed |= paths.len() != before;
+                        !paths.is_empty()
+                    });
+                }
+                changed
+            }
+        }
+    }
+
+    /// The ECMP set of every prefix of `fabric`.
+    pub fn selected(&self, fabric: &str) -> BTreeMap<IpNet, BTreeSet<Hop>> {
+        let mut out = BTreeMap::new();
+        let Some(table) = self.fabrics.get(fabric) else {
+            return out;
+        };
+        for (prefix, paths) in table {
+            let hops = best(paths.values());
+            if !hops.is_empty() {
+                out.insert(*prefix, hops);
+            }
+        }
+        out
+    }
+
+    pub fn path_count(&self) -> usize {
+        self.fabrics
+            .values()
+            .flat_map(|t| t.values())
+            .map(|p| p.len())
+            .sum()
+    }
+
+    pub fn prefix_count(&self) -> usize {
+        self.fabrics.values().map(|t| t.len()).sum()
+    }
+}
+
+/// Best paths: highest LOCAL_PREF, then shortest AS_PATH; every path tied
+/// on both is a member of the ECMP set (one member per next hop).
+pub fn best<'a>(paths: impl Iterator<Item = &'a Path>) -> BTreeSet<Hop> {
+    let paths: Vec<&Path> = paths.collect();
+    let Some(top) = paths
+        .iter()
+        .map(|p| (p.local_pref, std::cmp::Reverse(p.as_path_len)))
+        .max()
+    else {
+        return BTreeSet::new();
+    };
+    paths
+        .iter()
+        .filter(|p| (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top)
+        .map(|p| Hop {
+            gateway: p.next_hop,
+            uplink: p.uplink.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(nh: &str, uplink: &str, lp: u32) -> Path {
+        Path {
+            next_hop: nh.parse().unwrap(),
+            uplink: uplink.into(),
+            local_pref: lp,
+            as_path_len: 0,
+        }
+    }
+
+    fn announce(session: &str, prefix: &str, id: Option<u32>, p: Path) -> RibEvent {
+        RibEvent::Update {
+            session: session.into(),
+            fabric: "public".into(),
+            announce: vec![(prefix.parse().unwrap(), id, p)],
+            withdraw: vec![],
+        }
+    }
+
+    #[test]
+    fn both_fabric_paths_make_an_ecmp_set() {
+        let mut rib = Rib::default();
+        assert!(rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100)
+        )));
+        assert!(rib.apply(announce(
+            "b",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.202", "b-public", 100)
+        )));
+        let sel = rib.selected("public");
+        assert_eq!(sel[&"203.0.113.3/32".parse().unwrap()].len(), 2);
+        // Same path again: no change.
+        assert!(!rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100)
+        )));
+    }
+
+    #[test]
+    fn add_path_anycast_and_session_down() {
+        let mut rib = Rib::default();
+        rib.apply(announce(
+            "a",
+            "203.0.113.10/32",
+            Some(1),
+            path("198.51.100.101", "a-public", 100),
+        ));
+        rib.apply(announce(
+            "a",
+            "203.0.113.10/32",
+            Some(2),
+            path("198.51.100.102", "a-public", 100),
+        ));
+        rib.apply(announce(
+            "b",
+            "203.0.113.10/32",
+            Some(1),
+            path("198.51.100.201", "b-public", 100),
+        ));
+        assert_eq!(rib.selected("public").values().next().unwrap().len(), 3);
+        assert!(rib.apply(RibEvent::SessionDown {
+            session: "a".into()
+        }));
+        assert_eq!(rib.selected("public").values().next().unwrap().len(), 1);
+        assert!(rib.apply(RibEvent::SessionDown {
+            session: "b".into()
+        }));
+        assert!(rib.selected("public").is_empty());
+        assert_eq!(rib.path_count(), 0);
+    }
+
+    #[test]
+    fn local_pref_then_as_path_select() {
+        let mut rib = Rib::default();
+        rib.apply(announce(
+            "a",
+            "0.0.0.0/0",
+            None,
+            path("198.51.100.1", "a-public", 200),
+        ));
+        rib.apply(announce(
+            "b",
+            "0.0.0.0/0",
+            None,
+            path("198.51.100.129", "b-public", 100),
+        ));
+        let sel = rib.selected("public");
+        let hops = &sel[&"0.0.0.0/0".parse().unwrap()];
+        assert_eq!(hops.len(), 1);
+        assert_eq!(hops.iter().next().unwrap().uplink, "a-public");
+    }
+
+    #[test]
+    fn withdraw_removes_only_that_path() {
+        let mut rib = Rib::default();
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            Some(1),
+            path("198.51.100.102", "a-public", 100),
+        ));
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            Some(2),
+            path("198.51.100.103", "a-public", 100),
+        ));
+        assert!(rib.apply(RibEvent::Update {
+            session: "a".into(),
+            fabric: "public".into(),
+            announce: vec![],
+            withdraw: vec![("203.0.113.3/32".parse().unwrap(), Some(1))],
+        }));
+        assert_eq!(rib.path_count(), 1);
+    }
+}
