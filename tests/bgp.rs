@@ -589,3 +589,219 @@ fn vms_on_two_hypervisors_reach_each_other_through_learned_routes() {
         },
     );
 }
+
+/// Two fabric paths: bridge A (rr1 198.51.100.126) and bridge B (rr2
+/// 198.51.100.226), each hypervisor with one uplink on each.
+struct TwoPaths {
+    _sw: Netns,
+    rr1: Netns,
+    rr2: Netns,
+    hv1: Netns,
+    hv2: Netns,
+}
+
+fn two_paths() -> TwoPaths {
+    require_root();
+    let sw = Netns::new(&unique("sw2"));
+    for br in ["brA", "brB"] {
+        sw.ip(&["link", "add", br, "type", "bridge"]);
+        sw.ip(&["link", "set", br, "up"]);
+    }
+    let rr1 = Netns::new(&unique("rr1"));
+    let rr2 = Netns::new(&unique("rr2"));
+    let hv1 = Netns::new(&unique("hv1"));
+    let hv2 = Netns::new(&unique("hv2"));
+    for (ns, ifname, port, br) in [
+        (&rr1, "eth0", "p-rr1", "brA"),
+        (&rr2, "eth0", "p-rr2", "brB"),
+        (&hv1, "a-public", "p-hv1a", "brA"),
+        (&hv1, "b-public", "p-hv1b", "brB"),
+        (&hv2, "a-public", "p-hv2a", "brA"),
+        (&hv2, "b-public", "p-hv2b", "brB"),
+    ] {
+        veth(&sw, port, ns, ifname);
+        sw.ip(&["link", "set", port, "master", br]);
+    }
+    rr1.ip(&["addr", "add", "198.51.100.126/25", "dev", "eth0"]);
+    rr2.ip(&["addr", "add", "198.51.100.226/25", "dev", "eth0"]);
+    TwoPaths {
+        _sw: sw,
+        rr1,
+        rr2,
+        hv1,
+        hv2,
+    }
+}
+
+fn bird_at(rr: &Netns, me: &str, clients: [&str; 2]) -> Reflector {
+    let dir = std::env::temp_dir().join(format!("{}-bird", rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let conf = dir.join("bird.conf");
+    fs::write(
+        &conf,
+        format!(
+            r#"
+router id {me};
+protocol device {{}}
+template bgp rrc {{
+    local {me} as 65000;
+    rr client;
+    rr cluster id 192.0.2.1;
+    direct;
+    ttl security on;
+    hold time 9;
+    ipv4 {{ import all; export all; add paths tx; next hop keep; }};
+}}
+protocol bgp hv1 from rrc {{ neighbor {} as 65000; }}
+protocol bgp hv2 from rrc {{ neighbor {} as 65000; }}
+"#,
+            clients[0], clients[1]
+        ),
+    )
+    .unwrap();
+    let pid = dir.join("bird.pid");
+    let sock = dir.join("bird.ctl");
+    rr.exec(&[
+        "bird",
+        "-c",
+        conf.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-P",
+        pid.to_str().unwrap(),
+    ]);
+    Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    }
+}
+
+fn two_path_config(n: u8) -> String {
+    format!(
+        r#"
+[hypervisor]
+name = "hv{n}"
+router_id = "198.51.100.10{n}"
+state_dir = "@DIR@/state"
+
+[control]
+socket = "@DIR@/l3hvd.sock"
+
+[bgp]
+hold_time = "9s"
+connect_retry = "200ms"
+
+[fabrics.public]
+table = 90
+catch_all = true
+subnets = ["203.0.113.0/24"]
+gateway_v4 = "203.0.113.254"
+
+[fabrics.public.paths.a]
+interface = "a-public"
+addresses = ["198.51.100.10{n}/25"]
+reflectors = ["198.51.100.126"]
+
+[fabrics.public.paths.b]
+interface = "b-public"
+addresses = ["198.51.100.20{n}/25"]
+reflectors = ["198.51.100.226"]
+"#
+    )
+}
+
+#[test]
+fn ecmp_over_both_fabric_paths_and_failover_to_one() {
+    let t = two_paths();
+    let _rr1 = bird_at(
+        &t.rr1,
+        "198.51.100.126",
+        ["198.51.100.101", "198.51.100.102"],
+    );
+    let rr2 = bird_at(
+        &t.rr2,
+        "198.51.100.226",
+        ["198.51.100.201", "198.51.100.202"],
+    );
+    let a1 = Agent::start(&t.hv1, &two_path_config(1));
+    let a2 = Agent::start(&t.hv2, &two_path_config(2));
+    let vm1 = vm_ns(
+        &t.hv1,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    let _vm3 = vm_ns(
+        &t.hv2,
+        &unique("vm3"),
+        "vm3e0",
+        "203.0.113.3/24",
+        "203.0.113.254",
+    );
+    a1.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        None,
+    ));
+    a2.set_vm(&vm_json(
+        "vm3",
+        "vm3e0",
+        "adopt",
+        "public",
+        "203.0.113.3",
+        None,
+    ));
+    let route = || t.hv1.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+    wait_for(
+        "ECMP route over both paths",
+        Duration::from_secs(30),
+        || {
+            let r = route();
+            r.contains("via 198.51.100.102 dev a-public")
+                && r.contains("via 198.51.100.202 dev b-public")
+        },
+    );
+    assert!(vm1.ping("203.0.113.3"));
+    let (ping, log) = {
+        let log = a1.dir.join("ping.log");
+        (
+            vm1.spawn(&["ping", "-i", "0.05", "-W", "1", "203.0.113.3"], &log),
+            log,
+        )
+    };
+    // Shut path B's sessions on its reflector (no carrier loss).
+    let sock = rr2.dir.join("bird.ctl");
+    t.rr2
+        .exec(&["birdc", "-s", sock.to_str().unwrap(), "disable", "hv1"]);
+    t.rr2
+        .exec(&["birdc", "-s", sock.to_str().unwrap(), "disable", "hv2"]);
+    wait_for("only path A left", Duration::from_secs(30), || {
+        let r = route();
+        r.contains("via 198.51.100.102 dev a-public") && !r.contains("b-public")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let mut ping = ping;
+    let _ = ping.wait();
+    let text = fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap();
+    let nums: Vec<u32> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // Shutting a session withdraws cleanly: the other path carries on.
+    assert_eq!(
+        nums[0], nums[1],
+        "packets lost when path B was shut: {line}"
+    );
+    assert_eq!(peers(&a1).as_array().unwrap().len(), 2);
+}
