@@ -805,3 +805,34 @@ fn ecmp_over_both_fabric_paths_and_failover_to_one() {
     );
     assert_eq!(peers(&a1).as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn agent_restart_keeps_learned_routes_installed() {
+    let f = fabric();
+    let _rr = bird(&f.rr, "");
+    let mut a1 = Agent::start(&f.hv1, &hv_config(1));
+    let a2 = Agent::start(&f.hv2, &hv_config(2));
+    a2.set_vm(r#"{"name":"vm3","interfaces":[{"name":"tap3","mac":"52:54:00:00:00:03","fabric":"public","ipv4":["203.0.113.3"]}]}"#);
+    let route = || f.hv1.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+    wait_for("learned route", Duration::from_secs(30), || {
+        route().contains("via 198.51.100.102")
+    });
+    a1.kill9();
+    let log = a1.dir.join("monitor.log");
+    let mut monitor = f.hv1.spawn(&["ip", "monitor", "route"], &log);
+    std::thread::sleep(Duration::from_millis(200));
+    a1.restart();
+    wait_established(&a1);
+    wait_for("relearned", Duration::from_secs(30), || {
+        !received(&a1).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let events = fs::read_to_string(&log).unwrap();
+    assert!(
+        !events.contains("Deleted"),
+        "restart withdrew routes:\n{events}"
+    );
+    assert!(route().contains("via 198.51.100.102"));
+}

@@ -66,6 +66,10 @@ impl From<IntentError> for ApiError {
     }
 }
 
+/// Longest time a restarted agent keeps learned routes it found in the
+/// kernel while its sessions relearn them.
+const LEARNED_HOLD: Duration = Duration::from_secs(60);
+
 /// First retry delay after a failed reconcile pass.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 
@@ -139,6 +143,13 @@ pub struct Agent {
     intent: Intent,
     /// Learned routes (from the BGP sessions).
     rib: Rib,
+    /// After a (re)start, learned routes already in the kernel are kept
+    /// until every session has sent End-of-RIB or this deadline passes: a
+    /// restarted agent must not withdraw what BGP is about to relearn.
+    learned_hold: Option<Instant>,
+    /// Sessions that completed their initial table.
+    end_of_rib: BTreeSet<String>,
+    sessions_expected: usize,
     kernel: Kernel,
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
@@ -162,6 +173,12 @@ impl Agent {
         let kernel = Kernel::connect(config.kernel.route_protocol)?;
         let (tx, rx) = mpsc::channel(1024);
         let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
+        let sessions_expected = if config.bgp.enabled {
+            crate::bgp::peer_specs(&config).len()
+        } else {
+            0
+        };
+        let learned_hold = (sessions_expected > 0).then(|| Instant::now() + LEARNED_HOLD);
         info!(
             vms = intent.vms.len(),
             path = %store.path().display(),
@@ -173,6 +190,9 @@ impl Agent {
                 store,
                 intent,
                 rib: Rib::default(),
+                learned_hold,
+                end_of_rib: BTreeSet::new(),
+                sessions_expected,
                 kernel,
                 verified: BTreeMap::new(),
                 last: None,
@@ -237,6 +257,22 @@ impl Agent {
                     }
                 },
                 Command::Rib(event) => {
+                    match &event {
+                        RibEvent::EndOfRib { session } => {
+                            self.end_of_rib.insert(session.clone());
+                            if self.learned_hold.is_some()
+                                && self.end_of_rib.len() >= self.sessions_expected
+                            {
+                                info!("every session sent End-of-RIB; learned routes converge now");
+                                self.learned_hold = None;
+                                rib_changed = true;
+                            }
+                        }
+                        RibEvent::SessionDown { session } => {
+                            self.end_of_rib.remove(session);
+                        }
+                        RibEvent::Update { .. } => {}
+                    }
                     rib_changed |= self.rib.apply(event);
                 }
                 Command::RemoveVm { name, reply } => {
@@ -343,7 +379,17 @@ impl Agent {
         }
         report.sysctls = t.elapsed();
         let t = Instant::now();
-        let plan = reconcile::plan(&desired, &observed);
+        let mut plan = reconcile::plan(&desired, &observed);
+        if let Some(until) = self.learned_hold {
+            if Instant::now() < until {
+                let metric = self.config.kernel.learned_route_metric;
+                plan.remove.retain(
+                    |op| !matches!(op, KernelOp::DelRoute { id, .. } if id.metric == metric),
+                );
+            } else {
+                self.learned_hold = None;
+            }
+        }
         compute += t.elapsed();
         report.compute = compute;
         report.planned = plan.len();
@@ -410,6 +456,9 @@ impl Agent {
         } else {
             self.next_reconcile = Instant::now() + interval;
             self.retry = RETRY_MIN;
+        }
+        if let Some(until) = self.learned_hold {
+            self.next_reconcile = self.next_reconcile.min(until);
         }
     }
 

@@ -549,12 +549,31 @@ impl Session {
                 }
             }
         }
-        let event = (!announce.is_empty() || !withdraw.is_empty()).then(|| RibEvent::Update {
+        let mut event = (!announce.is_empty() || !withdraw.is_empty()).then(|| RibEvent::Update {
             session: self.spec.name.clone(),
             fabric: self.spec.fabric.clone(),
             announce,
             withdraw,
         });
+        if u.end_of_rib.is_some() {
+            let (ipv4, ipv6) = self
+                .status
+                .borrow()
+                .negotiated
+                .as_ref()
+                .map_or((true, false), |n| (n.ipv4, n.ipv6));
+            let mut have = self.status.borrow().end_of_rib_received.clone();
+            if let Some(v4) = u.end_of_rib {
+                have.push(if v4 { Afi::Ipv4 } else { Afi::Ipv6 });
+            }
+            let complete =
+                (!ipv4 || have.contains(&Afi::Ipv4)) && (!ipv6 || have.contains(&Afi::Ipv6));
+            if complete && event.is_none() {
+                event = Some(RibEvent::EndOfRib {
+                    session: self.spec.name.clone(),
+                });
+            }
+        }
         let over = adj_in.len() > self.bgp.max_prefixes;
         self.status.send_modify(|s| {
             s.counters.updates_in += 1;

@@ -34,6 +34,9 @@ pub enum RibEvent {
     },
     /// The session went down: all its paths go.
     SessionDown { session: String },
+    /// The session received End-of-RIB for every family it negotiated: its
+    /// initial table is complete (RFC 4724).
+    EndOfRib { session: String },
 }
 
 /// One ECMP member as installed.
@@ -79,6 +82,7 @@ impl Rib {
                 }
                 changed
             }
+            RibEvent::EndOfRib { .. } => false,
             RibEvent::SessionDown { session } => {
                 let mut changed = false;
                 for table in self.fabrics.values_mut() {
