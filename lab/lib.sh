@@ -33,7 +33,7 @@ declare -A NETWORK_SHORT=([public]=pub [private]=priv)
 declare -A FABRIC_TABLE=([public]=90 [private]=20)
 declare -A FABRIC_CATCH_ALL=([public]=true [private]=false)
 declare -A FABRIC_SUBNETS=(
-    [public]="203.0.113.0/24 2001:db8:cb00:7100::/64"
+    [public]="203.0.113.0/24 2001:db8:cb00:7100::/64 2001:db8:cb00:7104::/64"
     [private]="172.22.2.0/24"
 )
 declare -A FABRIC_GATEWAY_V4=([public]=203.0.113.254 [private]=172.22.2.254)
@@ -64,8 +64,15 @@ declare -A UPLINK=(
 )
 
 # Route reflectors: one per path, on every network of that path. Their
-# addresses (without the length) are the reflectors of the hypervisors'
-# paths.
+# IPv4 addresses (without the length) are the reflectors of the
+# hypervisors' paths: one MP-BGP session (IPv4 + IPv6 unicast) per path and
+# network. Their IPv6 addresses are never listed as reflectors (that would
+# open a second session); they only serve the IPv6 next hops.
+#
+# The implementation (lab/up --rr): bird (default: one BIRD 2 per rr, one
+# pair of tables and one set of sessions per network), frr or gobgp (one
+# bgpd / gobgpd per rr and network, bound to that network's address).
+# Every network's clients are reflected to each other only.
 RRS=(rr1 rr2)
 declare -A RR_PATH=([rr1]=a [rr2]=b)
 declare -A RR_ADDR=(
@@ -89,6 +96,16 @@ declare -A INTERNET_ADDR=(
 )
 INTERNET_HOST_V4=192.0.2.8
 INTERNET_HOST_V6=2001:db8:ffff::8
+# The internet router runs BIRD 2 whatever --rr says: an iBGP client of the
+# reflector of each path on INTERNET_NETWORK, announcing 0.0.0.0/0 and ::/0
+# with itself (that path's address) as next hop, and installing what it
+# learns (the VM routes) into its kernel.
+INTERNET_ROUTER_ID=198.51.100.1
+
+# How long lab/up waits for every BGP session to be Established and every
+# learned route to be installed (with a next hop on each path) before it
+# probes.
+BGP_WAIT=30
 
 # VMs: a namespace each, eth0 on a veth whose hypervisor end is named after
 # the VM (adopted by l3hvd). VM_V6 is the address configured in the VM;
@@ -117,7 +134,7 @@ declare -A VM_ANYCAST=([vm1]=1 [vm3]=1)
 
 # What the agent can do today; lab/up's matrix expects the paths that need
 # a missing feature to fail. Flip these as the features land.
-HAVE_BGP=0        # cross-hypervisor and internet routes (issue 5)
+HAVE_BGP=1        # cross-hypervisor and internet routes (issue 5)
 HAVE_NDP_PROXY=0  # NTF_PROXY entries for the shared /64 (DESIGN.md "IPv6 neighbour proxy")
 
 # ================================================================= helpers ==
@@ -176,6 +193,28 @@ addr_of() {
     echo "${1%/*}"
 }
 
+# The first IPv4 address (without the length) of a list of "a/len".
+ipv4_of() {
+    local a
+    for a in "$@"; do
+        [[ $a == *:* ]] || {
+            echo "${a%/*}"
+            return 0
+        }
+    done
+}
+
+# The first IPv6 address (without the length) of a list of "a/len".
+ipv6_of() {
+    local a
+    for a in "$@"; do
+        [[ $a != *:* ]] || {
+            echo "${a%/*}"
+            return 0
+        }
+    done
+}
+
 # The configuration file of hypervisor HV.
 hv_config() {
     echo "$LAB_RUN/$1/l3hv.toml"
@@ -189,4 +228,33 @@ status_short() { # $1 = l3hv binary, $2 = hv
         return 1
     fi
     grep -v '^    table ' <<<"$out" | sed 's/^/  /'
+}
+
+# `l3hv peers` (the agent's BGP sessions), indented.
+peers_short() { # $1 = l3hv binary, $2 = hv
+    local out
+    if ! out=$("$1" --config "$(hv_config "$2")" --timeout 2 peers 2>&1); then
+        echo "  (no answer: $out)"
+        return 1
+    fi
+    sed 's/^/  /' <<<"$out"
+}
+
+# The reflector processes of RR, one "label pidfile" per line, for the
+# implementation in $LAB_RUN/rr (bird: one process; frr, gobgp: one per
+# network).
+rr_processes() { # RR
+    local rr=$1 impl net
+    impl=$(cat "$LAB_RUN/rr" 2>/dev/null || echo bird)
+    case $impl in
+        bird) echo "bird $LAB_RUN/$rr/bird.pid" ;;
+        frr | gobgp)
+            local d=bgpd
+            [[ $impl == frr ]] || d=gobgpd
+            for net in "${NETWORKS[@]}"; do
+                echo "$d($net) $LAB_RUN/$rr/$d-$net.pid"
+            done
+            ;;
+        *) ;;
+    esac
 }
