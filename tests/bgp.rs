@@ -836,3 +836,92 @@ fn agent_restart_keeps_learned_routes_installed() {
     );
     assert!(route().contains("via 198.51.100.102"));
 }
+
+#[test]
+fn shared_ipv6_subnet_is_reachable_through_the_neighbour_proxy() {
+    let f = fabric();
+    let _rr = bird(&f.rr, "");
+    let shared = |n| {
+        hv_config(n).replace(
+            "gateway_v4 = \"203.0.113.254\"",
+            "gateway_v4 = \"203.0.113.254\"\nipv6_mode = \"shared-dhcpv6\"",
+        )
+    };
+    let a1 = Agent::start(&f.hv1, &shared(1));
+    let a2 = Agent::start(&f.hv2, &shared(2));
+    let mut vms = Vec::new();
+    for (hv, agent, name, n) in [
+        (&f.hv1, &a1, "vm1", 1),
+        (&f.hv1, &a1, "vm2", 2),
+        (&f.hv2, &a2, "vm3", 3),
+    ] {
+        let ifname = format!("{name}e0");
+        let vm = vm_ns(
+            hv,
+            &unique(name),
+            &ifname,
+            &format!("203.0.113.{n}/24"),
+            "203.0.113.254",
+        );
+        // The VM believes the /64 is on-link (as with SLAAC or DHCPv6).
+        vm.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:cb00:7100::{n}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        vm.ip(&[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ]);
+        agent.set_vm(&vm_json(
+            name,
+            &ifname,
+            "adopt",
+            "public",
+            &format!("203.0.113.{n}"),
+            Some(&format!("2001:db8:cb00:7100::{n}")),
+        ));
+        vms.push(vm);
+    }
+    wait_for(
+        "proxy entries for the remote VM",
+        Duration::from_secs(30),
+        || {
+            f.hv1
+                .ip(&["-6", "neigh", "show", "proxy"])
+                .contains("2001:db8:cb00:7100::3 dev vm1e0")
+        },
+    );
+    let proxies = f.hv1.ip(&["-6", "neigh", "show", "proxy"]);
+    assert!(
+        proxies.contains("2001:db8:cb00:7100::2 dev vm1e0 proxy proto 203"),
+        "{proxies}"
+    );
+    assert!(
+        proxies.contains("2001:db8:cb00:7100::1 dev vm2e0 proxy proto 203"),
+        "{proxies}"
+    );
+    assert!(
+        !proxies.contains("2001:db8:cb00:7100::1 dev vm1e0"),
+        "{proxies}"
+    );
+    assert!(
+        vms[0].ping("2001:db8:cb00:7100::2"),
+        "vm1 -> vm2 on the shared /64"
+    );
+    assert!(
+        vms[0].ping("2001:db8:cb00:7100::3"),
+        "vm1 -> vm3 on another hypervisor"
+    );
+    assert!(vms[2].ping("2001:db8:cb00:7100::1"), "vm3 -> vm1");
+    // The entries follow the routes.
+    a2.remove_vm("vm3");
+    wait_for("proxy entry removed", Duration::from_secs(30), || {
+        !f.hv1
+            .ip(&["-6", "neigh", "show", "proxy"])
+            .contains("2001:db8:cb00:7100::3")
+    });
+}

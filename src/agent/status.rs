@@ -90,7 +90,10 @@ pub fn op_interface(op: &KernelOp) -> Option<&str> {
         | KernelOp::SetAlias { name, .. }
         | KernelOp::SetUp { name }
         | KernelOp::DeleteLink { name } => Some(name),
-        KernelOp::AddAddress { ifname, .. } | KernelOp::DelAddress { ifname, .. } => Some(ifname),
+        KernelOp::AddAddress { ifname, .. }
+        | KernelOp::DelAddress { ifname, .. }
+        | KernelOp::AddProxy { ifname, .. }
+        | KernelOp::DelProxy { ifname, .. } => Some(ifname),
         KernelOp::AddRoute { attrs, .. } | KernelOp::DelRoute { attrs, .. } => attrs.oif.as_deref(),
         KernelOp::Sysctl { path, .. } => path.split('/').nth(3),
         KernelOp::AddRule { .. } | KernelOp::DelRule { .. } | KernelOp::DelForeignRule { .. } => {
@@ -141,6 +144,8 @@ pub fn describe(op: &KernelOp) -> String {
             format!("rule del prio {} lookup {}", rule.priority, rule.table)
         }
         KernelOp::DelForeignRule { priority, .. } => format!("rule del prio {priority}"),
+        KernelOp::AddProxy { ifname, addr } => format!("neigh add proxy {addr} dev {ifname}"),
+        KernelOp::DelProxy { ifname, addr } => format!("neigh del proxy {addr} dev {ifname}"),
     }
 }
 

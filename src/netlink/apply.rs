@@ -8,6 +8,9 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressProtocol, AddressScope,
 };
 use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHop, RouteNextHopFlags,
     RouteProtocol, RouteScope, RouteType,
@@ -205,6 +208,36 @@ impl Kernel {
                 ignore(
                     self.rule_request(RouteNetlinkMessage::DelRule(m), false)
                         .await,
+                    libc::ENOENT,
+                )?;
+            }
+            KernelOp::AddProxy { ifname, addr } => {
+                let mut req = self
+                    .handle
+                    .neighbours()
+                    .add(index(ifname)?, std::net::IpAddr::V6(*addr))
+                    .flags(NeighbourFlags::Proxy);
+                req.message_mut()
+                    .attributes
+                    .push(NeighbourAttribute::Protocol(RouteProtocol::Other(
+                        self.protocol,
+                    )));
+                ignore(req.execute().await, libc::EEXIST)?;
+            }
+            KernelOp::DelProxy { ifname, addr } => {
+                let Some(idx) = tap::ifindex(ifname) else {
+                    return Ok(());
+                };
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Inet6;
+                m.header.ifindex = idx;
+                m.header.flags = NeighbourFlags::Proxy;
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                        *addr,
+                    )));
+                ignore(
+                    self.handle.neighbours().del(m).execute().await,
                     libc::ENOENT,
                 )?;
             }

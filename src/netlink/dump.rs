@@ -7,6 +7,7 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressProtocol};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteNextHopFlags, RouteProtocol,
     RouteScope, RouteType,
@@ -38,6 +39,7 @@ impl Kernel {
         let addrs = self.dump_addresses().await;
         let routes = self.dump_routes().await;
         let rules = self.dump_rules().await;
+        let proxies = self.dump_proxies().await;
         let links = links
             .await
             .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))??;
@@ -96,7 +98,34 @@ impl Kernel {
                 o.foreign_rules.insert((spec.v6, spec.priority));
             }
         }
+        for msg in proxies? {
+            let ours = msg.attributes.iter().any(
+                |a| matches!(a, NeighbourAttribute::Protocol(p) if u8::from(*p) == self.protocol),
+            );
+            let addr = msg.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(*v6),
+                _ => None,
+            });
+            if let (true, Some(addr), Some(name)) = (ours, addr, names.get(&msg.header.ifindex)) {
+                o.proxies.insert((name.clone(), addr));
+            }
+        }
         Ok(o)
+    }
+
+    async fn dump_proxies(&self) -> Result<Vec<NeighbourMessage>, NetlinkError> {
+        self.handle
+            .neighbours()
+            .get()
+            .proxies()
+            .set_address_family(AddressFamily::Inet6)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| NetlinkError::Dump {
+                what: "neighbour proxies",
+                source,
+            })
     }
 
     async fn dump_addresses(&self) -> Result<Vec<AddressMessage>, NetlinkError> {

@@ -51,6 +51,12 @@ pub const PROXY_NDP: IfSysctl = IfSysctl {
     dir: "ipv6/conf",
     key: "proxy_ndp",
 };
+/// The kernel answers a proxied neighbour solicitation only on an interface
+/// with IPv6 `forwarding=1` (`force_forwarding` is not enough, kernel 6.18).
+pub const FORWARDING_V6: IfSysctl = IfSysctl {
+    dir: "ipv6/conf",
+    key: "forwarding",
+};
 /// 1 = no automatic link-local: the tap's only link-local is fe80::1.
 pub const ADDR_GEN_MODE: IfSysctl = IfSysctl {
     dir: "ipv6/conf",
@@ -69,6 +75,7 @@ pub const VM_SYSCTLS: &[IfSysctl] = &[
     ACCEPT_RA,
     FORCE_FORWARDING_V6,
     PROXY_NDP,
+    FORWARDING_V6,
     ADDR_GEN_MODE,
 ];
 
@@ -234,6 +241,7 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
         }
         if fabric.ipv6_mode == Ipv6Mode::SharedDhcpv6 {
             s.insert(PROXY_NDP, "1".into());
+            s.insert(FORWARDING_V6, "1".into());
         }
         if matches!(ownership, Ownership::Created { .. }) {
             s.insert(ADDR_GEN_MODE, "1".into());
@@ -294,7 +302,64 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
         }
     }
     learned(config, rib, &mut d);
+    proxies(config, intent, rib, &mut d);
     d
+}
+
+/// IPv6 neighbour proxy (instead of ndppd), for fabrics whose VMs share a
+/// /64 (`shared-dhcpv6`): every VM link of the fabric answers NDP for the
+/// addresses of that /64 that are routed elsewhere, the other local VMs'
+/// and the learned host routes, so a VM reaches them as if on-link.
+fn proxies(config: &Config, intent: &Intent, rib: &Rib, d: &mut DesiredKernel) {
+    for (name, fabric) in &config.fabrics {
+        if fabric.ipv6_mode != Ipv6Mode::SharedDhcpv6 {
+            continue;
+        }
+        let shared: Vec<ipnet::Ipv6Net> = fabric
+            .subnets
+            .iter()
+            .filter_map(|n| match n {
+                IpNet::V6(n) => Some(*n),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        let in_shared = |a: &Ipv6Addr| shared.iter().any(|n| n.contains(a));
+        let links: Vec<(&str, Vec<Ipv6Addr>)> = intent
+            .interfaces()
+            .filter(|(_, i)| i.fabric == *name)
+            .map(|(_, i)| {
+                (
+                    i.name.as_str(),
+                    i.ipv6.iter().copied().filter(|a| in_shared(a)).collect(),
+                )
+            })
+            .collect();
+        let learned: Vec<Ipv6Addr> = rib
+            .selected(name)
+            .keys()
+            .filter_map(|p| match p {
+                IpNet::V6(n) if n.prefix_len() == 128 && in_shared(&n.addr()) => Some(n.addr()),
+                _ => None,
+            })
+            .collect();
+        for (link, _) in &links {
+            for (other, addrs) in &links {
+                if other != link {
+                    for a in addrs {
+                        d.proxies.insert((link.to_string(), *a));
+                    }
+                }
+            }
+            for a in &learned {
+                let local_here = links
+                    .iter()
+                    .any(|(l, addrs)| l == link && addrs.contains(a));
+                if !local_here {
+                    d.proxies.insert((link.to_string(), *a));
+                }
+            }
+        }
+    }
 }
 
 /// Learned routes: ECMP over every selected next hop, in the fabric's

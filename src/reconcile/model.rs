@@ -132,6 +132,9 @@ pub struct DesiredKernel {
     pub rules: BTreeSet<RuleSpec>,
     /// Kernel rules (v6, priority) to remove (`remove_default_rules`).
     pub absent_rules: BTreeSet<(bool, u32)>,
+    /// IPv6 neighbour proxy entries (NTF_PROXY): (VM link, address routed
+    /// elsewhere in its shared /64).
+    pub proxies: BTreeSet<(String, std::net::Ipv6Addr)>,
     /// Two intents that want the same route; the first one wins.
     pub conflicts: Vec<String>,
 }
@@ -173,6 +176,8 @@ pub struct ObservedKernel {
     pub rules: BTreeSet<RuleSpec>,
     /// Every (v6, priority) of a rule that is not l3hv's.
     pub foreign_rules: BTreeSet<(bool, u32)>,
+    /// IPv6 proxy entries carrying l3hv's protocol.
+    pub proxies: BTreeSet<(String, std::net::Ipv6Addr)>,
     /// Sysctls that were read: `None` when the file does not exist. A
     /// desired sysctl missing from this map was verified earlier and is
     /// trusted.

@@ -63,6 +63,14 @@ pub enum KernelOp {
         v6: bool,
         priority: u32,
     },
+    AddProxy {
+        ifname: String,
+        addr: std::net::Ipv6Addr,
+    },
+    DelProxy {
+        ifname: String,
+        addr: std::net::Ipv6Addr,
+    },
     DeleteLink {
         name: String,
     },
@@ -293,6 +301,48 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     }
     for r in observed.rules.difference(&desired.rules) {
         p.remove.push(KernelOp::DelRule { rule: r.clone() });
+    }
+    // Neighbour proxy entries.
+    for (ifname, addr) in desired.proxies.difference(&observed.proxies) {
+        if desired.links.contains_key(ifname) {
+            p.add_routes.push(KernelOp::AddProxy {
+                ifname: ifname.clone(),
+                addr: *addr,
+            });
+        }
+    }
+    for (ifname, addr) in observed.proxies.difference(&desired.proxies) {
+        let going = p
+            .delete_links
+            .iter()
+            .any(|op| matches!(op, KernelOp::DeleteLink { name } if name == ifname));
+        if !going {
+            p.remove.push(KernelOp::DelProxy {
+                ifname: ifname.clone(),
+                addr: *addr,
+            });
+        }
+    }
+    // Neighbour proxy entries.
+    for (ifname, addr) in desired.proxies.difference(&observed.proxies) {
+        if desired.links.contains_key(ifname) {
+            p.add_routes.push(KernelOp::AddProxy {
+                ifname: ifname.clone(),
+                addr: *addr,
+            });
+        }
+    }
+    for (ifname, addr) in observed.proxies.difference(&desired.proxies) {
+        let going = p
+            .delete_links
+            .iter()
+            .any(|op| matches!(op, KernelOp::DeleteLink { name } if name == ifname));
+        if !going {
+            p.remove.push(KernelOp::DelProxy {
+                ifname: ifname.clone(),
+                addr: *addr,
+            });
+        }
     }
     for (v6, priority) in &desired.absent_rules {
         if observed.foreign_rules.contains(&(*v6, *priority)) {
