@@ -925,3 +925,53 @@ fn shared_ipv6_subnet_is_reachable_through_the_neighbour_proxy() {
             .contains("2001:db8:cb00:7100::3")
     });
 }
+
+#[test]
+fn sessions_opened_by_the_reflector_are_accepted() {
+    let f = fabric();
+    // The reflector connects to the hypervisors on port 1179, where the
+    // agents listen; the agents' own connects go to 1179 on the reflector,
+    // where nothing listens: only the passive side can establish.
+    let dir = std::env::temp_dir().join(format!("{}-bird", f.rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let conf = dir.join("bird.conf");
+    fs::write(
+        &conf,
+        r#"
+router id 198.51.100.126;
+protocol device {}
+protocol bgp hv1 {
+    local 198.51.100.126 as 65000;
+    neighbor 198.51.100.101 port 1179 as 65000;
+    rr client;
+    direct;
+    ttl security on;
+    connect retry time 1;
+    ipv4 { import all; export all; };
+}
+"#,
+    )
+    .unwrap();
+    let pid = dir.join("bird.pid");
+    let sock = dir.join("bird.ctl");
+    f.rr.exec(&[
+        "bird",
+        "-c",
+        conf.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-P",
+        pid.to_str().unwrap(),
+    ]);
+    let _rr = Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    };
+    let cfg = hv_config(1).replace(
+        "connect_retry = \"200ms\"",
+        "connect_retry = \"200ms\"\nport = 1179",
+    );
+    let a1 = Agent::start(&f.hv1, &cfg);
+    wait_established(&a1);
+}

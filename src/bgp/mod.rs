@@ -7,7 +7,12 @@ pub mod fsm;
 pub mod policy;
 pub mod session;
 
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 
 use ipnet::IpNet;
 use tokio::sync::watch;
@@ -70,10 +75,68 @@ pub fn start(config: Arc<Config>, agent: AgentHandle) -> BgpHandle {
     if !config.bgp.enabled {
         return handle;
     }
+    let mut listeners: BTreeMap<IpAddr, HashMap<IpAddr, mpsc::Sender<TcpStream>>> = BTreeMap::new();
     for spec in peer_specs(&config) {
-        let (session, status) = session::Session::new(spec, config.clone(), agent.clone());
+        let (tx, rx) = mpsc::channel(4);
+        listeners
+            .entry(spec.local)
+            .or_default()
+            .insert(spec.remote, tx);
+        let (session, status) = session::Session::new(spec, config.clone(), agent.clone(), rx);
         handle.sessions.push(status);
         tokio::spawn(session.run());
     }
+    for (local, peers) in listeners {
+        tokio::spawn(listen(local, config.bgp.port, config.bgp.gtsm, peers));
+    }
     handle
+}
+
+/// Passive side: accepts connections on one uplink address and hands each
+/// to the session of its remote address; others are closed. Binding is
+/// retried until the address exists (the reconciler adds it).
+async fn listen(
+    local: IpAddr,
+    port: u16,
+    gtsm: bool,
+    peers: HashMap<IpAddr, mpsc::Sender<TcpStream>>,
+) {
+    let listener = loop {
+        match bind(local, port, gtsm) {
+            Ok(l) => break l,
+            Err(e) => {
+                tracing::debug!(%local, error = %e, "bgp listener not bound yet");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    };
+    tracing::info!(%local, port, "bgp listening");
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => match peers.get(&from.ip()) {
+                Some(tx) => {
+                    let _ = tx.try_send(stream);
+                }
+                None => tracing::debug!(%from, "bgp connection from an unknown peer closed"),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "bgp accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn bind(local: IpAddr, port: u16, gtsm: bool) -> std::io::Result<TcpListener> {
+    let socket = match local {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if gtsm {
+        // Accepted sockets inherit TTL 255 and the minimum TTL.
+        session::gtsm(&socket, local.is_ipv6())?;
+    }
+    socket.bind(SocketAddr::new(local, port))?;
+    socket.listen(16)
 }

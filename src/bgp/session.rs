@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs};
@@ -109,6 +109,8 @@ pub struct Session {
     status: watch::Sender<SessionStatus>,
     policy: ImportPolicy,
     rib: AgentHandle,
+    /// Connections the peer opened to us (from the listener).
+    incoming: Option<mpsc::Receiver<TcpStream>>,
 }
 
 impl Session {
@@ -116,6 +118,7 @@ impl Session {
         spec: PeerSpec,
         config: Arc<Config>,
         rib: AgentHandle,
+        incoming: mpsc::Receiver<TcpStream>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
         let intent = rib.subscribe_intent();
         let bgp = config.bgp.clone();
@@ -149,6 +152,7 @@ impl Session {
                 status,
                 policy,
                 rib,
+                incoming: Some(incoming),
             },
             rx,
         )
@@ -164,14 +168,36 @@ impl Session {
     }
 
     /// Runs forever: connect, serve, back off, retry.
-    pub async fn run(self) {
+    pub async fn run(mut self) {
+        let Some(mut incoming) = self.incoming.take() else {
+            return;
+        };
         let mut failures = 0u32;
+        let mut pending: Option<TcpStream> = None;
         loop {
             self.set_state(State::Connect);
             let started = Instant::now();
-            let end = match self.connect().await {
-                Ok(stream) => self.serve(stream).await,
-                Err(e) => Err(SessionEnd::Connect(e)),
+            // Active open, unless the peer connects to us first (then its
+            // connection is used).
+            let stream = match pending.take() {
+                Some(s) => Ok(s),
+                None => tokio::select! {
+                    r = self.connect() => r.map_err(SessionEnd::Connect),
+                    Some(s) = incoming.recv() => Ok(s),
+                },
+            };
+            let end = match stream {
+                Ok(stream) => {
+                    let serve = self.serve(stream);
+                    tokio::pin!(serve);
+                    loop {
+                        tokio::select! {
+                            r = &mut serve => break r,
+                            Some(other) = incoming.recv() => refuse_collision(other).await,
+                        }
+                    }
+                }
+                Err(e) => Err(e),
             };
             let end = match end {
                 Ok(()) => return,
@@ -211,7 +237,11 @@ impl Session {
                 jitter,
             );
             failures = failures.saturating_add(1);
-            tokio::time::sleep(wait).await;
+            // A connection from the peer ends the wait at once.
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                Some(s) = incoming.recv() => pending = Some(s),
+            }
         }
     }
 
@@ -618,10 +648,17 @@ impl Session {
     }
 }
 
+/// RFC 4271 §6.8, simplified: the connection already being served wins;
+/// the newer one is closed with Cease / Connection Collision Resolution.
+async fn refuse_collision(mut stream: TcpStream) {
+    let n = Notification::new(6, 7, vec![]);
+    let _ = stream.write_all(&codec::notification(&n)).await;
+    let _ = stream.shutdown().await;
+}
+
 /// GTSM (RFC 5082): send with TTL/hop limit 255 and drop anything that
 /// arrived with less (IP_MINTTL / IPV6_MINHOPCOUNT).
-fn gtsm(socket: &TcpSocket, v6: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+pub(crate) fn gtsm(socket: &impl std::os::fd::AsRawFd, v6: bool) -> std::io::Result<()> {
     let fd = socket.as_raw_fd();
     let value: libc::c_int = 255;
     let set = |level, name| {
