@@ -975,3 +975,28 @@ protocol bgp hv1 {
     let a1 = Agent::start(&f.hv1, &cfg);
     wait_established(&a1);
 }
+
+#[test]
+fn too_many_prefixes_close_the_session_with_cease_1() {
+    let f = fabric();
+    let _rr = bird(
+        &f.rr,
+        r#"route 203.0.113.100/32 via 198.51.100.102;
+    route 203.0.113.101/32 via 198.51.100.102;
+    route 203.0.113.102/32 via 198.51.100.102;"#,
+    );
+    let cfg = hv_config(1).replace(
+        "connect_retry = \"200ms\"",
+        "connect_retry = \"200ms\"\nmax_prefixes = 2",
+    );
+    let a1 = Agent::start(&f.hv1, &cfg);
+    wait_for("maximum prefixes reached", Duration::from_secs(30), || {
+        let p = peers(&a1);
+        p[0]["last_error"].as_str().unwrap_or("").contains("6/1")
+    });
+    let p = peers(&a1);
+    assert!(
+        p[0]["counters"]["notifications_out"].as_u64().unwrap() >= 1,
+        "{p}"
+    );
+}
