@@ -62,7 +62,10 @@ pub struct InterfaceStatus {
     pub fabric: String,
     pub link: String,
     pub present: bool,
+    /// The VM's addresses and prefixes (what is routed to it).
     pub addresses: Vec<String>,
+    /// The gateway addresses on the host side of the interface.
+    pub gateway_addresses: Vec<String>,
     pub routes: Vec<RouteStatus>,
     pub errors: Vec<String>,
 }
@@ -209,7 +212,16 @@ pub fn build(
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
             present: crate::netlink::tap::ifindex(&i.name).is_some(),
-            addresses: link
+            addresses: i
+                .host_prefixes()
+                .map(|p| p.to_string())
+                .chain(
+                    i.routed
+                        .iter()
+                        .map(|r| format!("{} via {}", r.prefix, r.via)),
+                )
+                .collect(),
+            gateway_addresses: link
                 .map(|l| l.addresses.iter().map(|a| a.to_string()).collect())
                 .unwrap_or_default(),
             routes,

@@ -11,6 +11,17 @@ fn s(v: &Value) -> String {
     }
 }
 
+fn ago(at: Option<u64>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match at {
+        Some(t) if t <= now => format!("{}s ago", now - t),
+        Some(t) => format!("at {t}"),
+        None => "-".into(),
+    }
+}
+
 /// `l3hv status` as text.
 pub fn render_status(v: &Value) -> String {
     let mut out = String::new();
@@ -28,8 +39,8 @@ pub fn render_status(v: &Value) -> String {
         out.push_str("last reconcile: never\n");
     } else {
         out.push_str(&format!(
-            "last reconcile: at {} took {} ms, {} changes planned, {} applied, {} failed{}\n",
-            s(&r["at_unix"]),
+            "last reconcile: {} took {} ms, {} changes planned, {} applied, {} failed{}\n",
+            ago(r["at_unix"].as_u64()),
             s(&r["duration_ms"]),
             s(&r["planned"]),
             s(&r["applied"]),
