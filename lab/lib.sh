@@ -135,7 +135,7 @@ declare -A VM_ANYCAST=([vm1]=1 [vm3]=1)
 # What the agent can do today; lab/up's matrix expects the paths that need
 # a missing feature to fail. Flip these as the features land.
 HAVE_BGP=1        # cross-hypervisor and internet routes (issue 5)
-HAVE_NDP_PROXY=0  # NTF_PROXY entries for the shared /64 (DESIGN.md "IPv6 neighbour proxy")
+HAVE_NDP_PROXY=1  # NTF_PROXY entries for the shared /64 (DESIGN.md "IPv6 neighbour proxy")
 
 # ================================================================= helpers ==
 
@@ -230,14 +230,25 @@ status_short() { # $1 = l3hv binary, $2 = hv
     grep -v '^    table ' <<<"$out" | sed 's/^/  /'
 }
 
-# `l3hv peers` (the agent's BGP sessions), indented.
+# The agent's BGP sessions, one line each, from `l3hv peers --json` (the
+# text form of `l3hv peers` prints nothing in this l3hv build).
 peers_short() { # $1 = l3hv binary, $2 = hv
     local out
-    if ! out=$("$1" --config "$(hv_config "$2")" --timeout 2 peers 2>&1); then
+    if ! out=$("$1" --config "$(hv_config "$2")" --timeout 2 peers --json 2>&1); then
         echo "  (no answer: $out)"
         return 1
     fi
-    sed 's/^/  /' <<<"$out"
+    printf '  %-26s %-16s %-12s %5s %5s %7s  %s\n' SESSION LOCAL STATE RECV ADV REFUSED "HOLD, ADD-PATH RX, LAST ERROR"
+    jq -r '.[] | [
+        .peer.name, .peer.local, .state,
+        (.prefixes_received | tostring), (.prefixes_advertised | tostring),
+        ((.counters.refused // {}) | [.[]] | add // 0 | tostring),
+        ((if .negotiated then "hold \(.negotiated.hold_time.secs)s, add-path rx \(.negotiated.add_path_rx | join("+"))" else "" end)
+            + (if .last_error then ", last error: \(.last_error)" else "" end))
+    ] | @tsv' <<<"$out" |
+        while IFS=$'\t' read -r name local state recv adv refused rest; do
+            printf '  %-26s %-16s %-12s %5s %5s %7s  %s\n' "$name" "$local" "$state" "$recv" "$adv" "$refused" "$rest"
+        done
 }
 
 # The reflector processes of RR, one "label pidfile" per line, for the

@@ -382,10 +382,20 @@ impl Agent {
         let mut plan = reconcile::plan(&desired, &observed);
         if let Some(until) = self.learned_hold {
             if Instant::now() < until {
+                // Keep only what nothing else claims: a learned route whose
+                // prefix is now local (or routed otherwise) goes at once.
                 let metric = self.config.kernel.learned_route_metric;
-                plan.remove.retain(
-                    |op| !matches!(op, KernelOp::DelRoute { id, .. } if id.metric == metric),
-                );
+                let claimed = |id: &reconcile::RouteId| {
+                    let first = reconcile::RouteId { metric: 0, ..*id };
+                    let last = reconcile::RouteId {
+                        metric: u32::MAX,
+                        ..*id
+                    };
+                    desired.routes.range(first..=last).next().is_some()
+                };
+                plan.remove.retain(|op| {
+                    !matches!(op, KernelOp::DelRoute { id, .. } if id.metric == metric && !claimed(id))
+                });
             } else {
                 self.learned_hold = None;
             }
@@ -446,6 +456,7 @@ impl Agent {
         }
         self.schedule_next(!report.failed.is_empty());
         self.last = Some(report);
+        trim_heap();
     }
 
     fn schedule_next(&mut self, failed: bool) {
@@ -470,6 +481,17 @@ impl Agent {
             self.last.as_ref(),
             self.started,
         )
+    }
+}
+
+/// Gives the memory of a pass's transient state (dumps, desired, plan)
+/// back to the system: glibc keeps freed arenas otherwise, and a pass over
+/// 100,000 routes would leave its peak resident for good.
+fn trim_heap() {
+    // SAFETY: malloc_trim has no preconditions; it only releases free
+    // memory at the top of the heap and in unused arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -135,6 +135,7 @@ fn main() -> ExitCode {
                     Cmd::Vm {
                         command: VmCmd::List { .. },
                     } => print!("{}", cli::render_vms(&v)),
+                    Cmd::Peers { .. } => print!("{}", cli::render_peers(&v)),
                     Cmd::Reconcile { .. } => {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
                     }

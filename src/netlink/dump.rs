@@ -37,7 +37,6 @@ impl Kernel {
         // One dump at a time per netlink socket: the kernel answers a
         // second concurrent dump with EBUSY.
         let addrs = self.dump_addresses().await;
-        let routes = self.dump_routes().await;
         let rules = self.dump_rules().await;
         let proxies = self.dump_proxies().await;
         let links = links
@@ -71,21 +70,9 @@ impl Kernel {
                 }
             }
         }
-        for msg in routes? {
-            if u8::from(msg.header.protocol) != self.protocol {
-                continue;
-            }
-            if let Some((id, attrs)) = route_of(&msg, &names) {
-                match o.routes.entry(id) {
-                    std::collections::btree_map::Entry::Occupied(_) => {
-                        o.duplicate_routes.push((id, attrs))
-                    }
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(attrs);
-                    }
-                }
-            }
-        }
+        // Routes are processed as they stream in: at 100,000 learned
+        // routes, collecting the decoded messages first cost ~100 MB.
+        self.dump_routes_into(&names, &mut o).await?;
         for msg in rules? {
             let protocol = msg.attributes.iter().find_map(|a| match a {
                 RuleAttribute::Protocol(p) => Some(u8::from(*p)),
@@ -142,9 +129,12 @@ impl Kernel {
     }
 
     /// Routes carrying l3hv's protocol (filtered by the kernel under strict
-    /// checking, and again by the caller).
-    async fn dump_routes(&self) -> Result<Vec<RouteMessage>, NetlinkError> {
-        let mut out = Vec::new();
+    /// checking, and again here), normalised into `o`.
+    async fn dump_routes_into(
+        &self,
+        names: &BTreeMap<u32, String>,
+        o: &mut ObservedKernel,
+    ) -> Result<(), NetlinkError> {
         for family in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
@@ -158,17 +148,31 @@ impl Kernel {
             header.table = 0;
             header.kind = RouteType::Unspec;
             header.scope = RouteScope::Universe;
-            let mut part: Vec<RouteMessage> =
-                req.execute()
-                    .try_collect()
-                    .await
-                    .map_err(|source| NetlinkError::Dump {
-                        what: "routes",
-                        source,
-                    })?;
-            out.append(&mut part);
+            let mut stream = req.execute();
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(|source| NetlinkError::Dump {
+                    what: "routes",
+                    source,
+                })?
+            {
+                if u8::from(msg.header.protocol) != self.protocol {
+                    continue;
+                }
+                if let Some((id, attrs)) = route_of(&msg, names) {
+                    match o.routes.entry(id) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            o.duplicate_routes.push((id, attrs))
+                        }
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(attrs);
+                        }
+                    }
+                }
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     async fn dump_rules(&self) -> Result<Vec<RuleMessage>, NetlinkError> {
