@@ -28,10 +28,14 @@ impl Kernel {
         let mut o = ObservedKernel::default();
 
         // Links on a blocking thread (lean hand parser, see links.rs) while
-        // addresses, routes and rules come over the async socket.
+        // addresses, routes and rules come over the async socket. Those
+        // three go one after the other: the kernel runs one dump at a time
+        // per netlink socket and answers a second concurrent one with EBUSY
+        // (netlink_dump_start), which failed whole reconciles under load.
         let links = tokio::task::spawn_blocking(super::links::dump);
-        let (addrs, routes, rules) =
-            tokio::join!(self.dump_addresses(), self.dump_routes(), self.dump_rules());
+        let addrs = self.dump_addresses().await;
+        let routes = self.dump_routes().await;
+        let rules = self.dump_rules().await;
         let links = links
             .await
             .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))??;
