@@ -133,6 +133,8 @@ pub struct Agent {
     started: SystemTime,
     rx: mpsc::Receiver<Command>,
     published: watch::Sender<Arc<Intent>>,
+    /// Counters of the DHCP/RA services, shown in status when set.
+    services: Option<crate::services::Registry>,
 }
 
 impl Agent {
@@ -161,6 +163,7 @@ impl Agent {
                 started: SystemTime::now(),
                 rx,
                 published,
+                services: None,
             },
             AgentHandle {
                 tx,
@@ -378,7 +381,14 @@ impl Agent {
     }
 
     fn status(&self) -> Status {
-        status::build(&self.config, &self.intent, self.last.as_ref(), self.started)
+        let mut s = status::build(&self.config, &self.intent, self.last.as_ref(), self.started);
+        s.services = self.services.as_ref().map(|r| r.snapshot());
+        s
+    }
+
+    /// Shows the counters of the DHCP/RA services in status.
+    pub fn set_services(&mut self, registry: crate::services::Registry) {
+        self.services = Some(registry);
     }
 }
 

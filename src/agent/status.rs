@@ -78,6 +78,9 @@ pub struct Status {
     pub routes_programmed: usize,
     pub routes_failed: usize,
     pub last_reconcile: Option<ReconcileReport>,
+    /// DHCP and RA counters per VM interface, when those services run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<crate::services::ServicesStatus>,
 }
 
 /// The interface an operation concerns, if any.
@@ -227,5 +230,6 @@ pub fn build(
         routes_programmed: programmed,
         routes_failed: failed_names.len(),
         last_reconcile: last.cloned(),
+        services: None,
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{error, info};
 
-use l3hv::{agent, config, control, logging};
+use l3hv::{agent, config, control, logging, services};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn run(config: config::Config) -> ExitCode {
     let socket = config.control.socket.clone();
+    let services_config = std::sync::Arc::new(config.clone());
     let (mut agent, handle) = match agent::Agent::new(config) {
         Ok(a) => a,
         Err(e) => {
@@ -81,7 +82,12 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let registry = services::Registry::default();
+    agent.set_services(registry.clone());
     let agent_task = agent::spawn(agent);
+    // DHCP and RA follow the agent's intent; they start after the first
+    // reconcile so the taps and gateway addresses exist.
+    services::spawn(services_config, handle.subscribe_intent(), registry);
     tokio::spawn(control::serve(listener, handle));
     info!(socket = %socket.display(), "ready");
 
