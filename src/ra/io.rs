@@ -46,6 +46,10 @@ pub fn open(ifname: &str, index: u32) -> Result<AsyncFd<Socket>, RaError> {
     s.set_multicast_loop_v6(false).map_err(err)?;
     s.set_multicast_if_v6(index).map_err(err)?;
     s.set_recv_hoplimit_v6(true).map_err(err)?;
+    // The final RA of a released interface may go after the agent has
+    // already removed fe80::1 from it: let IPV6_PKTINFO name a source the
+    // interface no longer has (ip6_datagram_send_ctl honours freebind).
+    s.set_freebind_v6(true).map_err(err)?;
     // RFC 3542 §3.2: pass only router solicitations.
     let mut filter = [u32::MAX; 8];
     filter[usize::from(build::ICMPV6_RS >> 5)] &= !(1 << (build::ICMPV6_RS & 31));
@@ -124,7 +128,8 @@ pub async fn serve(
             Ended::Stop => {
                 // RFC 4861 §6.2.5: the interface stops advertising.
                 let a = advert.borrow().clone();
-                port.send(&a, ALL_NODES, true);
+                let sent = port.send(&a, ALL_NODES, true);
+                debug!(interface = %ifname, sent, "ra: final advertisement");
                 return;
             }
             Ended::Reopen => debug!(interface = %ifname, "ra: interface changed; reopening"),
