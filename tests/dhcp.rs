@@ -530,3 +530,94 @@ fn a_removed_interface_sends_a_final_ra_with_router_lifetime_zero() {
     assert!(status.success(), "no final RA: {text}");
     assert!(text.contains("final from fe80::1"), "{text}");
 }
+
+#[test]
+fn stable_privacy_guest_gets_exactly_its_address_by_dhcpv6_on_a_shared_64() {
+    require_root();
+    let hv = Netns::new(&unique("hv"));
+    let agent = Agent::start(&hv, CONFIG);
+    let vm = vm_ns_bare(&hv, &unique("vm"), "vm9", "52:54:00:71:00:0d");
+    // As the seed's VM3: stable-privacy link-local, temporary addresses.
+    vm.ip(&["link", "set", "eth0", "addrgenmode", "random"]);
+    vm.exec(&["sysctl", "-qw", "net.ipv6.conf.eth0.use_tempaddr=2"]);
+    agent.set_vm(&intent(
+        "vm9",
+        "vm9",
+        "52:54:00:71:00:0d",
+        "p2p",
+        "198.18.0.13",
+        &["2001:db8:cb00:7200::13"],
+    ));
+    wait_listening(&agent, "vm9");
+    // The RA arrived (router known) with A=0 M=1: no SLAAC address.
+    wait_for("default route from the RA", Duration::from_secs(15), || {
+        vm.ip(&["-6", "route", "show", "default"])
+            .contains("via fe80::1")
+    });
+    wait_for(
+        "a usable link-local address",
+        Duration::from_secs(15),
+        || {
+            let a = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "link"]);
+            a.contains("inet6 fe80:") && !a.contains("tentative")
+        },
+    );
+    let rd = vm.exec(&["rdisc6", "-1", "-r", "1", "-w", "1000", "eth0"]);
+    let flat = rd.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "Stateful address conf. : Yes",
+        "Prefix : 2001:db8:cb00:7200::/64",
+        "On-link : Yes",
+        "Autonomous address conf.: No",
+    ] {
+        assert!(flat.contains(want), "missing {want} in\n{rd}");
+    }
+    let dir = agent.dir.join("dhclient6");
+    let script = recorder(&dir);
+    let out = vm.try_exec(&[
+        "dhclient",
+        "-6",
+        "-1",
+        "-v",
+        "-sf",
+        script.to_str().unwrap(),
+        "-lf",
+        dir.join("leases").to_str().unwrap(),
+        "-pf",
+        dir.join("pid").to_str().unwrap(),
+        "eth0",
+    ]);
+    assert!(
+        out.status.success(),
+        "dhclient -6: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let env = env_of(&dir.join("BOUND6.env"));
+    assert!(
+        env.lines()
+            .any(|l| l == "new_ip6_address=2001:db8:cb00:7200::13"),
+        "{env}"
+    );
+    assert!(
+        env.lines()
+            .any(|l| l == "new_dhcp6_name_servers=2001:db8::53"),
+        "{env}"
+    );
+    let c = counters(&agent, "vm9");
+    assert!(c["dhcpv6_last_lease_unix"].as_u64().is_some(), "{c}");
+    // The guest configures it as dhclient-script would; it is reachable
+    // on exactly that address, and autoconfigured nothing else there.
+    vm.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:cb00:7200::13/128",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    assert!(hv.ping("2001:db8:cb00:7200::13"), "hv -> guest");
+    let addrs = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
+    assert_eq!(addrs.matches("2001:db8:cb00:7200:").count(), 1, "{addrs}");
+}

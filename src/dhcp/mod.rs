@@ -8,12 +8,16 @@
 //! ```
 //!
 //! [`server`] decides (pure); [`io`] owns the socket, the neighbour entry
-//! for unicast replies and the per-interface limits. Nothing here writes
+//! for unicast replies and the per-interface limits. On `shared-dhcpv6`
+//! fabrics [`v6`] (pure) and [`io6`] hand out the intended IPv6 address
+//! the same way (RFC 8415 IA_NA). Nothing here writes
 //! intent, and a reply can only leave through the interface its request
 //! came in on (SO_BINDTODEVICE plus IP_PKTINFO).
 
 pub mod io;
+pub mod io6;
 pub mod server;
+pub mod v6;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,8 +64,33 @@ pub async fn supervise(
         }
     };
     let mut tasks: BTreeMap<String, (watch::Sender<Binding>, JoinHandle<()>)> = BTreeMap::new();
+    let mut tasks6: BTreeMap<String, (watch::Sender<v6::Binding6>, JoinHandle<()>)> =
+        BTreeMap::new();
     loop {
         let snapshot = intent.borrow_and_update().clone();
+        let want6: BTreeMap<String, (v6::Binding6, std::net::Ipv6Addr)> = snapshot
+            .interfaces()
+            .filter_map(|(_, i)| {
+                let b = v6::binding(&config, i)?;
+                let gw = config.fabric(&i.fabric)?.gateway_v6;
+                Some((i.name.clone(), (b, gw)))
+            })
+            .collect();
+        tasks6.retain(|name, (_, handle)| want6.contains_key(name) && !handle.is_finished());
+        for (name, (b, gw)) in want6 {
+            if let Some((tx, _)) = tasks6.get(&name) {
+                tx.send_if_modified(|old| {
+                    let changed = *old != b;
+                    *old = b.clone();
+                    changed
+                });
+                continue;
+            }
+            info!(interface = %name, address = %b.address, "dhcpv6: serving");
+            let (tx, rx) = watch::channel(b);
+            let handle = tokio::spawn(io6::serve(name.clone(), rx, gw, registry.interface(&name)));
+            tasks6.insert(name, (tx, handle));
+        }
         let want = bindings(&config, &snapshot);
         // Dropping the sender tells the task to clean up and stop.
         tasks.retain(|name, (_, handle)| {
@@ -96,6 +125,10 @@ pub async fn supervise(
         }
     }
     for (_, (tx, handle)) in tasks {
+        drop(tx);
+        let _ = handle.await;
+    }
+    for (_, (tx, handle)) in tasks6 {
         drop(tx);
         let _ = handle.await;
     }
