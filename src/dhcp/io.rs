@@ -31,8 +31,8 @@ pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
 /// Answers per interface: a burst, then a steady rate. A client needs two
 /// per exchange; a VM flooding valid requests gets no more than this.
-const BURST: u32 = 20;
-const PER_SECOND: u32 = 10;
+const BURST: u32 = 40;
+const PER_SECOND: u32 = 20;
 /// Receive buffer: larger than any request we accept, so oversized
 /// datagrams show up as such instead of being silently cut.
 const RECV_BUFFER: usize = 2048;

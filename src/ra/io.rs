@@ -25,9 +25,11 @@ use crate::services::{Counters, INTERFACE_POLL, sockopt};
 
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
-/// Unicast answers per interface: a burst, then a steady rate.
-const BURST: u32 = 10;
-const PER_SECOND: u32 = 5;
+/// Unicast answers per interface: a burst, then a steady rate. A guest
+/// sends three solicitations when its link comes up; beyond this, answers
+/// are multicast ones, one per 3 s at most.
+const BURST: u32 = 20;
+const PER_SECOND: u32 = 50;
 /// Packets handled per wake-up before the timers get a turn.
 const DRAIN: usize = 64;
 /// `ICMPV6_FILTER` from linux/icmpv6.h (libc does not export it).
@@ -251,8 +253,10 @@ impl Port<'_> {
         match build::answer(rs.source, now, delay, self.last_multicast, far) {
             Answer::UnicastNow => {
                 if !self.bucket.take(now) {
+                    // Over the limit: no unicast, but the next multicast RA
+                    // (at most one per MIN_DELAY_BETWEEN_RAS) still answers.
                     self.counters.drop("ra", RsDrop::RateLimited.as_str());
-                    return None;
+                    return Some(build::not_before(now + delay, self.last_multicast));
                 }
                 if self.send(a, rs.source, false) {
                     self.counters.update(|c| c.rs_answered += 1);
