@@ -161,6 +161,8 @@ pub struct Agent {
     retry: Duration,
     rx: mpsc::Receiver<Command>,
     published: watch::Sender<Arc<Intent>>,
+    /// Counters of the DHCP/RA services, shown in status when set.
+    services: Option<crate::services::Registry>,
 }
 
 impl Agent {
@@ -201,6 +203,7 @@ impl Agent {
                 retry: RETRY_MIN,
                 rx,
                 published,
+                services: None,
             },
             AgentHandle {
                 tx,
@@ -474,13 +477,20 @@ impl Agent {
     }
 
     fn status(&self) -> Status {
-        status::build(
+        let mut s = status::build(
             &self.config,
             &self.intent,
             &self.rib,
             self.last.as_ref(),
             self.started,
-        )
+        );
+        s.services = self.services.as_ref().map(|r| r.snapshot());
+        s
+    }
+
+    /// Shows the counters of the DHCP/RA services in status.
+    pub fn set_services(&mut self, registry: crate::services::Registry) {
+        self.services = Some(registry);
     }
 }
 

@@ -84,6 +84,9 @@ pub struct Status {
     pub rib_paths: usize,
     pub rib_prefixes: usize,
     pub last_reconcile: Option<ReconcileReport>,
+    /// DHCP and RA counters per VM interface, when those services run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub services: Option<crate::services::ServicesStatus>,
 }
 
 /// The interface an operation concerns, if any.
@@ -250,5 +253,6 @@ pub fn build(
         rib_paths: rib.path_count(),
         rib_prefixes: rib.prefix_count(),
         last_reconcile: last.cloned(),
+        services: None,
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{error, info};
 
-use l3hv::{agent, config, control, logging};
+use l3hv::{agent, config, control, logging, services};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
@@ -85,8 +85,13 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let bgp = l3hv::bgp::start(shared, handle.clone());
+    let registry = services::Registry::default();
+    agent.set_services(registry.clone());
+    let bgp = l3hv::bgp::start(shared.clone(), handle.clone());
     let agent_task = agent::spawn(agent);
+    // DHCP and RA follow the agent's intent; they start after the first
+    // reconcile so the taps and gateway addresses exist.
+    services::spawn(shared, handle.subscribe_intent(), registry);
     tokio::spawn(control::serve(listener, handle, bgp));
     info!(socket = %socket.display(), "ready");
 

@@ -116,6 +116,34 @@ pub fn render_status(v: &Value) -> String {
             out.push_str(&format!("    error: {}\n", s(e)));
         }
     }
+    let services = v["services"]["interfaces"].as_array();
+    if services.is_some_and(|a| !a.is_empty()) {
+        out.push_str(&format!(
+            "\n{:<15} {:<11} {:<12} {:<9} {:<9} {}\n",
+            "INTERFACE", "DHCP SERVED", "LAST LEASE", "RA SENT", "RS ANSW", "DROPPED"
+        ));
+    }
+    for i in services.into_iter().flatten() {
+        let dropped: Vec<String> = i["dropped"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        out.push_str(&format!(
+            "{:<15} {:<11} {:<12} {:<9} {:<9} {}\n",
+            s(&i["interface"]),
+            s(&i["dhcp_served"]),
+            s(&i["dhcp_last_lease_unix"]),
+            s(&i["ra_sent"]),
+            s(&i["rs_answered"]),
+            if dropped.is_empty() {
+                "-".to_string()
+            } else {
+                dropped.join(" ")
+            },
+        ));
+    }
     out
 }
 

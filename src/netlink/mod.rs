@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod dump;
 pub mod links;
+pub mod neigh;
 pub mod sysctl;
 pub mod tap;
 
@@ -19,6 +20,11 @@ pub enum NetlinkError {
     Socket(#[from] std::io::Error),
     #[error("netlink dump of {what}: {source}")]
     Dump {
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
+    #[error("netlink {what}: {source}")]
+    Request {
         what: &'static str,
         source: rtnetlink::Error,
     },

@@ -424,3 +424,19 @@ pub fn vm_json(
         name.bytes().map(u32::from).sum::<u32>() % 250 + 1
     )
 }
+
+/// A VM namespace on the end of a veth (`hv_if` in `hv`, `eth0` with `mac`
+/// in the VM) and no address at all: it configures itself by DHCP and RA.
+pub fn vm_ns_bare(hv: &Netns, name: &str, hv_if: &str, mac: &str) -> Netns {
+    let vm = Netns::new(name);
+    run(
+        "ip",
+        &[
+            "-n", &hv.name, "link", "add", hv_if, "type", "veth", "peer", "name", "eth0",
+            "address", mac, "netns", &vm.name,
+        ],
+    );
+    hv.ip(&["link", "set", hv_if, "up"]);
+    vm.ip(&["link", "set", "eth0", "up"]);
+    vm
+}

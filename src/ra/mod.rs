@@ -1,0 +1,92 @@
+//! IPv6 router advertisements: one raw ICMPv6 socket per VM interface.
+//!
+//! ```text
+//!  agent ── watch<Arc<Intent>> ──► supervise ── watch<Advert> ──► io::serve (one task per interface)
+//!                                                                  │ timer ─► build::encode ─► ff02::1
+//!                                                                  │ RS ─► build::solicitation/answer ─► RA
+//!                                                                  └─► Counters (read by status)
+//! ```
+//!
+//! [`build`] decides (pure); [`io`] owns the socket and timers. Every VM
+//! interface gets RAs (at least the default router); prefixes and flags
+//! follow the fabric's IPv6 mode. Nothing here writes intent.
+
+pub mod build;
+pub mod io;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info};
+
+use crate::config::Config;
+use crate::intent::Intent;
+use crate::services::Registry;
+use build::Advert;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaError {
+    #[error("ra {ifname}: socket: {source}")]
+    Socket {
+        ifname: String,
+        source: std::io::Error,
+    },
+}
+
+/// The advert of every VM interface.
+pub fn adverts(config: &Config, intent: &Intent) -> BTreeMap<String, Advert> {
+    intent
+        .interfaces()
+        .filter_map(|(_, i)| build::advert(config, i).map(|a| (i.name.clone(), a)))
+        .collect()
+}
+
+/// Follows the intent and runs one [`io::serve`] task per VM interface.
+/// Returns when the intent watch closes.
+pub async fn supervise(
+    config: Arc<Config>,
+    mut intent: watch::Receiver<Arc<Intent>>,
+    registry: Registry,
+) {
+    let mut tasks: BTreeMap<String, (watch::Sender<Advert>, JoinHandle<()>)> = BTreeMap::new();
+    loop {
+        let snapshot = intent.borrow_and_update().clone();
+        let want = adverts(&config, &snapshot);
+        // Dropping the sender makes the task send its final RA and stop.
+        tasks.retain(|name, (_, handle)| {
+            let keep = want.contains_key(name) && !handle.is_finished();
+            if !keep {
+                debug!(interface = %name, "ra: stopping");
+            }
+            keep
+        });
+        for (name, a) in want {
+            if let Some((tx, _)) = tasks.get(&name) {
+                tx.send_if_modified(|old| {
+                    let changed = *old != a;
+                    *old = a.clone();
+                    changed
+                });
+                continue;
+            }
+            info!(interface = %name, prefixes = a.prefixes.len(), managed = a.managed, "ra: advertising");
+            let (tx, rx) = watch::channel(a);
+            let handle = tokio::spawn(io::serve(
+                name.clone(),
+                rx,
+                config.ra.clone(),
+                registry.interface(&name),
+            ));
+            tasks.insert(name, (tx, handle));
+        }
+        if intent.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, (tx, handle)) in tasks {
+        drop(tx);
+        let _ = handle.await;
+    }
+}
