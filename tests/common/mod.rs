@@ -101,6 +101,14 @@ impl Netns {
     /// Everything `ip` and sysctl can say about this namespace's network
     /// state, for before/after comparison.
     pub fn snapshot(&self) -> String {
+        // Addresses still in DAD change by themselves (and take their local
+        // routes with them): wait until the kernel is done.
+        let start = Instant::now();
+        while !self.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty()
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut s = String::new();
         for args in [
             &["-d", "link", "show"][..],
