@@ -148,7 +148,7 @@ pub struct Agent {
     /// restarted agent must not withdraw what BGP is about to relearn.
     learned_hold: Option<Instant>,
     /// Sessions that completed their initial table.
-    end_of_rib: BTreeSet<String>,
+    end_of_rib: BTreeSet<Arc<str>>,
     sessions_expected: usize,
     kernel: Kernel,
     /// ifindex of each VM link whose sysctls were last confirmed.

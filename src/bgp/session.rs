@@ -24,6 +24,9 @@ use crate::config::{BgpConfig, Config};
 use crate::intent::Intent;
 use crate::rib::{Path, RibEvent};
 
+/// How many received paths `l3hv peers --json` lists per session.
+const RECEIVED_SAMPLE: usize = 1000;
+
 /// Static description of a session.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerSpec {
@@ -111,6 +114,9 @@ pub struct Session {
     rib: AgentHandle,
     /// Connections the peer opened to us (from the listener).
     incoming: Option<mpsc::Receiver<TcpStream>>,
+    /// Shared copies of the session and uplink names for every path.
+    name: Arc<str>,
+    uplink: Arc<str>,
 }
 
 impl Session {
@@ -121,6 +127,8 @@ impl Session {
         incoming: mpsc::Receiver<TcpStream>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
         let intent = rib.subscribe_intent();
+        let spec_name = spec.name.clone();
+        let spec_uplink = spec.uplink.clone();
         let bgp = config.bgp.clone();
         let local_open = LocalOpen {
             asn: config.hypervisor.asn,
@@ -153,6 +161,8 @@ impl Session {
                 policy,
                 rib,
                 incoming: Some(incoming),
+                name: Arc::from(spec_name.as_str()),
+                uplink: Arc::from(spec_uplink.as_str()),
             },
             rx,
         )
@@ -207,7 +217,7 @@ impl Session {
             if was_established {
                 self.rib
                     .rib(RibEvent::SessionDown {
-                        session: self.spec.name.clone(),
+                        session: self.name.clone(),
                     })
                     .await;
             }
@@ -563,7 +573,7 @@ impl Session {
                             n.path_id,
                             Path {
                                 next_hop,
-                                uplink: self.spec.uplink.clone(),
+                                uplink: self.uplink.clone(),
                                 local_pref: attrs.local_pref.unwrap_or(100),
                                 as_path_len: attrs.as_path_len,
                             },
@@ -580,7 +590,7 @@ impl Session {
             }
         }
         let mut event = (!announce.is_empty() || !withdraw.is_empty()).then(|| RibEvent::Update {
-            session: self.spec.name.clone(),
+            session: self.name.clone(),
             fabric: self.spec.fabric.clone(),
             announce,
             withdraw,
@@ -600,7 +610,7 @@ impl Session {
                 (!ipv4 || have.contains(&Afi::Ipv4)) && (!ipv6 || have.contains(&Afi::Ipv6));
             if complete && event.is_none() {
                 event = Some(RibEvent::EndOfRib {
-                    session: self.spec.name.clone(),
+                    session: self.name.clone(),
                 });
             }
         }
@@ -624,16 +634,21 @@ impl Session {
                 }
             }
             s.prefixes_received = adj_in.len();
-            s.received = adj_in
-                .iter()
-                .take(10_000)
-                .map(|(n, a)| ReceivedPath {
-                    prefix: n.prefix,
-                    path_id: n.path_id,
-                    next_hop: a.next_hop,
-                    local_pref: a.local_pref,
-                })
-                .collect();
+            // A sample for `l3hv peers --json`: kept current while small,
+            // refreshed at End-of-RIB when large (rebuilding it per UPDATE
+            // would cost O(table) each time).
+            if adj_in.len() <= RECEIVED_SAMPLE || u.end_of_rib.is_some() {
+                s.received = adj_in
+                    .iter()
+                    .take(RECEIVED_SAMPLE)
+                    .map(|(n, a)| ReceivedPath {
+                        prefix: n.prefix,
+                        path_id: n.path_id,
+                        next_hop: a.next_hop,
+                        local_pref: a.local_pref,
+                    })
+                    .collect();
+            }
         });
         if over {
             // RFC 4486 §4: Cease / Maximum Number of Prefixes Reached, data:

@@ -374,7 +374,7 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel) {
                 .filter(|h| h.gateway.is_ipv4() == dst.addr().is_ipv4())
                 .map(|h| NextHopSpec {
                     gateway: h.gateway,
-                    oif: h.uplink.clone(),
+                    oif: h.uplink.to_string(),
                     onlink: true,
                 })
                 .collect();

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -17,7 +18,7 @@ use serde::Serialize;
 pub struct Path {
     pub next_hop: IpAddr,
     /// The uplink the session runs on: the next hop is reached through it.
-    pub uplink: String,
+    pub uplink: Arc<str>,
     pub local_pref: u32,
     pub as_path_len: usize,
 }
@@ -27,32 +28,36 @@ pub struct Path {
 pub enum RibEvent {
     /// Paths added or replaced, and withdrawn, by one session.
     Update {
-        session: String,
+        session: Arc<str>,
         fabric: String,
         announce: Vec<(IpNet, Option<u32>, Path)>,
         withdraw: Vec<(IpNet, Option<u32>)>,
     },
     /// The session went down: all its paths go.
-    SessionDown { session: String },
+    SessionDown { session: Arc<str> },
     /// The session received End-of-RIB for every family it negotiated: its
     /// initial table is complete (RFC 4724).
-    EndOfRib { session: String },
+    EndOfRib { session: Arc<str> },
 }
 
 /// One ECMP member as installed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Hop {
     pub gateway: IpAddr,
-    pub uplink: String,
+    pub uplink: Arc<str>,
 }
 
 /// (session, path id): what identifies a path of a prefix.
-type PathKey = (String, Option<u32>);
+type PathKey = (Arc<str>, Option<u32>);
+
+/// The paths of one prefix: almost always one to four, so a vector (a
+/// BTreeMap per prefix cost ~1 KiB each at 100,000 prefixes).
+type Paths = Vec<(PathKey, Path)>;
 
 #[derive(Debug, Clone, Default)]
 pub struct Rib {
     /// fabric → prefix → paths.
-    fabrics: BTreeMap<String, BTreeMap<IpNet, BTreeMap<PathKey, Path>>>,
+    fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
 }
 
 impl Rib {
@@ -69,7 +74,9 @@ impl Rib {
                 let mut changed = false;
                 for (prefix, id) in withdraw {
                     if let Some(paths) = table.get_mut(&prefix) {
-                        changed |= paths.remove(&(session.clone(), id)).is_some();
+                        let before = paths.len();
+                        paths.retain(|((s, i), _)| !(*s == session && *i == id));
+                        changed |= paths.len() != before;
                         if paths.is_empty() {
                             table.remove(&prefix);
                         }
@@ -77,8 +84,21 @@ impl Rib {
                 }
                 for (prefix, id, path) in announce {
                     let paths = table.entry(prefix).or_default();
-                    let old = paths.insert((session.clone(), id), path.clone());
-                    changed |= old.as_ref() != Some(&path);
+                    match paths
+                        .iter_mut()
+                        .find(|((s, i), _)| *s == session && *i == id)
+                    {
+                        Some((_, old)) => {
+                            if *old != path {
+                                *old = path;
+                                changed = true;
+                            }
+                        }
+                        None => {
+                            paths.push(((session.clone(), id), path));
+                            changed = true;
+                        }
+                    }
                 }
                 changed
             }
@@ -88,7 +108,7 @@ impl Rib {
                 for table in self.fabrics.values_mut() {
                     table.retain(|_, paths| {
                         let before = paths.len();
-                        paths.retain(|(s, _), _| *s != session);
+                        paths.retain(|((s, _), _)| *s != session);
                         changed |= paths.len() != before;
                         !paths.is_empty()
                     });
@@ -105,7 +125,7 @@ impl Rib {
             return out;
         };
         for (prefix, paths) in table {
-            let hops = best(paths.values());
+            let hops = best(paths.iter().map(|(_, p)| p));
             if !hops.is_empty() {
                 out.insert(*prefix, hops);
             }
@@ -154,7 +174,7 @@ mod tests {
     fn path(nh: &str, uplink: &str, lp: u32) -> Path {
         Path {
             next_hop: nh.parse().unwrap(),
-            uplink: uplink.into(),
+            uplink: Arc::from(uplink),
             local_pref: lp,
             as_path_len: 0,
         }

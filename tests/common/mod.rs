@@ -104,7 +104,10 @@ impl Netns {
         // Addresses still in DAD change by themselves (and take their local
         // routes with them): wait until the kernel is done.
         let start = Instant::now();
-        while !self.ip(&["-6", "addr", "show", "tentative"]).trim().is_empty()
+        while !self
+            .ip(&["-6", "addr", "show", "tentative"])
+            .trim()
+            .is_empty()
             && start.elapsed() < Duration::from_secs(5)
         {
             std::thread::sleep(Duration::from_millis(50));
