@@ -266,7 +266,7 @@ mod tests {
         let sel = rib.selected("public");
         let hops = &sel[&"0.0.0.0/0".parse().unwrap()];
         assert_eq!(hops.len(), 1);
-        assert_eq!(hops.iter().next().unwrap().uplink, "a-public");
+        assert_eq!(&*hops.iter().next().unwrap().uplink, "a-public");
     }
 
     #[test]
