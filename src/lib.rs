@@ -10,6 +10,8 @@ pub mod config;
 pub mod control;
 pub mod intent;
 pub mod logging;
+pub mod metrics;
 pub mod netlink;
 pub mod reconcile;
 pub mod rib;
+pub mod systemd;

@@ -25,7 +25,7 @@ use crate::intent::Intent;
 use crate::rib::{Path, RibEvent};
 
 /// Static description of a session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PeerSpec {
     pub name: String,
     pub fabric: String,
