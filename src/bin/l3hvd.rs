@@ -14,7 +14,7 @@ use l3hv::{agent, config, control, logging, metrics};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
-struct Args {
+pub struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = config::DEFAULT_PATH)]
     config: PathBuf,

@@ -16,12 +16,18 @@ use super::{MetricsError, Sources};
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What a request head asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
-    Metrics { head_only: bool },
+    /// `openmetrics`: the client's Accept names OpenMetrics (Prometheus
+    /// does); others get the Prometheus text format.
+    Metrics {
+        head_only: bool,
+        openmetrics: bool,
+    },
     NotFound,
     MethodNotAllowed,
     BadRequest,
@@ -42,9 +48,20 @@ pub fn route(head: &[u8]) -> Route {
         return Route::BadRequest;
     }
     let path = target.split('?').next().unwrap_or_default();
+    let openmetrics = String::from_utf8_lossy(head).lines().skip(1).any(|h| {
+        h.split_once(':').is_some_and(|(name, value)| {
+            name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text")
+        })
+    });
     match (method, path) {
-        ("GET", "/metrics") => Route::Metrics { head_only: false },
-        ("HEAD", "/metrics") => Route::Metrics { head_only: true },
+        ("GET", "/metrics") => Route::Metrics {
+            head_only: false,
+            openmetrics,
+        },
+        ("HEAD", "/metrics") => Route::Metrics {
+            head_only: true,
+            openmetrics,
+        },
         (_, "/metrics") => Route::MethodNotAllowed,
         _ => Route::NotFound,
     }
@@ -99,12 +116,23 @@ async fn connection(mut stream: TcpStream, sources: &Sources) -> std::io::Result
     })
     .await;
     let complete = matches!(read, Ok(Ok(true)));
+    let mut content_type = "text/plain; charset=utf-8";
     let (code, body, head_only) = if !complete {
         ("400 Bad Request", "bad request\n".to_string(), false)
     } else {
         match route(&head) {
-            Route::Metrics { head_only } => match sources.scrape().await {
-                Ok(text) => ("200 OK", text, head_only),
+            Route::Metrics {
+                head_only,
+                openmetrics,
+            } => match sources.scrape().await {
+                Ok(text) if openmetrics => {
+                    content_type = OPENMETRICS;
+                    ("200 OK", text, head_only)
+                }
+                Ok(text) => {
+                    content_type = PROMETHEUS_TEXT;
+                    ("200 OK", super::to_prometheus_text(&text), head_only)
+                }
                 Err(e) => {
                     warn!(error = %e, "metrics scrape failed");
                     ("503 Service Unavailable", format!("{e}\n"), head_only)
@@ -114,11 +142,6 @@ async fn connection(mut stream: TcpStream, sources: &Sources) -> std::io::Result
             Route::MethodNotAllowed => ("405 Method Not Allowed", "GET only\n".into(), false),
             Route::BadRequest => ("400 Bad Request", "bad request\n".into(), false),
         }
-    };
-    let content_type = if code.starts_with("200") {
-        CONTENT_TYPE
-    } else {
-        "text/plain; charset=utf-8"
     };
     let mut out = format!(
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -138,17 +161,25 @@ mod tests {
 
     #[test]
     fn routes() {
+        let get = |openmetrics| Route::Metrics {
+            head_only: false,
+            openmetrics,
+        };
         assert_eq!(
             route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Route::Metrics { head_only: false }
+            get(false)
         );
+        assert_eq!(route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), get(false));
         assert_eq!(
-            route(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
-            Route::Metrics { head_only: false }
+            route(b"GET /metrics HTTP/1.1\r\naccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"),
+            get(true)
         );
         assert_eq!(
             route(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
-            Route::Metrics { head_only: true }
+            Route::Metrics {
+                head_only: true,
+                openmetrics: false
+            }
         );
         assert_eq!(
             route(b"POST /metrics HTTP/1.1\r\n\r\n"),

@@ -22,7 +22,6 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::{Registry, Unit};
 use tokio::sync::watch;
@@ -133,11 +132,15 @@ pub fn encode(
     let mut r = Registry::with_prefix("l3hv");
     let gauge = |v: usize| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
 
-    r.register(
-        "build",
-        "Version of the running agent",
-        Info::new(vec![("version", status.version.clone())]),
-    );
+    // A gauge, not an OpenMetrics info: the Prometheus text format (and
+    // promtool) know no info type.
+    let build = Family::<VersionLabels, Gauge>::default();
+    build
+        .get_or_create(&VersionLabels {
+            version: status.version.clone(),
+        })
+        .set(1);
+    r.register("build_info", "Version of the running agent", build);
     r.register("vms", "VMs in the agent's intent", gauge(status.vms));
     r.register(
         "interfaces",
@@ -330,6 +333,39 @@ pub fn encode(
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    version: String,
+}
+
+/// PURE: the Prometheus text format (0.0.4) of OpenMetrics text, for
+/// scrapers that do not ask for OpenMetrics (curl, promtool, older
+/// Prometheus): counter families are named with their `_total` suffix,
+/// `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UplinkLabels {
     interface: String,
     fabric: String,
@@ -384,5 +420,15 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        let prom = to_prometheus_text(&text);
+        for line in [
+            "# HELP l3hv_reconcile_runs_total Reconcile passes since the agent started.",
+            "# TYPE l3hv_reconcile_runs_total counter",
+            "l3hv_reconcile_runs_total 1",
+            "# TYPE l3hv_reconcile_duration_seconds histogram",
+        ] {
+            assert!(prom.lines().any(|l| l == line), "{line} missing in\n{prom}");
+        }
+        assert!(!prom.contains("# EOF") && !prom.contains("# UNIT"));
     }
 }
