@@ -7,13 +7,17 @@
 //!   hook, libvirt)  ┘   mpsc     │   └──► desired ─► plan ─► netlink apply ──┼─► kernel
 //!                                │ timer ─► reconcile (level-based repair)   │
 //!                  ◄── reply ────│ status (last report, per-interface state) │
-//!                     oneshot    └───────────────────────────────────────────┘
+//!                     oneshot    │ watchdog tick ─► WATCHDOG=1 (systemd)     │
+//!  SIGHUP ─ Reload ─────────────►│ reload: diff configs, apply the live part │
+//!                                └─────────────────────┬─────────────────────┘
+//!   watch (read-only): intent, ReconcileStats ◄─────────┘  (DHCP/RA, metrics)
 //! ```
 //!
 //! Commands that arrive together are applied together: the intent changes,
 //! is persisted once, and one reconcile serves them all. No timer sits
 //! between a command and the kernel.
 
+pub mod reload;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +34,8 @@ use crate::intent::{Intent, IntentError, VmIntent};
 use crate::netlink::{Kernel, NetlinkError, apply::ApplyReport, sysctl};
 use crate::reconcile::{self, KernelOp};
 use crate::rib::{Rib, RibEvent};
-pub use status::{ReconcileReport, Status};
+use crate::systemd::Watchdog;
+pub use status::{ReconcileReport, ReconcileStats, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -101,6 +106,13 @@ pub enum Command {
     },
     /// Paths learned or lost by a BGP session (no reply).
     Rib(RibEvent),
+    /// Switch to a new (already validated) configuration: the part that can
+    /// change live is applied by a reconcile, the rest is kept and named in
+    /// the reply's notes. Refused when the intent does not fit the new file.
+    Reload {
+        config: Box<Config>,
+        reply: oneshot::Sender<Result<Vec<String>, ApiError>>,
+    },
 }
 
 /// A cheap handle for sending commands to the agent.
@@ -108,6 +120,7 @@ pub enum Command {
 pub struct AgentHandle {
     tx: mpsc::Sender<Command>,
     intent: watch::Receiver<Arc<Intent>>,
+    stats: watch::Receiver<Arc<ReconcileStats>>,
 }
 
 impl AgentHandle {
@@ -116,6 +129,22 @@ impl AgentHandle {
     /// write intent.
     pub fn subscribe_intent(&self) -> watch::Receiver<Arc<Intent>> {
         self.intent.clone()
+    }
+
+    /// A read-only view of the reconcile totals and the last report,
+    /// updated after every pass (the metrics endpoint follows it).
+    pub fn subscribe_reconcile(&self) -> watch::Receiver<Arc<ReconcileStats>> {
+        self.stats.clone()
+    }
+
+    /// Asks the agent to switch to `config`; the notes name what needs a
+    /// restart.
+    pub async fn reload(&self, config: Config) -> Result<Vec<String>, ApiError> {
+        self.call(|reply| Command::Reload {
+            config: Box::new(config),
+            reply,
+        })
+        .await?
     }
 
     /// Hands learned paths to the RIB (BGP import → RIB → kernel).
@@ -163,6 +192,9 @@ pub struct Agent {
     published: watch::Sender<Arc<Intent>>,
     /// Counters of the DHCP/RA services, shown in status when set.
     services: Option<crate::services::Registry>,
+    stats: ReconcileStats,
+    stats_published: watch::Sender<Arc<ReconcileStats>>,
+    watchdog: Option<Watchdog>,
 }
 
 impl Agent {
@@ -175,6 +207,7 @@ impl Agent {
         let kernel = Kernel::connect(config.kernel.route_protocol)?;
         let (tx, rx) = mpsc::channel(1024);
         let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
+        let (stats_published, stats_rx) = watch::channel(Arc::new(ReconcileStats::default()));
         let sessions_expected = if config.bgp.enabled {
             crate::bgp::peer_specs(&config).len()
         } else {
@@ -204,10 +237,14 @@ impl Agent {
                 rx,
                 published,
                 services: None,
+                stats: ReconcileStats::default(),
+                stats_published,
+                watchdog: None,
             },
             AgentHandle {
                 tx,
                 intent: intent_rx,
+                stats: stats_rx,
             },
         ))
     }
@@ -218,11 +255,28 @@ impl Agent {
         self.last.as_ref().expect("reconcile sets the report")
     }
 
+    /// Sends `WATCHDOG=1` from the loop at the watchdog's interval.
+    pub fn set_watchdog(&mut self, watchdog: Option<Watchdog>) {
+        self.watchdog = watchdog;
+    }
+
     /// Runs until every [`AgentHandle`] is dropped.
     pub async fn run(mut self) {
+        // The watchdog ticks in this loop, between commands and passes: a
+        // loop stuck in one of them stops the pings and systemd restarts us.
+        let mut watchdog = self.watchdog.as_ref().map(|w| {
+            let mut t = tokio::time::interval(w.interval);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             let next = tokio::time::Instant::from_std(self.next_reconcile);
             tokio::select! {
+                _ = async { match watchdog.as_mut() { Some(t) => { t.tick().await; } None => std::future::pending().await } } => {
+                    if let Some(w) = &self.watchdog {
+                        w.ping();
+                    }
+                }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
                     let mut batch = vec![cmd];
@@ -324,9 +378,35 @@ impl Agent {
                 Command::Reconcile { reply } => {
                     let _ = reply.send(self.last.clone().unwrap_or_default());
                 }
+                Command::Reload { config, reply } => {
+                    let _ = reply.send(self.on_reload(*config).await);
+                }
                 Command::SetVm { .. } | Command::RemoveVm { .. } | Command::Rib(_) => {}
             }
         }
+    }
+
+    /// Switches to a new configuration: keeps what cannot change live,
+    /// refuses a file the current intent does not fit, reconciles.
+    async fn on_reload(&mut self, new: Config) -> Result<Vec<String>, ApiError> {
+        let (effective, notes) = reload::merge(&self.config, new);
+        for vm in self.intent.vms.values() {
+            vm.validate(&effective)
+                .map_err(|e| ApiError::Invalid(format!("vm {}: {e}", vm.name)))?;
+        }
+        for n in &notes {
+            warn!(note = %n, "reload: kept the running value");
+        }
+        let changed = effective != self.config;
+        self.config = effective;
+        if changed {
+            info!("configuration reloaded; reconciling");
+            self.verified.clear();
+            self.reconcile().await;
+        } else {
+            info!("configuration reloaded; nothing changed for the agent");
+        }
+        Ok(notes)
     }
 
     fn check_vm(&self, vm: &VmIntent) -> Result<(), ApiError> {
@@ -368,7 +448,7 @@ impl Agent {
                 report.error = Some(e.to_string());
                 report.duration = start.elapsed();
                 self.schedule_next(true);
-                self.last = Some(report);
+                self.finish(report);
                 return;
             }
         };
@@ -458,6 +538,14 @@ impl Agent {
             );
         }
         self.schedule_next(!report.failed.is_empty());
+        self.finish(report);
+    }
+
+    /// Keeps the report and publishes the totals.
+    fn finish(&mut self, report: ReconcileReport) {
+        self.stats.record(&report);
+        self.stats_published
+            .send_replace(Arc::new(self.stats.clone()));
         self.last = Some(report);
         trim_heap();
     }

@@ -256,3 +256,75 @@ pub fn build(
         services: None,
     }
 }
+
+/// Upper bounds (seconds) of the reconcile duration histogram: from a
+/// no-op pass (well under a millisecond) to a full table at scale.
+pub const RECONCILE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Totals over every reconcile pass since start, accumulated by the agent
+/// (the only writer) and published read-only after each pass: what the
+/// metrics endpoint turns into counters and a histogram.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ReconcileStats {
+    pub passes: u64,
+    /// Passes that could not run (the dump failed).
+    pub errors: u64,
+    pub operations_applied: u64,
+    pub operations_failed: u64,
+    /// Per-bucket (not cumulative) counts, one per [`RECONCILE_BUCKETS`]
+    /// bound plus the last for +Inf.
+    pub duration_buckets: Vec<u64>,
+    pub duration_sum: Duration,
+    /// The last pass.
+    pub last: Option<ReconcileReport>,
+}
+
+impl ReconcileStats {
+    /// Adds one pass.
+    pub fn record(&mut self, report: &ReconcileReport) {
+        if self.duration_buckets.len() != RECONCILE_BUCKETS.len() + 1 {
+            self.duration_buckets = vec![0; RECONCILE_BUCKETS.len() + 1];
+        }
+        self.passes += 1;
+        if report.error.is_some() {
+            self.errors += 1;
+        }
+        self.operations_applied += report.applied as u64;
+        self.operations_failed += report.failed.len() as u64;
+        let secs = report.duration.as_secs_f64();
+        let i = RECONCILE_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(RECONCILE_BUCKETS.len());
+        self.duration_buckets[i] += 1;
+        self.duration_sum += report.duration;
+        self.last = Some(report.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_accumulate_into_buckets() {
+        let mut s = ReconcileStats::default();
+        let r = |ms: u64, applied: usize| ReconcileReport {
+            duration: Duration::from_millis(ms),
+            applied,
+            ..Default::default()
+        };
+        s.record(&r(3, 2));
+        s.record(&r(3, 0));
+        s.record(&r(60_000, 1));
+        assert_eq!(s.passes, 3);
+        assert_eq!(s.operations_applied, 3);
+        // 3ms ≤ 0.005
+        assert_eq!(s.duration_buckets[3], 2);
+        assert_eq!(*s.duration_buckets.last().unwrap(), 1);
+        assert_eq!(s.duration_sum, Duration::from_millis(60_006));
+        assert_eq!(s.last.as_ref().unwrap().applied, 1);
+    }
+}

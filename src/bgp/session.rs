@@ -28,7 +28,7 @@ use crate::rib::{Path, RibEvent};
 const RECEIVED_SAMPLE: usize = 1000;
 
 /// Static description of a session.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PeerSpec {
     pub name: String,
     pub fabric: String,

@@ -13,7 +13,7 @@ use l3hv::{cli, config, intent::VmIntent};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv operator CLI")]
-struct Args {
+pub struct Args {
     /// Configuration file (tells where the agent's socket is).
     #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
     config: PathBuf,

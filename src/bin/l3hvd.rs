@@ -1,17 +1,20 @@
 //! l3hvd: the l3hv agent. Arguments, configuration, logging, then the
-//! agent loop; no logic of its own.
+//! agent loop; no logic of its own. Speaks the systemd notify protocol
+//! (READY=1 after the first reconcile, WATCHDOG=1 from the agent loop,
+//! RELOADING=1 around a SIGHUP reload).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use l3hv::{agent, config, control, logging, services};
+use l3hv::systemd::{Notifier, Watchdog};
+use l3hv::{agent, config, control, logging, metrics, services};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
-struct Args {
+pub struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
@@ -42,7 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    logging::init(&config.log.level, config.log.format);
+    let log = logging::init(&config.log.level, config.log.format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -54,11 +57,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, args.config, log))
 }
 
-async fn run(config: config::Config) -> ExitCode {
+async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> ExitCode {
+    let notifier = Notifier::from_env();
     let socket = config.control.socket.clone();
+    let metrics_listen = config.metrics.listen;
     let shared = std::sync::Arc::new(config.clone());
     let (mut agent, handle) = match agent::Agent::new(config) {
         Ok(a) => a,
@@ -85,30 +90,128 @@ async fn run(config: config::Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics_listener = match metrics_listen {
+        Some(addr) => match metrics::http::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(error = %e, "cannot open the metrics endpoint");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let registry = services::Registry::default();
     agent.set_services(registry.clone());
     let bgp = l3hv::bgp::start(shared.clone(), handle.clone());
+    let watchdog = Watchdog::from_env(&notifier);
+    if let Some(w) = &watchdog {
+        info!(
+            interval_ms = w.interval.as_millis() as u64,
+            "systemd watchdog on"
+        );
+    }
+    agent.set_watchdog(watchdog);
     let agent_task = agent::spawn(agent);
     // DHCP and RA follow the agent's intent; they start after the first
     // reconcile so the taps and gateway addresses exist.
     services::spawn(shared, handle.subscribe_intent(), registry);
-    tokio::spawn(control::serve(listener, handle, bgp));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(metrics::http::serve(
+            l,
+            metrics::Sources::new(handle.clone(), bgp.clone()),
+        ));
+    }
+    tokio::spawn(control::serve(listener, handle.clone(), bgp));
     info!(socket = %socket.display(), "ready");
+    notifier.ready(&ready_status(&handle));
 
-    let stop = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).ok();
-        let int = tokio::signal::ctrl_c();
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let why = loop {
         tokio::select! {
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => "SIGTERM",
-            _ = int => "SIGINT",
+            _ = recv(&mut term) => break "SIGTERM",
+            _ = tokio::signal::ctrl_c() => break "SIGINT",
+            _ = recv(&mut hup) => reload(&path, &handle, &log, &notifier).await,
         }
     };
-    let why = stop.await;
+    notifier.stopping();
     // Leaving is deliberately a no-op for the kernel: VM routes, rules,
     // taps and addresses stay, so forwarding goes on while we are away.
     info!(signal = why, "stopping; kernel state left in place");
     agent_task.abort();
     let _ = std::fs::remove_file(&socket);
     ExitCode::SUCCESS
+}
+
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal.as_mut() {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The STATUS= line sent with READY=1 at start.
+fn ready_status(handle: &agent::AgentHandle) -> String {
+    let stats = handle.subscribe_reconcile();
+    let last = stats.borrow().last.clone();
+    match last {
+        Some(r) => format!(
+            "first reconcile done: {} operations, {} failed",
+            r.planned,
+            r.failed.len()
+        ),
+        None => "first reconcile done".to_string(),
+    }
+}
+
+/// SIGHUP (`systemctl reload`): re-read and validate the file; a bad one is
+/// refused and the running configuration kept; a good one goes to the
+/// agent, which applies what can change live.
+async fn reload(
+    path: &std::path::Path,
+    handle: &agent::AgentHandle,
+    log: &logging::LogHandle,
+    notifier: &Notifier,
+) {
+    notifier.reloading();
+    info!(file = %path.display(), "SIGHUP: reloading the configuration");
+    let outcome = match config::load(path) {
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("reload refused, running configuration kept: {line}");
+            }
+            "reload refused: invalid configuration (see the log)".to_string()
+        }
+        Ok(new) => {
+            let level = new.log.level.clone();
+            match handle.reload(new).await {
+                Err(e) => {
+                    error!(error = %e, "reload refused, running configuration kept");
+                    format!("reload refused: {e}")
+                }
+                Ok(notes) => {
+                    match log.set_level(&level) {
+                        Ok(true) => info!(level = %level, "log level set"),
+                        Ok(false) => {}
+                        Err(e) => warn!(error = %e, "log level kept"),
+                    }
+                    if notes.is_empty() {
+                        info!("configuration reloaded");
+                        "configuration reloaded".to_string()
+                    } else {
+                        warn!(
+                            kept = notes.len(),
+                            "configuration reloaded; some settings need a restart"
+                        );
+                        "configuration reloaded; some settings need a restart (see the log)"
+                            .to_string()
+                    }
+                }
+            }
+        }
+    };
+    notifier.ready(&outcome);
 }

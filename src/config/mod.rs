@@ -81,6 +81,19 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     #[serde(default)]
     pub ra: RaConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus metrics endpoint (`GET /metrics`); off unless `listen`
+/// is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address and port to serve on, e.g. "127.0.0.1:9475". Bound
+    /// at start; a reload does not move it.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// The embedded BGP speaker: one MP-BGP session (IPv4 + IPv6 unicast) per
@@ -862,6 +875,16 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         }
     }
 
+    // Metrics.
+    if let Some(addr) = c.metrics.listen {
+        if addr.port() == 0 {
+            err(
+                root.key("metrics").key("listen"),
+                format!("{addr}: name a port (such as 9475)"),
+            );
+        }
+    }
+
     // DHCP / RA.
     if let Some(lt) = c.dhcp.lease_time {
         if lt < Duration::from_secs(60) || lt.as_secs() >= u64::from(u32::MAX) {
@@ -985,6 +1008,21 @@ gateway_v4 = "203.0.113.254"
             "{i:?}"
         );
         assert!(fields.iter().any(|f| f.ends_with(".table")), "{i:?}");
+    }
+
+    #[test]
+    fn metrics_off_by_default_and_checked() {
+        assert_eq!(parse("t.toml", MIN).unwrap().metrics.listen, None);
+        let ok = format!("{MIN}\n[metrics]\nlisten = \"127.0.0.1:9475\"\n");
+        assert_eq!(
+            parse("t.toml", &ok).unwrap().metrics.listen,
+            Some("127.0.0.1:9475".parse().unwrap())
+        );
+        let i = issues(&format!("{MIN}\n[metrics]\nlisten = \"127.0.0.1\"\n"));
+        assert_eq!(i[0].field, "metrics.listen");
+        assert_eq!(i[0].line, 13);
+        let i = issues(&format!("{MIN}\n[metrics]\nlisten = \"[::1]:0\"\n"));
+        assert_eq!(i[0].field, "metrics.listen");
     }
 
     #[test]

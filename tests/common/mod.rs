@@ -223,12 +223,19 @@ pub struct Agent {
     pub config: PathBuf,
     pub child: Option<Child>,
     starts: u32,
+    /// Extra environment for l3hvd (NOTIFY_SOCKET, WATCHDOG_USEC...).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Writes `config_toml` (with `@DIR@` replaced by a fresh directory) and
     /// starts the agent; waits until its control socket answers.
     pub fn start(ns: &Netns, config_toml: &str) -> Self {
+        Self::start_with_env(ns, config_toml, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables for l3hvd.
+    pub fn start_with_env(ns: &Netns, config_toml: &str, env: &[(&str, &str)]) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-agent", ns.name));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("agent dir");
@@ -244,6 +251,10 @@ impl Agent {
             config,
             child: None,
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         a.restart();
         a
@@ -285,6 +296,7 @@ impl Agent {
             ])
             .arg(&self.config)
             .env("RUST_LOG", "l3hv=debug,info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -314,6 +326,20 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal to the running l3hvd.
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("agent running");
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+
+    /// True while l3hvd has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {
