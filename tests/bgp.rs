@@ -1000,3 +1000,60 @@ fn too_many_prefixes_close_the_session_with_cease_1() {
         "{p}"
     );
 }
+
+#[test]
+fn tcp_md5_sessions_establish_only_with_the_right_key() {
+    let f = fabric();
+    let dir = std::env::temp_dir().join(format!("{}-bird", f.rr.name));
+    let _ = fs::create_dir_all(&dir);
+    let conf = dir.join("bird.conf");
+    fs::write(
+        &conf,
+        r#"
+router id 198.51.100.126;
+protocol device {}
+template bgp rrc {
+    local 198.51.100.126 as 65000;
+    rr client;
+    direct;
+    ttl security on;
+    password "s3cret-key";
+    ipv4 { import all; export all; };
+}
+protocol bgp hv1 from rrc { neighbor 198.51.100.101 as 65000; }
+protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
+"#,
+    )
+    .unwrap();
+    let pid = dir.join("bird.pid");
+    let sock = dir.join("bird.ctl");
+    f.rr.exec(&[
+        "bird",
+        "-c",
+        conf.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-P",
+        pid.to_str().unwrap(),
+    ]);
+    let _rr = Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    };
+    let with_key = |n, key: &str| {
+        hv_config(n).replace(
+            "connect_retry = \"200ms\"",
+            &format!("connect_retry = \"200ms\"\npassword = \"{key}\""),
+        )
+    };
+    let good = Agent::start(&f.hv1, &with_key(1, "s3cret-key"));
+    let bad = Agent::start(&f.hv2, &with_key(2, "wrong-key"));
+    wait_established(&good);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(
+        peers(&bad)[0]["state"],
+        "Established",
+        "a wrong TCP-MD5 key established"
+    );
+}

@@ -87,7 +87,13 @@ pub fn start(config: Arc<Config>, agent: AgentHandle) -> BgpHandle {
         tokio::spawn(session.run());
     }
     for (local, peers) in listeners {
-        tokio::spawn(listen(local, config.bgp.port, config.bgp.gtsm, peers));
+        tokio::spawn(listen(
+            local,
+            config.bgp.port,
+            config.bgp.gtsm,
+            config.bgp.password.clone(),
+            peers,
+        ));
     }
     handle
 }
@@ -99,10 +105,12 @@ async fn listen(
     local: IpAddr,
     port: u16,
     gtsm: bool,
+    password: Option<String>,
     peers: HashMap<IpAddr, mpsc::Sender<TcpStream>>,
 ) {
+    let remotes: Vec<IpAddr> = peers.keys().copied().collect();
     let listener = loop {
-        match bind(local, port, gtsm) {
+        match bind(local, port, gtsm, password.as_deref(), &remotes) {
             Ok(l) => break l,
             Err(e) => {
                 tracing::debug!(%local, error = %e, "bgp listener not bound yet");
@@ -127,7 +135,13 @@ async fn listen(
     }
 }
 
-fn bind(local: IpAddr, port: u16, gtsm: bool) -> std::io::Result<TcpListener> {
+fn bind(
+    local: IpAddr,
+    port: u16,
+    gtsm: bool,
+    password: Option<&str>,
+    remotes: &[IpAddr],
+) -> std::io::Result<TcpListener> {
     let socket = match local {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
@@ -136,6 +150,11 @@ fn bind(local: IpAddr, port: u16, gtsm: bool) -> std::io::Result<TcpListener> {
     if gtsm {
         // Accepted sockets inherit TTL 255 and the minimum TTL.
         session::gtsm(&socket, local.is_ipv6())?;
+    }
+    if let Some(key) = password {
+        for r in remotes {
+            session::md5(&socket, *r, key.as_bytes())?;
+        }
     }
     socket.bind(SocketAddr::new(local, port))?;
     socket.listen(16)

@@ -264,6 +264,9 @@ impl Session {
         if self.bgp.gtsm {
             gtsm(&socket, self.spec.remote.is_ipv6())?;
         }
+        if let Some(key) = &self.bgp.password {
+            md5(&socket, self.spec.remote, key.as_bytes())?;
+        }
         socket.set_nodelay(true)?;
         socket.bind(SocketAddr::new(self.spec.local, 0))?;
         let remote = SocketAddr::new(self.spec.remote, self.bgp.port);
@@ -660,6 +663,70 @@ impl Session {
             return (event, Some(Notification::new(6, 1, data)));
         }
         (event, None)
+    }
+}
+
+/// TCP-MD5 (RFC 2385): sign and require signatures for segments to and
+/// from `peer` on this socket (on a listener: for connections it accepts
+/// from `peer`). Hand-written: libc has no `tcp_md5sig` for Linux.
+pub(crate) fn md5(
+    socket: &impl std::os::fd::AsRawFd,
+    peer: IpAddr,
+    key: &[u8],
+) -> std::io::Result<()> {
+    /// linux/tcp.h
+    const TCP_MD5SIG: libc::c_int = 14;
+    const TCP_MD5SIG_MAXKEYLEN: usize = 80;
+    #[repr(C)]
+    struct TcpMd5Sig {
+        addr: libc::sockaddr_storage,
+        flags: u8,
+        prefixlen: u8,
+        keylen: u16,
+        ifindex: libc::c_int,
+        key: [u8; TCP_MD5SIG_MAXKEYLEN],
+    }
+    if key.len() > TCP_MD5SIG_MAXKEYLEN {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    // SAFETY: all-zero is a valid value for this plain C struct.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    match peer {
+        IpAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a
+            // sockaddr_in; we write only its fields.
+            let sin = unsafe {
+                &mut *(&mut sig.addr as *mut libc::sockaddr_storage as *mut libc::sockaddr_in)
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+        }
+        IpAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut sig.addr as *mut libc::sockaddr_storage as *mut libc::sockaddr_in6)
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = a.octets();
+        }
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key);
+    // SAFETY: fd is a valid socket; sig outlives the call and its size is
+    // passed.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_MD5SIG,
+            &sig as *const TcpMd5Sig as *const libc::c_void,
+            std::mem::size_of::<TcpMd5Sig>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

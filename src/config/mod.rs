@@ -130,6 +130,9 @@ pub struct BgpConfig {
     /// TCP port of the reflectors.
     #[serde(default = "default_bgp_port")]
     pub port: u16,
+    /// TCP-MD5 (RFC 2385) key shared with the reflectors; absent: off.
+    #[serde(default)]
+    pub password: Option<String>,
 }
 
 impl Default for BgpConfig {
@@ -145,6 +148,7 @@ impl Default for BgpConfig {
             max_prefixes: default_max_prefixes(),
             accept: Vec::new(),
             port: default_bgp_port(),
+            password: None,
         }
     }
 }
@@ -845,6 +849,14 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
             b.key("connect_retry"),
             "must be between 100ms and 60s".into(),
         );
+    }
+    if let Some(p) = &c.bgp.password {
+        if p.is_empty() || p.len() > 80 {
+            err(
+                b.key("password"),
+                "must be 1 to 80 bytes (TCP_MD5SIG_MAXKEYLEN)".into(),
+            );
+        }
     }
     if let Some(gr) = c.bgp.graceful_restart {
         if gr.as_secs() > 4095 {
