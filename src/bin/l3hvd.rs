@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing::{error, info};
 
-use l3hv::{agent, config, control, logging};
+use l3hv::{agent, config, control, dbus, libvirt, logging};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
@@ -59,6 +59,7 @@ fn main() -> ExitCode {
 
 async fn run(config: config::Config) -> ExitCode {
     let socket = config.control.socket.clone();
+    let (dbus_config, libvirt_config) = (config.dbus.clone(), config.libvirt.clone());
     let (mut agent, handle) = match agent::Agent::new(config) {
         Ok(a) => a,
         Err(e) => {
@@ -82,7 +83,21 @@ async fn run(config: config::Config) -> ExitCode {
         }
     };
     let agent_task = agent::spawn(agent);
-    tokio::spawn(control::serve(listener, handle));
+    tokio::spawn(control::serve(listener, handle.clone()));
+    // The D-Bus API and the libvirt connection (issue 4); both optional.
+    let _dbus = match dbus_config.enabled {
+        true => match dbus::serve(&dbus_config, handle.clone()).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!(error = %e, "cannot serve the D-Bus API");
+                return ExitCode::FAILURE;
+            }
+        },
+        false => None,
+    };
+    if libvirt_config.enabled {
+        tokio::spawn(libvirt::events::run(libvirt_config, handle));
+    }
     info!(socket = %socket.display(), "ready");
 
     let stop = async {
