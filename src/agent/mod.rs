@@ -389,6 +389,10 @@ fn vm_result(vm: Option<&str>, intent: &Intent, report: &ReconcileReport) -> Res
     let Some(v) = intent.vms.get(vm) else {
         return Ok(());
     };
+    if let Some(e) = &report.error {
+        // The pass did not run: nothing of this VM was applied.
+        return Err(ApiError::Kernel(format!("reconcile did not run: {e}")));
+    }
     let names: BTreeSet<&str> = v.interfaces.iter().map(|i| i.name.as_str()).collect();
     let errors: Vec<String> = report
         .failed

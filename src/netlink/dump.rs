@@ -30,8 +30,13 @@ impl Kernel {
         // Links on a blocking thread (lean hand parser, see links.rs) while
         // addresses, routes and rules come over the async socket.
         let links = tokio::task::spawn_blocking(super::links::dump);
-        let (addrs, routes, rules) =
-            tokio::join!(self.dump_addresses(), self.dump_routes(), self.dump_rules());
+        // One dump at a time: the kernel runs a single dump per netlink
+        // socket and answers a second one started meanwhile with EBUSY
+        // (netlink_dump_start), which happens as soon as a dump spans
+        // several messages (tens of taps).
+        let addrs = self.dump_addresses().await;
+        let routes = self.dump_routes().await;
+        let rules = self.dump_rules().await;
         let links = links
             .await
             .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))??;
