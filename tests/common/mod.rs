@@ -23,10 +23,12 @@ pub fn require_root() {
     );
 }
 
-/// A unique, short namespace-name prefix for this test process.
+/// A namespace name unique on this machine: the full PID and a counter,
+/// separated, so that two test processes (other checkouts too) never pick
+/// the same name (`Netns::new` deletes a namespace of the same name).
 pub fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    format!("l3t{}{}-{tag}", std::process::id() % 100000, n)
+    format!("l3t{}x{n}-{tag}", std::process::id())
 }
 
 /// A network namespace, deleted (with every process in it) on drop.
