@@ -16,6 +16,11 @@
 //! a channel. Every libvirt call is blocking and runs in `spawn_blocking`.
 //! Nothing here is on the hook's path: the hook never waits for libvirt.
 //!
+//! What this connection reads can be a moment older than what a hook just
+//! did (a reconcile that listed a domain just before `virsh destroy`, say).
+//! It converges: every stop is followed by a STOPPED event, which removes
+//! the VM again.
+//!
 //! The connection is off by default (`[libvirt] enabled`); the agent's first
 //! reconcile uses the persisted intent alone, so the agent is ready before
 //! libvirtd starts.
@@ -126,6 +131,9 @@ static EVENT_LOOP: Once = Once::new();
 pub fn start_event_loop() -> Result<(), LibvirtError> {
     let mut result = Ok(());
     EVENT_LOOP.call_once(|| {
+        // libvirt prints every error on stderr by default; ours are
+        // returned and logged once.
+        virt::error::clear_error_callback();
         if let Err(e) = virt::event::event_register_default_impl() {
             result = Err(LibvirtError::EventLoop(e.to_string()));
             return;
@@ -555,10 +563,7 @@ pub async fn reconcile<S: Sink>(
         .map_err(|e| e.to_string())?
         .into_iter()
         .collect();
-    info!(
-        running = running.len(),
-        "libvirt reconcile: running l3hv domains"
-    );
+    let count = running.len();
     for vm in running {
         let name = vm.name.clone();
         ours.insert(name.clone());
@@ -577,6 +582,7 @@ pub async fn reconcile<S: Sink>(
             }
         }
     }
+    info!(running = count, "libvirt reconcile done");
     Ok(())
 }
 
