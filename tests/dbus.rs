@@ -94,7 +94,9 @@ async fn methods_signals_and_named_errors() {
     assert!(hv.try_exec(&["ip", "link", "show", "tap2"]).status.code() != Some(0));
 
     proxy.remove_vm("vm1").await.expect("RemoveVm");
-    assert!(!hv.ip(&["link", "show"]).contains("tap1"));
+    wait_for("tap1 deleted", Duration::from_secs(5), || {
+        !hv.ip(&["link", "show"]).contains("tap1")
+    });
     let routes = hv.ip(&["route", "show", "table", "90", "proto", "203"]);
     assert!(!routes.contains("203.0.113.1"), "{routes}");
     let sig = tokio::time::timeout(Duration::from_secs(5), changes.next())

@@ -120,8 +120,12 @@ fn lifecycle(hv: &Netns, config: &Path) {
     ok(&hook(config, "vm1", "restore", &xml));
     assert!(routed(hv));
     ok(&hook(config, "vm1", "stopped", &xml));
-    assert!(!tap_exists(hv, "vm1-eth0"));
+    // Routes are gone when the hook returns; the tap goes right after
+    // (its deletion waits for RCU and is kept off the hook's path).
     assert!(!routed(hv));
+    wait_for("tap deleted", Duration::from_secs(5), || {
+        !tap_exists(hv, "vm1-eth0")
+    });
     ok(&hook(config, "vm1", "release", &xml));
     // Idempotent.
     ok(&hook(config, "vm1", "release", &xml));
@@ -283,7 +287,9 @@ fn fifty_concurrent_hooks() {
     run_all("release");
     let routes = hv.ip(&["route", "show", "table", "90", "proto", "203"]);
     assert!(!routes.contains("dev t"), "{routes}");
-    assert!(!hv.ip(&["link", "show"]).contains(" t1:"));
+    wait_for("taps deleted", Duration::from_secs(10), || {
+        !hv.ip(&["link", "show"]).contains(" t1:")
+    });
 }
 
 /// Hook latency, process start to exit (not a pass/fail test):

@@ -165,6 +165,14 @@ fn add_and_remove_create_and_remove_exactly_the_kernel_state() {
     assert_eq!(status["routes_failed"], 0);
 
     agent.remove_vm("vm1");
+    // Routes go before the answer; the tap (an RCU-bound netdev
+    // deletion) right after it.
+    wait_for("tap1 deleted", Duration::from_secs(5), || {
+        !w.hv
+            .try_exec(&["ip", "link", "show", "tap1"])
+            .status
+            .success()
+    });
     let after = w.hv.snapshot();
     assert_eq!(
         diff(&before, &after),

@@ -477,11 +477,11 @@ fn qemu_guest_started_by_libvirtd_through_the_hook() {
     assert!(calls.contains("vm1 stopped end -"), "{calls}");
     assert!(calls.contains("vm1 release end"), "{calls}");
     assert!(!routes(&hv).contains("vm1-eth0"), "{}", routes(&hv));
-    assert!(
+    wait_for("tap deleted", Duration::from_secs(5), || {
         !hv.try_exec(&["ip", "link", "show", "vm1-eth0"])
             .status
             .success()
-    );
+    });
 
     // The guest powers itself off: routes go too.
     fs::write(&xml_path, domain_xml(&dir, &kernel, &initrd, true)).expect("domain xml");
@@ -498,10 +498,10 @@ fn qemu_guest_started_by_libvirtd_through_the_hook() {
         Duration::from_secs(10),
         || !routes(&hv).contains("vm1-eth0"),
     );
-    assert!(
+    wait_for("tap deleted", Duration::from_secs(5), || {
         !hv.try_exec(&["ip", "link", "show", "vm1-eth0"])
             .status
             .success()
-    );
+    });
     eprintln!("whole test {:?}", t0.elapsed());
 }

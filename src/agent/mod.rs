@@ -130,6 +130,12 @@ pub struct Agent {
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
     last: Option<ReconcileReport>,
+    /// Link deletions planned by the last pass, applied after its callers
+    /// got their answer: deleting a netdev waits for RCU grace periods
+    /// (12-58 ms here) and must stay off the hook's path. The VM's routes
+    /// and addresses are already gone by then; the next command waits
+    /// behind this, so a re-created tap of the same name is never raced.
+    deferred: Vec<KernelOp>,
     started: SystemTime,
     rx: mpsc::Receiver<Command>,
     published: watch::Sender<Arc<Intent>>,
@@ -158,6 +164,7 @@ impl Agent {
                 kernel,
                 verified: BTreeMap::new(),
                 last: None,
+                deferred: Vec::new(),
                 started: SystemTime::now(),
                 rx,
                 published,
@@ -172,6 +179,7 @@ impl Agent {
     /// The first reconcile, from the persisted intent alone.
     pub async fn initial_reconcile(&mut self) -> &ReconcileReport {
         self.reconcile().await;
+        self.apply_deferred().await;
         self.last.as_ref().expect("reconcile sets the report")
     }
 
@@ -192,6 +200,7 @@ impl Agent {
                 }
                 _ = timer.tick() => {
                     self.reconcile().await;
+                    self.apply_deferred().await;
                 }
             }
         }
@@ -265,6 +274,32 @@ impl Agent {
                 Command::SetVm { .. } | Command::RemoveVm { .. } => {}
             }
         }
+        self.apply_deferred().await;
+    }
+
+    /// Applies the link deletions the last pass left for after its replies.
+    async fn apply_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let plan = reconcile::Plan {
+            delete_links: std::mem::take(&mut self.deferred),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let applied = self.kernel.apply(&plan).await;
+        for f in &applied.failed {
+            warn!(op = ?f.op, error = %f.error, "kernel refused");
+        }
+        if let Some(report) = self.last.as_mut() {
+            report.applied += applied.applied;
+            report.failed.extend(applied.failed);
+            report.apply += t.elapsed();
+        }
+        debug!(
+            duration_ms = t.elapsed().as_secs_f64() * 1e3,
+            "deferred link deletions applied"
+        );
     }
 
     fn check_vm(&self, vm: &VmIntent) -> Result<(), ApiError> {
@@ -324,6 +359,8 @@ impl Agent {
         report.compute = compute;
         report.planned = plan.len();
         let t = Instant::now();
+        let mut plan = plan;
+        self.deferred = std::mem::take(&mut plan.delete_links);
         let applied = if plan.is_empty() {
             ApplyReport::default()
         } else {
