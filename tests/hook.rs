@@ -308,6 +308,14 @@ fn latency() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
+    // Pause after each release: the agent deletes the tap after answering
+    // (RCU-bound, tens of ms here); a prepare right behind it would wait.
+    let gap = Duration::from_millis(
+        std::env::var("L3HV_HOOK_GAP_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(50),
+    );
     let socket_cfg = agent.dir.join("socket.toml");
     std::fs::write(
         &socket_cfg,
@@ -333,6 +341,7 @@ fn latency() {
             let out = hook(&cfg, "vm", "release", &xml);
             let r = t.elapsed();
             assert!(out.status.success(), "{out:?}");
+            std::thread::sleep(gap);
             if i >= 10 {
                 prepare.push(p);
                 release.push(r);
@@ -342,7 +351,7 @@ fn latency() {
             v.sort();
             let pct = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
             println!(
-                "{label} {what}: n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
+                "{label} {what} (gap {gap:?}): n={} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms",
                 v.len(),
                 pct(0.5).as_secs_f64() * 1e3,
                 pct(0.9).as_secs_f64() * 1e3,
