@@ -183,6 +183,12 @@ pub struct Agent {
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
     last: Option<ReconcileReport>,
+    /// Link deletions planned by the last pass, applied after its callers
+    /// got their answer: deleting a netdev waits for RCU grace periods
+    /// (12-58 ms here) and must stay off the hook's path. The VM's routes
+    /// and addresses are already gone by then; the next command waits
+    /// behind this, so a re-created tap of the same name is never raced.
+    deferred: Vec<KernelOp>,
     started: SystemTime,
     /// When the next level-based pass runs: the configured interval after
     /// a clean pass, sooner (backing off) after a failed one.
@@ -231,6 +237,7 @@ impl Agent {
                 kernel,
                 verified: BTreeMap::new(),
                 last: None,
+                deferred: Vec::new(),
                 started: SystemTime::now(),
                 next_reconcile: Instant::now(),
                 retry: RETRY_MIN,
@@ -252,6 +259,7 @@ impl Agent {
     /// The first reconcile, from the persisted intent alone.
     pub async fn initial_reconcile(&mut self) -> &ReconcileReport {
         self.reconcile().await;
+        self.apply_deferred().await;
         self.last.as_ref().expect("reconcile sets the report")
     }
 
@@ -287,6 +295,7 @@ impl Agent {
                 }
                 _ = tokio::time::sleep_until(next) => {
                     self.reconcile().await;
+                    self.apply_deferred().await;
                 }
             }
         }
@@ -384,6 +393,32 @@ impl Agent {
                 Command::SetVm { .. } | Command::RemoveVm { .. } | Command::Rib(_) => {}
             }
         }
+        self.apply_deferred().await;
+    }
+
+    /// Applies the link deletions the last pass left for after its replies.
+    async fn apply_deferred(&mut self) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let plan = reconcile::Plan {
+            delete_links: std::mem::take(&mut self.deferred),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let applied = self.kernel.apply(&plan).await;
+        for f in &applied.failed {
+            warn!(op = ?f.op, error = %f.error, "kernel refused");
+        }
+        if let Some(report) = self.last.as_mut() {
+            report.applied += applied.applied;
+            report.failed.extend(applied.failed);
+            report.apply += t.elapsed();
+        }
+        debug!(
+            duration_ms = t.elapsed().as_secs_f64() * 1e3,
+            "deferred link deletions applied"
+        );
     }
 
     /// Switches to a new configuration: keeps what cannot change live,
@@ -487,6 +522,7 @@ impl Agent {
         report.compute = compute;
         report.planned = plan.len();
         let t = Instant::now();
+        self.deferred = std::mem::take(&mut plan.delete_links);
         let applied = if plan.is_empty() {
             ApplyReport::default()
         } else {
@@ -600,6 +636,10 @@ fn vm_result(vm: Option<&str>, intent: &Intent, report: &ReconcileReport) -> Res
     let Some(v) = intent.vms.get(vm) else {
         return Ok(());
     };
+    if let Some(e) = &report.error {
+        // The pass did not run: nothing of this VM was applied.
+        return Err(ApiError::Kernel(format!("reconcile did not run: {e}")));
+    }
     let names: BTreeSet<&str> = v.interfaces.iter().map(|i| i.name.as_str()).collect();
     let errors: Vec<String> = report
         .failed

@@ -49,6 +49,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// libvirt's qemu hook: `l3hv hook <guest> <op> <subop> <extra>`,
+    /// domain XML on stdin (install hooks/qemu.d/50-l3hv).
+    Hook {
+        #[arg(allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -66,6 +72,10 @@ enum VmCmd {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Cmd::Hook { args: hook_args } = &args.command {
+        // Before anything else: the hook loads the configuration itself.
+        return hook(&args, hook_args);
+    }
     let socket = match args.socket.clone() {
         Some(s) => s,
         None => match config::load(&args.config) {
@@ -77,6 +87,7 @@ fn main() -> ExitCode {
         },
     };
     let (req, json) = match &args.command {
+        Cmd::Hook { .. } => return ExitCode::SUCCESS,
         Cmd::Status { json } => (Request::Status, *json),
         Cmd::Reconcile { json } => (Request::Reconcile, *json),
         Cmd::Peers { json } => (Request::Peers, *json),
@@ -153,4 +164,44 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `l3hv hook`: read stdin, one call to the agent, the exit code is the
+/// verdict; nothing on stdout.
+fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
+    use l3hv::{hook, libvirt::metadata::MAX_XML};
+    let guest = hook_args.first().map_or("", String::as_str);
+    let op = hook_args.get(1).map_or("", String::as_str);
+    let mut xml = String::new();
+    let read = std::io::stdin()
+        .take(MAX_XML as u64 + 1)
+        .read_to_string(&mut xml);
+    if let Err(e) = read {
+        xml.clear();
+        if hook::step(op).strict {
+            eprintln!("l3hv hook: {guest}: cannot read the domain XML: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("l3hv hook: {e}");
+            return ExitCode::from(u8::from(hook::step(op).strict));
+        }
+    };
+    let outcome = runtime.block_on(hook::run(
+        &args.config,
+        guest,
+        op,
+        &xml,
+        Duration::from_secs(args.timeout),
+    ));
+    if let Some(m) = outcome.message {
+        eprintln!("{m}");
+    }
+    ExitCode::from(outcome.code)
 }

@@ -10,7 +10,7 @@ use clap::Parser;
 use tracing::{error, info, warn};
 
 use l3hv::systemd::{Notifier, Watchdog};
-use l3hv::{agent, config, control, logging, metrics, services};
+use l3hv::{agent, config, control, dbus, libvirt, logging, metrics, services};
 
 #[derive(Parser)]
 #[command(version, about = "l3hv agent: routes the VMs of this hypervisor")]
@@ -65,6 +65,7 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     let socket = config.control.socket.clone();
     let metrics_listen = config.metrics.listen;
     let shared = std::sync::Arc::new(config.clone());
+    let (dbus_config, libvirt_config) = (config.dbus.clone(), config.libvirt.clone());
     let (mut agent, handle) = match agent::Agent::new(config) {
         Ok(a) => a,
         Err(e) => {
@@ -122,6 +123,20 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
         ));
     }
     tokio::spawn(control::serve(listener, handle.clone(), bgp));
+    // The D-Bus API and the libvirt connection (issue 4); both optional.
+    let _dbus = match dbus_config.enabled {
+        true => match dbus::serve(&dbus_config, handle.clone()).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!(error = %e, "cannot serve the D-Bus API");
+                return ExitCode::FAILURE;
+            }
+        },
+        false => None,
+    };
+    if libvirt_config.enabled {
+        tokio::spawn(libvirt::events::run(libvirt_config, handle.clone()));
+    }
     info!(socket = %socket.display(), "ready");
     notifier.ready(&ready_status(&handle));
 

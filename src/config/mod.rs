@@ -83,6 +83,10 @@ pub struct Config {
     pub ra: RaConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub dbus: DbusConfig,
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
 }
 
 /// The Prometheus metrics endpoint (`GET /metrics`); off unless `listen`
@@ -496,6 +500,69 @@ fn default_router_lifetime() -> Duration {
     Duration::from_secs(1800)
 }
 
+/// The D-Bus API (`net.l3hv.Agent1`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DbusConfig {
+    /// Serve the API; the hook then calls the agent over D-Bus, otherwise
+    /// over the control socket.
+    #[serde(default)]
+    pub enabled: bool,
+    /// `"system"`, `"session"`, or a D-Bus address (`unix:path=/run/...`).
+    /// The hook reads it here because libvirt strips its environment.
+    #[serde(default = "default_bus")]
+    pub bus: String,
+    /// Unix group whose members may call the mutating methods besides root
+    /// (checked by the agent; keep it in step with the bus policy file).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+impl Default for DbusConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bus: default_bus(),
+            group: None,
+        }
+    }
+}
+
+fn default_bus() -> String {
+    "system".into()
+}
+
+/// The agent's own libvirt connection (events and reconcile of domains).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LibvirtConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_libvirt_uri")]
+    pub uri: String,
+    /// Longest wait between two reconnection attempts (the wait doubles
+    /// from 1s up to this).
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for LibvirtConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            uri: default_libvirt_uri(),
+            reconnect_max: default_reconnect_max(),
+        }
+    }
+}
+
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+
 // ------------------------------------------------------------- accessors --
 
 /// One uplink: a fabric on a path.
@@ -633,6 +700,33 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         err(
             root.key("control").key("socket"),
             "must be an absolute path".into(),
+        );
+    }
+    let bus = c.dbus.bus.as_str();
+    if bus != "system" && bus != "session" && !bus.contains(':') {
+        err(
+            root.key("dbus").key("bus"),
+            format!("`{bus}` is neither \"system\", \"session\" nor a D-Bus address"),
+        );
+    }
+    if let Some(g) = &c.dbus.group
+        && (g.is_empty() || g.chars().any(|ch| ch.is_whitespace() || ch == ':'))
+    {
+        err(
+            root.key("dbus").key("group"),
+            format!("`{g}` is not a group name"),
+        );
+    }
+    if c.libvirt.uri.is_empty() || !c.libvirt.uri.contains(':') {
+        err(
+            root.key("libvirt").key("uri"),
+            format!("`{}` is not a libvirt URI", c.libvirt.uri),
+        );
+    }
+    if c.libvirt.reconnect_max < Duration::from_secs(1) {
+        err(
+            root.key("libvirt").key("reconnect_max"),
+            "must be at least 1s".into(),
         );
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&c.log.level) {
@@ -1035,6 +1129,24 @@ gateway_v4 = "203.0.113.254"
         assert_eq!(i[0].line, 13);
         let i = issues(&format!("{MIN}\n[metrics]\nlisten = \"[::1]:0\"\n"));
         assert_eq!(i[0].field, "metrics.listen");
+    }
+
+    #[test]
+    fn dbus_and_libvirt_defaults_and_checks() {
+        let c = parse("t.toml", MIN).unwrap();
+        assert!(!c.dbus.enabled);
+        assert_eq!(c.dbus.bus, "system");
+        assert!(!c.libvirt.enabled);
+        assert_eq!(c.libvirt.uri, "qemu:///system");
+        let text = format!("{MIN}\n[dbus]\nenabled = true\nbus = \"sytem\"\n");
+        let i = issues(&text);
+        assert_eq!(i[0].field, "dbus.bus");
+        assert_eq!(i[0].line, 14);
+        let text = format!("{MIN}\n[libvirt]\nuri = \"nope\"\n");
+        assert_eq!(issues(&text)[0].field, "libvirt.uri");
+        let text = format!("{MIN}\n[dbus]\nbus = \"unix:path=/tmp/bus\"\ngroup = \"l3hv\"\n");
+        let c = parse("t.toml", &text).unwrap();
+        assert_eq!(c.dbus.group.as_deref(), Some("l3hv"));
     }
 
     #[test]

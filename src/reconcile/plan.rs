@@ -274,14 +274,9 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     }
     for (id, attrs) in &observed.routes {
         if !desired.routes.contains_key(id) {
-            // Routes on a link about to be deleted go with it.
-            if attrs.oif.as_ref().is_some_and(|oif| {
-                p.delete_links
-                    .iter()
-                    .any(|op| matches!(op, KernelOp::DeleteLink { name } if name == oif))
-            }) {
-                continue;
-            }
+            // Also the routes on a link about to be deleted: the agent
+            // answers before the (slow, RCU-bound) link deletion, and the
+            // routes must be gone by then.
             p.remove.push(KernelOp::DelRoute {
                 id: *id,
                 attrs: attrs.clone(),
@@ -464,8 +459,15 @@ mod tests {
                 name: "tap1".into()
             }]
         );
-        // Routes through the tap go with it; nothing else is touched.
-        assert!(p.remove.is_empty(), "{:#?}", p.remove);
+        // Routes through the tap are deleted before it; nothing else is
+        // touched.
+        assert!(!p.remove.is_empty());
+        assert!(
+            p.remove.iter().all(|op| matches!(op,
+                KernelOp::DelRoute { attrs, .. } if attrs.oif.as_deref() == Some("tap1"))),
+            "{:#?}",
+            p.remove
+        );
         assert!(p.add_routes.is_empty());
     }
 

@@ -23,10 +23,12 @@ pub fn require_root() {
     );
 }
 
-/// A unique, short namespace-name prefix for this test process.
+/// A namespace name unique on this machine: the full PID and a counter,
+/// separated, so that two test processes (other checkouts too) never pick
+/// the same name (`Netns::new` deletes a namespace of the same name).
 pub fn unique(tag: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    format!("l3t{}{}-{tag}", std::process::id() % 100000, n)
+    format!("l3t{}x{n}-{tag}", std::process::id())
 }
 
 /// A network namespace, deleted (with every process in it) on drop.
@@ -476,4 +478,79 @@ pub fn vm_ns_bare(hv: &Netns, name: &str, hv_if: &str, mac: &str) -> Netns {
     hv.ip(&["link", "set", hv_if, "up"]);
     vm.ip(&["link", "set", "eth0", "up"]);
     vm
+}
+
+/// A private dbus-daemon (type system) listening on a socket in its own
+/// directory, started in `ns` and killed by PID on drop. `policy` is the
+/// `<policy>`/`<include>` part of its configuration.
+pub struct DbusDaemon {
+    pub dir: PathBuf,
+    pub child: Child,
+}
+
+/// A bus that lets anyone own any name and call anything.
+pub const OPEN_POLICY: &str = r#"<policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_type="method_call"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>"#;
+
+impl DbusDaemon {
+    pub fn start(ns: &Netns, policy: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-bus", ns.name));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("bus dir");
+        let config = dir.join("bus.conf");
+        fs::write(
+            &config,
+            format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={}/bus</listen>
+  <auth>EXTERNAL</auth>
+  {policy}
+</busconfig>
+"#,
+                dir.display()
+            ),
+        )
+        .expect("bus config");
+        let log = dir.join("dbus.log");
+        let child = ns.spawn(
+            &[
+                "dbus-daemon",
+                "--nofork",
+                "--nopidfile",
+                &format!("--config-file={}", config.display()),
+            ],
+            &log,
+        );
+        let d = Self { dir, child };
+        let sock = d.dir.join("bus");
+        wait_for("dbus-daemon socket", Duration::from_secs(10), || {
+            sock.exists()
+        });
+        d
+    }
+
+    pub fn address(&self) -> String {
+        format!("unix:path={}/bus", self.dir.display())
+    }
+}
+
+impl Drop for DbusDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// HV_CONFIG with the D-Bus API on `bus`.
+pub fn config_with_dbus(bus: &str) -> String {
+    format!("{HV_CONFIG}\n[dbus]\nenabled = true\nbus = \"{bus}\"\n")
 }
