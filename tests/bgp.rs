@@ -359,13 +359,34 @@ fn reflection(f: &Fabric, _rr: Reflector) {
             .any(|(_, _, nh)| nh == "198.51.100.101")
     );
 
-    // Withdraw on removal.
+    // The learned route is in hv1's kernel.
+    wait_for(
+        "hv2's route in hv1's kernel",
+        Duration::from_secs(20),
+        || {
+            f.hv1
+                .ip(&["route", "show", "table", "90"])
+                .contains("203.0.113.3 via 198.51.100.102")
+        },
+    );
+    // Withdraw on removal, also from the kernel: within the first minute
+    // of the agent too (some reflectors send no End-of-RIB, so the restart
+    // hold is still on).
     a2.remove_vm("vm3");
     wait_for("withdraw reaches hv1", Duration::from_secs(20), || {
         !received(&a1)
             .iter()
             .any(|(p, _, _)| p == "203.0.113.3/32" || p == "203.0.113.10/32")
     });
+    wait_for(
+        "withdrawn route leaves hv1's kernel",
+        Duration::from_secs(20),
+        || {
+            !f.hv1
+                .ip(&["route", "show", "table", "90"])
+                .contains("203.0.113.3")
+        },
+    );
 }
 
 #[test]

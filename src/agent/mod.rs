@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -176,6 +177,9 @@ pub struct Agent {
     /// until every session has sent End-of-RIB or this deadline passes: a
     /// restarted agent must not withdraw what BGP is about to relearn.
     learned_hold: Option<Instant>,
+    /// Prefixes the RIB has heard of since start: their kernel routes
+    /// follow the RIB even during the hold (a withdrawal is a withdrawal).
+    relearned: BTreeSet<IpNet>,
     /// Sessions that completed their initial table.
     end_of_rib: BTreeSet<Arc<str>>,
     sessions_expected: usize,
@@ -232,6 +236,7 @@ impl Agent {
                 intent,
                 rib: Rib::default(),
                 learned_hold,
+                relearned: BTreeSet::new(),
                 end_of_rib: BTreeSet::new(),
                 sessions_expected,
                 kernel,
@@ -331,13 +336,21 @@ impl Agent {
                             {
                                 info!("every session sent End-of-RIB; learned routes converge now");
                                 self.learned_hold = None;
+                                self.relearned.clear();
                                 rib_changed = true;
                             }
                         }
                         RibEvent::SessionDown { session } => {
                             self.end_of_rib.remove(session);
                         }
-                        RibEvent::Update { .. } => {}
+                        RibEvent::Update {
+                            announce, withdraw, ..
+                        } => {
+                            if self.learned_hold.is_some() {
+                                self.relearned.extend(announce.iter().map(|(p, _, _)| *p));
+                                self.relearned.extend(withdraw.iter().map(|(p, _)| *p));
+                            }
+                        }
                     }
                     rib_changed |= self.rib.apply(event);
                 }
@@ -503,19 +516,27 @@ impl Agent {
                 // Keep only what nothing else claims: a learned route whose
                 // prefix is now local (or routed otherwise) goes at once.
                 let metric = self.config.kernel.learned_route_metric;
+                // A prefix the RIB has heard of since start follows the RIB;
+                // one routed by a local VM goes at once. The blackhole at
+                // the bottom of the table claims nothing.
                 let claimed = |id: &reconcile::RouteId| {
                     let first = reconcile::RouteId { metric: 0, ..*id };
                     let last = reconcile::RouteId {
                         metric: u32::MAX,
                         ..*id
                     };
-                    desired.routes.range(first..=last).next().is_some()
+                    self.relearned.contains(&id.dst)
+                        || desired
+                            .routes
+                            .range(first..=last)
+                            .any(|(_, a)| a.kind == reconcile::RouteKind::Unicast)
                 };
                 plan.remove.retain(|op| {
                     !matches!(op, KernelOp::DelRoute { id, .. } if id.metric == metric && !claimed(id))
                 });
             } else {
                 self.learned_hold = None;
+                self.relearned.clear();
             }
         }
         compute += t.elapsed();
