@@ -704,4 +704,17 @@ lease_time = "1h"
         assert_eq!(mask(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(mask(32), Ipv4Addr::BROADCAST);
     }
+
+    /// Found by the dhcp_v4 fuzz target: an option whose length dhcproto
+    /// 0.15 only debug-asserts. In a debug build the decoder panics; the
+    /// panic must stay contained (dropped as malformed), in release the
+    /// decode fails cleanly.
+    #[test]
+    fn fuzz_finding_bad_option_length_is_dropped_not_a_panic() {
+        let bytes = include_bytes!("testdata/fuzz-v4-option-len.bin");
+        // Debug builds: the contained panic (Malformed); release builds
+        // decode it and drop it on its merits. Never a reply, never a panic.
+        let out = reply(bytes, &binding_shared());
+        assert!(matches!(out, Outcome::Dropped(_)), "{out:?}");
+    }
 }

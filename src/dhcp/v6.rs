@@ -335,4 +335,13 @@ mod tests {
             let _ = reply(&p, &b());
         }
     }
+
+    /// Found by the dhcp_v6 fuzz target: a VendorOpts option shorter than
+    /// its 4-byte enterprise number makes dhcproto 0.15 underflow `len - 4`
+    /// (a panic in debug builds). It must be dropped as malformed.
+    #[test]
+    fn fuzz_finding_short_vendor_opts_is_dropped_not_a_panic() {
+        let bytes = include_bytes!("testdata/fuzz-v6-vendor-opts.bin");
+        assert!(reply(bytes, &b()).is_err());
+    }
 }
