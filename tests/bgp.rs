@@ -1078,3 +1078,43 @@ protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
         "a wrong TCP-MD5 key established"
     );
 }
+
+#[test]
+fn a_vm_moving_between_hypervisors_converges_to_its_new_home() {
+    let f = fabric();
+    let _rr = bird(&f.rr, "");
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let a2 = Agent::start(&f.hv2, &hv_config(2));
+    let vm3 = r#"{"name":"vm3","interfaces":[{"name":"tap3","mac":"52:54:00:00:00:03","fabric":"public","ipv4":["203.0.113.3"],"ipv6":["2001:db8:cb00:7100::3"]}]}"#;
+    a2.set_vm(vm3);
+    let route = |ns: &Netns| ns.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+    wait_for("hv1 routes vm3 to hv2", Duration::from_secs(30), || {
+        route(&f.hv1).contains("via 198.51.100.102")
+    });
+    // Migration: the destination prepares, the source releases.
+    a1.set_vm(vm3);
+    a2.remove_vm("vm3");
+    wait_for("hv2 routes vm3 to hv1", Duration::from_secs(30), || {
+        route(&f.hv2).contains("via 198.51.100.101")
+    });
+    wait_for(
+        "hv1 routes vm3 locally only",
+        Duration::from_secs(30),
+        || {
+            let r = route(&f.hv1);
+            r.contains("dev tap3") && !r.contains("via 198.51.100.102")
+        },
+    );
+    wait_for("IPv6 follows", Duration::from_secs(30), || {
+        f.hv2
+            .ip(&[
+                "-6",
+                "route",
+                "show",
+                "table",
+                "90",
+                "2001:db8:cb00:7100::3",
+            ])
+            .contains("via 2001:db8:c633:6400::101")
+    });
+}
