@@ -108,6 +108,8 @@ EOF
         [ -n "$eor" ] && [ -n "$inst" ] && break
         sleep 0.05
     done
+    # Memory once converged and idle, not in the middle of the last pass.
+    sleep 3
     echo "l3hvd $1 eor_ms=$(ms "$t0" "${eor:-0}") installed_ms=$(ms "$t0" "${inst:-0}") rss_kb=$(rss_kb "$pid")"
     kill -9 "$pid"; wait "$pid" 2>/dev/null || true
 }
@@ -134,6 +136,7 @@ EOF
         sleep 0.05
     done
     pid=$(cat "$WORK/hv.pid")
+    sleep 3
     echo "bird2  $1 installed_ms=$(ms "$t0" "${inst:-0}") rss_kb=$(rss_kb "$pid")"
     kill -9 "$pid" || true
 }

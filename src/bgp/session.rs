@@ -455,7 +455,9 @@ impl Session {
         self.status
             .send_modify(|s| s.prefixes_advertised = advertised.len());
 
-        let mut adj_in: BTreeMap<Nlri, PathAttrs> = BTreeMap::new();
+        // Attributes are shared by every prefix of the UPDATE that carried
+        // them.
+        let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
         let keepalive = negotiated.keepalive;
         let hold = negotiated.hold_time;
         let mut ka = tokio::time::interval(if keepalive.is_zero() {
@@ -556,7 +558,7 @@ impl Session {
     fn on_update(
         &self,
         u: codec::Update,
-        adj_in: &mut BTreeMap<Nlri, PathAttrs>,
+        adj_in: &mut BTreeMap<Nlri, Arc<PathAttrs>>,
     ) -> (Option<RibEvent>, Option<Notification>) {
         let mut refused = Vec::new();
         let mut announce = Vec::new();
@@ -566,11 +568,12 @@ impl Session {
                 withdraw.push((w.prefix, w.path_id));
             }
         }
-        if let Some(attrs) = &u.attrs {
+        if let Some(attrs) = u.attrs.clone().map(Arc::new) {
+            let attrs = &attrs;
             for n in &u.announce {
                 match (self.policy.check(&n.prefix, attrs), attrs.next_hop) {
                     (Ok(()), Some(next_hop)) => {
-                        adj_in.insert(*n, attrs.clone());
+                        adj_in.insert(*n, Arc::clone(attrs));
                         announce.push((
                             n.prefix,
                             n.path_id,
