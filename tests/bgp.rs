@@ -113,13 +113,35 @@ impl Reflector {
     }
 }
 
-fn bird(rr: &Netns, extra_export: &str) -> Reflector {
+/// Writes `conf` for BIRD 2 in `rr` and starts it (daemonized; killed by
+/// PID when the returned handle drops).
+fn start_bird(rr: &Netns, conf: &str) -> Reflector {
     let dir = std::env::temp_dir().join(format!("{}-bird", rr.name));
     let _ = fs::create_dir_all(&dir);
-    let conf = dir.join("bird.conf");
-    fs::write(
-        &conf,
-        format!(
+    let path = dir.join("bird.conf");
+    fs::write(&path, conf).unwrap();
+    let pid = dir.join("bird.pid");
+    let sock = dir.join("bird.ctl");
+    rr.exec(&[
+        "bird",
+        "-c",
+        path.to_str().unwrap(),
+        "-s",
+        sock.to_str().unwrap(),
+        "-P",
+        pid.to_str().unwrap(),
+    ]);
+    Reflector {
+        child: None,
+        pid_file: Some(pid),
+        dir,
+    }
+}
+
+fn bird(rr: &Netns, extra_export: &str) -> Reflector {
+    start_bird(
+        rr,
+        &format!(
             r#"
 router id 198.51.100.126;
 protocol device {{}}
@@ -142,23 +164,6 @@ protocol bgp hv2 from rrc {{ neighbor 198.51.100.102 as 65000; }}
 "#
         ),
     )
-    .unwrap();
-    let pid = dir.join("bird.pid");
-    let sock = dir.join("bird.ctl");
-    rr.exec(&[
-        "bird",
-        "-c",
-        conf.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-P",
-        pid.to_str().unwrap(),
-    ]);
-    Reflector {
-        child: None,
-        pid_file: Some(pid),
-        dir,
-    }
 }
 
 fn frr(rr: &Netns) -> Reflector {
@@ -655,12 +660,9 @@ fn two_paths() -> TwoPaths {
 }
 
 fn bird_at(rr: &Netns, me: &str, clients: [&str; 2]) -> Reflector {
-    let dir = std::env::temp_dir().join(format!("{}-bird", rr.name));
-    let _ = fs::create_dir_all(&dir);
-    let conf = dir.join("bird.conf");
-    fs::write(
-        &conf,
-        format!(
+    start_bird(
+        rr,
+        &format!(
             r#"
 router id {me};
 protocol device {{}}
@@ -679,23 +681,6 @@ protocol bgp hv2 from rrc {{ neighbor {} as 65000; }}
             clients[0], clients[1]
         ),
     )
-    .unwrap();
-    let pid = dir.join("bird.pid");
-    let sock = dir.join("bird.ctl");
-    rr.exec(&[
-        "bird",
-        "-c",
-        conf.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-P",
-        pid.to_str().unwrap(),
-    ]);
-    Reflector {
-        child: None,
-        pid_file: Some(pid),
-        dir,
-    }
 }
 
 fn two_path_config(n: u8) -> String {
@@ -953,11 +938,8 @@ fn sessions_opened_by_the_reflector_are_accepted() {
     // The reflector connects to the hypervisors on port 1179, where the
     // agents listen; the agents' own connects go to 1179 on the reflector,
     // where nothing listens: only the passive side can establish.
-    let dir = std::env::temp_dir().join(format!("{}-bird", f.rr.name));
-    let _ = fs::create_dir_all(&dir);
-    let conf = dir.join("bird.conf");
-    fs::write(
-        &conf,
+    let _rr = start_bird(
+        &f.rr,
         r#"
 router id 198.51.100.126;
 protocol device {}
@@ -971,24 +953,7 @@ protocol bgp hv1 {
     ipv4 { import all; export all; };
 }
 "#,
-    )
-    .unwrap();
-    let pid = dir.join("bird.pid");
-    let sock = dir.join("bird.ctl");
-    f.rr.exec(&[
-        "bird",
-        "-c",
-        conf.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-P",
-        pid.to_str().unwrap(),
-    ]);
-    let _rr = Reflector {
-        child: None,
-        pid_file: Some(pid),
-        dir,
-    };
+    );
     let cfg = hv_config(1).replace(
         "connect_retry = \"200ms\"",
         "connect_retry = \"200ms\"\nport = 1179",
@@ -1025,11 +990,8 @@ fn too_many_prefixes_close_the_session_with_cease_1() {
 #[test]
 fn tcp_md5_sessions_establish_only_with_the_right_key() {
     let f = fabric();
-    let dir = std::env::temp_dir().join(format!("{}-bird", f.rr.name));
-    let _ = fs::create_dir_all(&dir);
-    let conf = dir.join("bird.conf");
-    fs::write(
-        &conf,
+    let _rr = start_bird(
+        &f.rr,
         r#"
 router id 198.51.100.126;
 protocol device {}
@@ -1044,24 +1006,7 @@ template bgp rrc {
 protocol bgp hv1 from rrc { neighbor 198.51.100.101 as 65000; }
 protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
 "#,
-    )
-    .unwrap();
-    let pid = dir.join("bird.pid");
-    let sock = dir.join("bird.ctl");
-    f.rr.exec(&[
-        "bird",
-        "-c",
-        conf.to_str().unwrap(),
-        "-s",
-        sock.to_str().unwrap(),
-        "-P",
-        pid.to_str().unwrap(),
-    ]);
-    let _rr = Reflector {
-        child: None,
-        pid_file: Some(pid),
-        dir,
-    };
+    );
     let with_key = |n, key: &str| {
         hv_config(n).replace(
             "connect_retry = \"200ms\"",
