@@ -318,27 +318,6 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
             });
         }
     }
-    // Neighbour proxy entries.
-    for (ifname, addr) in desired.proxies.difference(&observed.proxies) {
-        if desired.links.contains_key(ifname) {
-            p.add_routes.push(KernelOp::AddProxy {
-                ifname: ifname.clone(),
-                addr: *addr,
-            });
-        }
-    }
-    for (ifname, addr) in observed.proxies.difference(&desired.proxies) {
-        let going = p
-            .delete_links
-            .iter()
-            .any(|op| matches!(op, KernelOp::DeleteLink { name } if name == ifname));
-        if !going {
-            p.remove.push(KernelOp::DelProxy {
-                ifname: ifname.clone(),
-                addr: *addr,
-            });
-        }
-    }
     for (v6, priority) in &desired.absent_rules {
         if observed.foreign_rules.contains(&(*v6, *priority)) {
             p.remove.push(KernelOp::DelForeignRule {
@@ -560,5 +539,25 @@ mod tests {
                 value: "1".into()
             }]
         );
+    }
+
+    #[test]
+    fn proxy_entries_are_planned_once() {
+        let mut d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
+        let o = converged(&d);
+        d.proxies
+            .insert(("tap1".into(), "2001:db8:cb00:7100::9".parse().unwrap()));
+        let p = plan(&d, &o);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        let mut o2 = converged(&d);
+        o2.proxies
+            .insert(("tap1".into(), "2001:db8:cb00:7100::8".parse().unwrap()));
+        let p = plan(&d, &o2);
+        let dels = p
+            .remove
+            .iter()
+            .filter(|op| matches!(op, KernelOp::DelProxy { .. }))
+            .count();
+        assert_eq!(dels, 1, "{p:#?}");
     }
 }
