@@ -375,13 +375,17 @@ impl Agent {
                 for (_, reply) in waiting.drain(..) {
                     let _ = reply.send(Err(ApiError::Internal(e.to_string())));
                 }
-            } else {
-                self.published.send_replace(Arc::new(self.intent.clone()));
             }
         }
         let asked = later.iter().any(|c| matches!(c, Command::Reconcile { .. }));
         if changed || rib_changed || asked {
             self.reconcile().await;
+        }
+        if changed {
+            // Published after the kernel has the local routes: BGP must not
+            // announce a VM before this hypervisor can forward to it, and
+            // DHCP/RA need the tap and its gateway addresses.
+            self.published.send_replace(Arc::new(self.intent.clone()));
         }
         if !waiting.is_empty() {
             let report = self.last.clone().unwrap_or_default();
@@ -603,8 +607,13 @@ impl Agent {
         self.stats.record(&report);
         self.stats_published
             .send_replace(Arc::new(self.stats.clone()));
+        // Trimming costs a few hundred microseconds: only after passes big
+        // enough to have left much memory behind.
+        let large = report.planned > 1000 || self.rib.prefix_count() > 10_000;
         self.last = Some(report);
-        trim_heap();
+        if large {
+            trim_heap();
+        }
     }
 
     fn schedule_next(&mut self, failed: bool) {

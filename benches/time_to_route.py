@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Time-to-remote-route (issue 6): a VM intent accepted on HV1 until its host
+route is in HV2's kernel, through a BIRD 2 route reflector, l3hvd on both
+hypervisors. Measured like the anchor (../shared/anchors/bird-lab, test 1):
+`ip -ts -4 -o monitor route` in HV1 and HV2, each event timestamped by its
+`ip` process; reported as HV1 kernel -> HV2 kernel (the anchor's metric) and
+CLI call -> HV2 kernel (intent accepted -> remote route).
+
+    sudo python3 benches/time_to_route.py [--n 200]
+
+Everything runs in namespaces it creates (l3tr-*), removed on exit."""
+import argparse
+import atexit
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+L3HVD = os.path.join(ROOT, "target/release/l3hvd")
+L3HV = os.path.join(ROOT, "target/release/l3hv")
+P = f"l3tr{os.getpid()}"
+WORK = tempfile.mkdtemp(prefix="l3tr.")
+PROCS = []
+
+
+def sh(*args, check=True):
+    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
+
+
+def ns(name):
+    return f"{P}-{name}"
+
+
+def cleanup():
+    for p in PROCS:
+        try:
+            p.kill()
+            p.wait(timeout=2)
+        except Exception:
+            pass
+    pidf = os.path.join(WORK, "bird.pid")
+    if os.path.exists(pidf):
+        try:
+            os.kill(int(open(pidf).read().strip()), signal.SIGKILL)
+        except Exception:
+            pass
+    for n in ("sw", "rr", "hv1", "hv2"):
+        subprocess.run(["ip", "netns", "del", ns(n)], capture_output=True)
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+def setup():
+    for n in ("sw", "rr", "hv1", "hv2"):
+        sh("ip", "netns", "add", ns(n))
+        sh("ip", "-n", ns(n), "link", "set", "lo", "up")
+    sh("ip", "-n", ns("sw"), "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", ns("sw"), "link", "set", "br0", "up")
+    for n, ifn in (("rr", "eth0"), ("hv1", "a-public"), ("hv2", "a-public")):
+        sh("ip", "-n", ns("sw"), "link", "add", f"p-{n}", "type", "veth", "peer", "name", ifn, "netns", ns(n))
+        sh("ip", "-n", ns("sw"), "link", "set", f"p-{n}", "master", "br0", "up")
+        sh("ip", "-n", ns(n), "link", "set", ifn, "up")
+    sh("ip", "-n", ns("rr"), "addr", "add", "198.51.100.126/25", "dev", "eth0")
+    conf = os.path.join(WORK, "bird.conf")
+    with open(conf, "w") as f:
+        f.write("""router id 198.51.100.126;
+protocol device {}
+template bgp rrc {
+    local 198.51.100.126 as 65000; rr client; rr cluster id 198.51.100.126;
+    direct; ttl security on;
+    ipv4 { import all; export all; add paths tx; next hop keep; };
+}
+protocol bgp hv1 from rrc { neighbor 198.51.100.101 as 65000; }
+protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
+""")
+    sh("ip", "netns", "exec", ns("rr"), "bird", "-c", conf, "-s", os.path.join(WORK, "bird.ctl"),
+       "-P", os.path.join(WORK, "bird.pid"))
+    for i in (1, 2):
+        d = os.path.join(WORK, f"hv{i}")
+        os.makedirs(d)
+        with open(os.path.join(d, "l3hv.toml"), "w") as f:
+            f.write(f"""[hypervisor]
+name = "hv{i}"
+router_id = "198.51.100.10{i}"
+state_dir = "{d}/state"
+[control]
+socket = "{d}/l3hvd.sock"
+[log]
+level = "warn"
+[kernel]
+reconcile_interval = "1h"
+[bgp]
+connect_retry = "100ms"
+[fabrics.public]
+table = 90
+catch_all = true
+subnets = ["203.0.113.0/24"]
+gateway_v4 = "203.0.113.254"
+[fabrics.public.paths.a]
+interface = "a-public"
+addresses = ["198.51.100.10{i}/25"]
+reflectors = ["198.51.100.126"]
+""")
+        log = open(os.path.join(d, "l3hvd.log"), "w")
+        PROCS.append(subprocess.Popen(["ip", "netns", "exec", ns(f"hv{i}"), L3HVD, "--config",
+                                       os.path.join(d, "l3hv.toml")], stdout=log, stderr=log))
+    for i in (1, 2):
+        sock = os.path.join(WORK, f"hv{i}", "l3hvd.sock")
+        for _ in range(600):
+            out = subprocess.run([L3HV, "--socket", sock, "peers", "--json"], capture_output=True, text=True)
+            if out.returncode == 0 and '"Established"' in out.stdout:
+                break
+            time.sleep(0.05)
+        else:
+            sys.exit(f"hv{i}: session not established")
+
+
+class Monitor:
+    def __init__(self, name):
+        self.path = os.path.join(WORK, f"monitor-{name}.txt")
+        self.f = open(self.path, "w")
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns(name), "ip", "-ts", "-4", "-o", "monitor", "route"],
+                                  stdout=self.f, stderr=subprocess.DEVNULL)
+        PROCS.append(self.p)
+
+    def first(self, prefix, after):
+        """Timestamp (epoch s) of the first non-deletion event for prefix."""
+        pat = re.compile(r"^\[(\S+)\]\s+" + re.escape(prefix) + r"\s")
+        with open(self.path) as f:
+            for line in f:
+                m = pat.match(line)
+                if m and "Deleted" not in line:
+                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                    if t >= after:
+                        return t
+        return None
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * len(xs))) - 1))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    a = ap.parse_args()
+    atexit.register(cleanup)
+    setup()
+    m1, m2 = Monitor("hv1"), Monitor("hv2")
+    time.sleep(0.5)
+    s1 = os.path.join(WORK, "hv1", "l3hvd.sock")
+    kk, ck = [], []
+    for i in range(a.n):
+        x = i % 250 + 1
+        prefix = f"203.0.113.{x}"
+        vm = {"name": f"vm{i}", "interfaces": [{"name": f"t{i}", "mac": "52:54:00:00:%02x:%02x" % (i >> 8, i & 255 or 1),
+                                               "fabric": "public", "ipv4": [prefix]}]}
+        path = os.path.join(WORK, "vm.json")
+        with open(path, "w") as f:
+            json.dump(vm, f)
+        t0 = time.time()
+        subprocess.run([L3HV, "--socket", s1, "vm", "set", path], check=True, capture_output=True)
+        t_remote = None
+        deadline = time.time() + 5
+        while time.time() < deadline:
+            t_remote = m2.first(prefix, t0)
+            if t_remote:
+                break
+            time.sleep(0.01)
+        t_local = m1.first(prefix, t0)
+        if t_remote and t_local:
+            kk.append((t_remote - t_local) * 1e3)
+            ck.append((t_remote - t0) * 1e3)
+        subprocess.run([L3HV, "--socket", s1, "vm", "remove", f"vm{i}"], check=True, capture_output=True)
+        time.sleep(0.05)
+    print(f"samples: {len(kk)} of {a.n}")
+    for name, xs in (("HV1 kernel -> HV2 kernel", kk), ("CLI call -> HV2 kernel", ck)):
+        if xs:
+            print(f"{name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms, "
+                  f"min {min(xs):.2f}, max {max(xs):.2f}")
+
+
+if __name__ == "__main__":
+    main()
