@@ -177,6 +177,11 @@ pub struct Agent {
     /// until every session has sent End-of-RIB or this deadline passes: a
     /// restarted agent must not withdraw what BGP is about to relearn.
     learned_hold: Option<Instant>,
+    /// The kernel as the last pass left it, when that pass dumped or could
+    /// mirror every change it made: RIB-only changes plan against it
+    /// instead of dumping again (the full pass stays the repair path: on
+    /// intent changes, on the timer, after any refusal).
+    cache: Option<reconcile::ObservedKernel>,
     /// Prefixes the RIB has heard of since start: their kernel routes
     /// follow the RIB even during the hold (a withdrawal is a withdrawal).
     relearned: BTreeSet<IpNet>,
@@ -237,6 +242,7 @@ impl Agent {
                 rib: Rib::default(),
                 learned_hold,
                 relearned: BTreeSet::new(),
+                cache: None,
                 end_of_rib: BTreeSet::new(),
                 sessions_expected,
                 kernel,
@@ -378,8 +384,10 @@ impl Agent {
             }
         }
         let asked = later.iter().any(|c| matches!(c, Command::Reconcile { .. }));
-        if changed || rib_changed || asked {
+        if changed || asked {
             self.reconcile().await;
+        } else if rib_changed {
+            self.reconcile_incremental().await;
         }
         if changed {
             // Published after the kernel has the local routes: BGP must not
@@ -477,6 +485,16 @@ impl Agent {
 
     /// One level-based pass: dump, read sysctls, plan, apply.
     async fn reconcile(&mut self) {
+        self.pass(true).await
+    }
+
+    /// A pass for learned-route changes: plans against the cached kernel
+    /// state when there is one (no dump), else a full pass.
+    async fn reconcile_incremental(&mut self) {
+        self.pass(false).await
+    }
+
+    async fn pass(&mut self, full: bool) {
         let start = Instant::now();
         let desired = reconcile::desired(&self.config, &self.intent, &self.rib);
         let mut compute = start.elapsed();
@@ -491,7 +509,13 @@ impl Agent {
             ..Default::default()
         };
         let t = Instant::now();
-        let dumped = self.kernel.dump(&self.uplink_names()).await;
+        let cached = if full { None } else { self.cache.take() };
+        let incremental = cached.is_some();
+        let dumped = match cached {
+            Some(c) => Ok(c),
+            None => self.kernel.dump(&self.uplink_names()).await,
+        };
+        self.cache = None;
         report.dump = t.elapsed();
         let mut observed = match dumped {
             Ok(o) => o,
@@ -505,7 +529,15 @@ impl Agent {
             }
         };
         let t = Instant::now();
-        let paths = reconcile::sysctls_to_read(&desired, &observed, &self.verified);
+        if incremental {
+            // Sysctls were settled by the pass the cache comes from.
+            observed.sysctls.clear();
+        }
+        let paths = if incremental {
+            Vec::new()
+        } else {
+            reconcile::sysctls_to_read(&desired, &observed, &self.verified)
+        };
         if !paths.is_empty() {
             let read = tokio::task::spawn_blocking(move || sysctl::read_many(&paths))
                 .await
@@ -557,6 +589,22 @@ impl Agent {
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
         }
+        // The kernel state is known without a dump when every change was a
+        // route or proxy entry and every one went through.
+        let mirrorable = applied.failed.is_empty()
+            && self.deferred.is_empty()
+            && observed.duplicate_routes.is_empty()
+            && plan.phases().iter().all(|phase| {
+                phase.iter().all(|op| {
+                    matches!(
+                        op,
+                        KernelOp::AddRoute { .. }
+                            | KernelOp::DelRoute { .. }
+                            | KernelOp::AddProxy { .. }
+                            | KernelOp::DelProxy { .. }
+                    )
+                })
+            });
         // Links whose sysctls are now confirmed.
         self.verified.clear();
         let failed_links: BTreeSet<&str> = applied
@@ -597,6 +645,28 @@ impl Agent {
                 duration_ms = report.duration.as_secs_f64() * 1e3,
                 "reconciled, no change"
             );
+        }
+        if mirrorable {
+            for phase in plan.phases() {
+                for op in phase {
+                    match op {
+                        KernelOp::AddRoute { id, attrs, .. } => {
+                            observed.routes.insert(*id, attrs.clone());
+                        }
+                        KernelOp::DelRoute { id, .. } => {
+                            observed.routes.remove(id);
+                        }
+                        KernelOp::AddProxy { ifname, addr } => {
+                            observed.proxies.insert((ifname.clone(), *addr));
+                        }
+                        KernelOp::DelProxy { ifname, addr } => {
+                            observed.proxies.remove(&(ifname.clone(), *addr));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            self.cache = Some(observed);
         }
         self.schedule_next(!report.failed.is_empty());
         self.finish(report);
