@@ -749,3 +749,42 @@ fn outside_changes_are_repaired_by_the_next_reconcile() {
     assert!(out.status.success());
     assert_eq!(diff(&want, &w.hv.snapshot()), "");
 }
+
+#[test]
+fn an_adopted_interface_created_after_its_intent_is_configured_at_once() {
+    let w = world();
+    // The periodic pass is an hour away in HV_CONFIG: only the link
+    // notification can bring the agent back.
+    let agent = Agent::start(&w.hv, HV_CONFIG);
+    agent.set_vm(&vm_json(
+        "vm9",
+        "vm9e0",
+        "adopt",
+        "public",
+        "203.0.113.9",
+        None,
+    ));
+    assert!(
+        w.hv.try_exec(&["ip", "link", "show", "vm9e0"])
+            .status
+            .code()
+            != Some(0)
+    );
+    let vm = vm_ns(
+        &w.hv,
+        &unique("vm9"),
+        "vm9e0",
+        "203.0.113.9/24",
+        "203.0.113.254",
+    );
+    wait_for(
+        "the late interface is configured",
+        Duration::from_secs(10),
+        || {
+            w.hv.ip(&["route", "show", "table", "90"])
+                .contains("203.0.113.9 dev vm9e0")
+        },
+    );
+    assert_eq!(w.hv.sysctl("net.ipv4.conf.vm9e0.proxy_arp"), "1");
+    assert!(vm.ping("203.0.113.254"));
+}

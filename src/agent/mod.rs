@@ -107,6 +107,8 @@ pub enum Command {
     },
     /// Paths learned or lost by a BGP session (no reply).
     Rib(RibEvent),
+    /// The kernel's links changed (netlink notification): reconcile now.
+    LinksChanged,
     /// Switch to a new (already validated) configuration: the part that can
     /// change live is applied by a reconcile, the rest is kept and named in
     /// the reply's notes. Refused when the intent does not fit the new file.
@@ -146,6 +148,11 @@ impl AgentHandle {
             reply,
         })
         .await?
+    }
+
+    /// Says the kernel's links changed; the agent runs a full pass.
+    pub async fn links_changed(&self) {
+        let _ = self.tx.send(Command::LinksChanged).await;
     }
 
     /// Hands learned paths to the RIB (BGP import → RIB → kernel).
@@ -383,7 +390,9 @@ impl Agent {
                 }
             }
         }
-        let asked = later.iter().any(|c| matches!(c, Command::Reconcile { .. }));
+        let asked = later
+            .iter()
+            .any(|c| matches!(c, Command::Reconcile { .. } | Command::LinksChanged));
         if changed || asked {
             self.reconcile().await;
         } else if rib_changed {
@@ -415,7 +424,10 @@ impl Agent {
                 Command::Reload { config, reply } => {
                     let _ = reply.send(self.on_reload(*config).await);
                 }
-                Command::SetVm { .. } | Command::RemoveVm { .. } | Command::Rib(_) => {}
+                Command::SetVm { .. }
+                | Command::RemoveVm { .. }
+                | Command::Rib(_)
+                | Command::LinksChanged => {}
             }
         }
         self.apply_deferred().await;

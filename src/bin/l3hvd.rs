@@ -113,6 +113,19 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     }
     agent.set_watchdog(watchdog);
     let agent_task = agent::spawn(agent);
+    // Link notifications make the agent look again at once (a tap QEMU
+    // just opened, an adopted interface created after its intent).
+    match l3hv::netlink::monitor::link_changes(std::time::Duration::from_millis(50)) {
+        Ok(mut changes) => {
+            let agent = handle.clone();
+            tokio::spawn(async move {
+                while changes.recv().await.is_some() {
+                    agent.links_changed().await;
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "no link notifications; relying on the periodic pass"),
+    }
     // DHCP and RA follow the agent's intent; they start after the first
     // reconcile so the taps and gateway addresses exist.
     services::spawn(shared, handle.subscribe_intent(), registry);

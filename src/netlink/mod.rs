@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod dump;
 pub mod links;
+pub mod monitor;
 pub mod neigh;
 pub mod sysctl;
 pub mod tap;

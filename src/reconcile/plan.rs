@@ -256,8 +256,21 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
         }
     }
 
-    // Routes.
+    // Routes. An adopted interface that does not exist yet (libvirt creates
+    // a managed tap after the prepare hook) gets its routes when it
+    // appears: nothing can point at it before.
+    let waiting: BTreeSet<&str> = desired
+        .links
+        .iter()
+        .filter(|(name, l)| {
+            l.ownership == Ownership::Adopted && !observed.links.contains_key(*name)
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
     for (id, attrs) in &desired.routes {
+        if attrs.oif.as_deref().is_some_and(|o| waiting.contains(o)) {
+            continue;
+        }
         match observed.routes.get(id) {
             Some(o) if o == attrs => {}
             Some(_) => p.add_routes.push(KernelOp::AddRoute {
@@ -299,7 +312,7 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     }
     // Neighbour proxy entries.
     for (ifname, addr) in desired.proxies.difference(&observed.proxies) {
-        if desired.links.contains_key(ifname) {
+        if desired.links.contains_key(ifname) && !waiting.contains(ifname.as_str()) {
             p.add_routes.push(KernelOp::AddProxy {
                 ifname: ifname.clone(),
                 addr: *addr,
@@ -559,5 +572,19 @@ mod tests {
             .filter(|op| matches!(op, KernelOp::DelProxy { .. }))
             .count();
         assert_eq!(dels, 1, "{p:#?}");
+    }
+
+    #[test]
+    fn an_adopted_interface_that_does_not_exist_yet_waits() {
+        let d = desired(
+            &cfg(),
+            &intent(LinkMode::Adopt),
+            &crate::rib::Rib::default(),
+        );
+        let mut o = converged(&d);
+        o.links.remove("tap1");
+        o.routes.retain(|_, a| a.oif.as_deref() != Some("tap1"));
+        let p = plan(&d, &o);
+        assert!(p.is_empty(), "{p:#?}");
     }
 }
