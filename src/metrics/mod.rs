@@ -183,6 +183,45 @@ pub fn encode(
         uplinks,
     );
 
+    // DHCP, DHCPv6 and RA, per VM interface.
+    if let Some(services) = &status.services {
+        let answers = Family::<ServiceLabels, Counter>::default();
+        let dropped = Family::<DropLabels, Counter>::default();
+        for i in &services.interfaces {
+            for (service, n) in [
+                ("dhcp", i.dhcp_served),
+                ("dhcpv6", i.dhcpv6_served),
+                ("ra", i.ra_sent),
+                ("rs", i.rs_answered),
+            ] {
+                answers
+                    .get_or_create(&ServiceLabels {
+                        interface: i.interface.clone(),
+                        service: service.into(),
+                    })
+                    .inc_by(n);
+            }
+            for (reason, n) in &i.dropped {
+                dropped
+                    .get_or_create(&DropLabels {
+                        interface: i.interface.clone(),
+                        reason: reason.clone(),
+                    })
+                    .inc_by(*n);
+            }
+        }
+        r.register(
+            "vm_service_answers",
+            "DHCP/DHCPv6 replies, RAs sent and RSs answered per VM interface",
+            answers,
+        );
+        r.register(
+            "vm_packets_dropped",
+            "Packets from VMs dropped, by interface and protocol.reason",
+            dropped,
+        );
+    }
+
     // Reconcile.
     r.register(
         "reconcile_runs",
@@ -366,6 +405,18 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    interface: String,
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    interface: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct UplinkLabels {
     interface: String,
     fabric: String,
@@ -431,5 +482,29 @@ mod tests {
             assert!(prom.lines().any(|l| l == line), "{line} missing in\n{prom}");
         }
         assert!(!prom.contains("# EOF") && !prom.contains("# UNIT"));
+    }
+
+    #[test]
+    fn vm_service_counters_are_exported() {
+        let mut st = status();
+        let mut dropped = std::collections::BTreeMap::new();
+        dropped.insert("dhcp.malformed".to_string(), 3);
+        st.services = Some(crate::services::ServicesStatus {
+            interfaces: vec![crate::services::InterfaceCounters {
+                interface: "tap1".into(),
+                dhcp_served: 2,
+                ra_sent: 5,
+                dropped,
+                ..Default::default()
+            }],
+        });
+        let text = encode(&st, &[], &ReconcileStats::default()).unwrap();
+        for line in [
+            "l3hv_vm_service_answers_total{interface=\"tap1\",service=\"dhcp\"} 2",
+            "l3hv_vm_service_answers_total{interface=\"tap1\",service=\"ra\"} 5",
+            "l3hv_vm_packets_dropped_total{interface=\"tap1\",reason=\"dhcp.malformed\"} 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 }
