@@ -25,7 +25,7 @@ use super::server::{self, Binding, Destination, DropReason, Outcome};
 use crate::netlink::Kernel;
 use crate::netlink::tap::ifindex;
 use crate::services::limit::{LogLimit, TokenBucket};
-use crate::services::{Counters, INTERFACE_POLL, sockopt, unix_now};
+use crate::services::{Counters, INTERFACE_POLL, sockopt, unix_now, wait_for_interface};
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
@@ -71,14 +71,8 @@ pub async fn serve(
     let mut log = LogLimit::new(Duration::from_secs(10));
     loop {
         // Wait for the interface (QEMU may not have opened the tap yet).
-        let index = loop {
-            if let Some(i) = ifindex(&ifname) {
-                break i;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(INTERFACE_POLL) => {}
-                r = binding.changed() => if r.is_err() { return },
-            }
+        let Some(index) = wait_for_interface(&ifname, &mut binding).await else {
+            return;
         };
         let socket = match open(&ifname) {
             Ok(s) => s,

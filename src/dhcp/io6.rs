@@ -19,7 +19,7 @@ use super::DhcpError;
 use super::v6::{self, Binding6, Drop6};
 use crate::netlink::tap::ifindex;
 use crate::services::limit::{LogLimit, TokenBucket};
-use crate::services::{Counters, INTERFACE_POLL, sockopt, unix_now};
+use crate::services::{Counters, INTERFACE_POLL, sockopt, unix_now, wait_for_interface};
 
 /// All_DHCP_Relay_Agents_and_Servers (RFC 8415 §7.1).
 const ALL_SERVERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
@@ -55,14 +55,8 @@ pub async fn serve(
     let mut log = LogLimit::new(Duration::from_secs(10));
     let mut bucket = TokenBucket::new(BURST, PER_SECOND, Instant::now());
     'open: loop {
-        let index = loop {
-            if let Some(i) = ifindex(&ifname) {
-                break i;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(INTERFACE_POLL) => {}
-                r = binding.changed() => if r.is_err() { return },
-            }
+        let Some(index) = wait_for_interface(&ifname, &mut binding).await else {
+            return;
         };
         let socket = match open(&ifname, index) {
             Ok(s) => s,

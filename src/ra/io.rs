@@ -21,7 +21,7 @@ use super::build::{self, Advert, Answer, RsDrop};
 use crate::config::RaConfig;
 use crate::netlink::tap::ifindex;
 use crate::services::limit::{LogLimit, TokenBucket};
-use crate::services::{Counters, INTERFACE_POLL, sockopt};
+use crate::services::{Counters, INTERFACE_POLL, sockopt, wait_for_interface};
 
 const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 const ALL_ROUTERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 2);
@@ -90,14 +90,8 @@ pub async fn serve(
 ) {
     let mut log = LogLimit::new(Duration::from_secs(10));
     loop {
-        let index = loop {
-            if let Some(i) = ifindex(&ifname) {
-                break i;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(INTERFACE_POLL) => {}
-                r = advert.changed() => if r.is_err() { return },
-            }
+        let Some(index) = wait_for_interface(&ifname, &mut advert).await else {
+            return;
         };
         let socket = match open(&ifname, index) {
             Ok(s) => s,

@@ -127,6 +127,20 @@ pub fn unix_now() -> u64 {
 /// checks that the one it serves is still the same.
 pub const INTERFACE_POLL: Duration = Duration::from_secs(1);
 
+/// Waits until `ifname` exists and returns its ifindex; `None` when the
+/// service's intent channel closed meanwhile (the interface was dropped).
+pub async fn wait_for_interface<T>(ifname: &str, rx: &mut watch::Receiver<T>) -> Option<u32> {
+    loop {
+        if let Some(i) = crate::netlink::tap::ifindex(ifname) {
+            return Some(i);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(INTERFACE_POLL) => {}
+            r = rx.changed() => if r.is_err() { return None },
+        }
+    }
+}
+
 /// Starts the DHCPv4 and RA (with DHCPv6) supervisors. They follow
 /// `intent` until it closes (the agent stopped).
 pub fn spawn(config: Arc<Config>, intent: watch::Receiver<Arc<Intent>>, registry: Registry) {
