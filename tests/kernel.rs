@@ -109,11 +109,13 @@ fn add_and_remove_create_and_remove_exactly_the_kernel_state() {
     assert!(link.contains("addrgenmode none"), "{link}");
     let addr = w.hv.ip(&["addr", "show", "tap1"]);
     assert!(addr.contains("inet 203.0.113.254/32 scope link"), "{addr}");
-    assert!(
-        addr.contains("inet6 fe80::1/128 scope link nodad"),
-        "{addr}"
-    );
+    assert!(addr.contains("inet6 fe80::1/64 scope link nodad"), "{addr}");
     assert_eq!(addr.matches("inet").count(), 2, "{addr}");
+    // The /64 gives the kernel its link-local route on the tap: unicast
+    // DHCPv6 replies and solicited RAs to the guest need it.
+    let ll =
+        w.hv.ip(&["-6", "route", "show", "table", "main", "dev", "tap1"]);
+    assert!(ll.contains("fe80::/64"), "{ll}");
     for (key, want) in [
         ("net.ipv4.conf.tap1.proxy_arp", "1"),
         ("net.ipv4.conf.tap1.rp_filter", "1"),

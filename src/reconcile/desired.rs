@@ -227,7 +227,13 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
         };
         let mut addresses = BTreeSet::new();
         addresses.insert(host(IpAddr::V4(fabric.effective_gateway_v4())));
-        addresses.insert(host(IpAddr::V6(fabric.gateway_v6)));
+        // fe80::1/64, not the seed's /128: l3hv's taps have no kernel
+        // link-local (addr_gen_mode 1), so the /64 is what gives the kernel
+        // its fe80::/64 route on the tap. Without it, unicast DHCPv6 replies
+        // and solicited RAs to the guest's link-local fail with ENETUNREACH.
+        addresses.insert(IpNet::V6(
+            ipnet::Ipv6Net::new(fabric.gateway_v6, 64).expect("64 is a valid IPv6 prefix length"),
+        ));
         let mut s = BTreeMap::new();
         s.insert(PROXY_ARP, "1".to_string());
         s.insert(RP_FILTER, "1".into());
@@ -504,7 +510,7 @@ mod tests {
         let l = &d.links["tap1"];
         assert_eq!(l.alias(), "l3hv:tap:vm1");
         assert!(l.addresses.contains(&"203.0.113.254/32".parse().unwrap()));
-        assert!(l.addresses.contains(&"fe80::1/128".parse().unwrap()));
+        assert!(l.addresses.contains(&"fe80::1/64".parse().unwrap()));
         assert_eq!(l.sysctls[&PROXY_ARP], "1");
         assert_eq!(l.sysctls[&PROXY_NDP], "1"); // public is shared-dhcpv6
         let vm_routes: Vec<_> = d.routes.iter().filter(|(_, a)| a.oif.is_some()).collect();
