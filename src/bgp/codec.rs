@@ -15,7 +15,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::capabilities::{
     AddPathAddressFamily, AddPathCapability, BgpCapability, FourOctetAsCapability,
-    GracefulRestartCapability, MultiProtocolExtensionsCapability,
+    GracefulRestartAddressFamily, GracefulRestartCapability, MultiProtocolExtensionsCapability,
 };
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
@@ -84,6 +84,7 @@ impl std::fmt::Display for Notification {
             (6, 4) => "cease / administrative reset",
             (6, 5) => "cease / connection rejected",
             (6, 7) => "cease / connection collision resolution",
+            (6, 10) => "cease / bfd down",
             (6, _) => "cease",
             (7, _) => "route-refresh message error",
             _ => "unknown",
@@ -512,7 +513,19 @@ pub fn open(local: &LocalOpen) -> Result<Vec<u8>, CodecError> {
     ];
     if let Some(time) = local.graceful_restart {
         caps.push(BgpCapability::GracefulRestartCapability(
-            GracefulRestartCapability::new(false, false, time.min(4095), vec![]),
+            // Both families with Forwarding State preserved: the kernel
+            // routes outlive the agent (RFC 4724 §3), so a helper keeps
+            // our paths while we restart. The Restart State bit stays
+            // clear: we never defer our own End-of-RIB.
+            GracefulRestartCapability::new(
+                false,
+                false,
+                time.min(4095),
+                vec![
+                    GracefulRestartAddressFamily::new(true, AddressType::Ipv4Unicast),
+                    GracefulRestartAddressFamily::new(true, AddressType::Ipv6Unicast),
+                ],
+            ),
         ));
     }
     let my_as = u16::try_from(local.asn).unwrap_or(23456);
@@ -732,6 +745,18 @@ mod tests {
         assert_eq!(o.multiprotocol, vec![Afi::Ipv4, Afi::Ipv6]);
         assert!(o.add_path.contains(&(Afi::Ipv4, false, true)));
         assert!(o.route_refresh && o.enhanced_route_refresh);
+    }
+
+    #[test]
+    fn graceful_restart_lists_both_families_with_forwarding_preserved() {
+        let mut l = local();
+        l.graceful_restart = Some(120);
+        let bytes = open(&l).unwrap();
+        // Capability 64, length 2 + 2 * 4: flags/time, then (AFI 1, SAFI 1,
+        // F) and (AFI 2, SAFI 1, F). Without the families a helper keeps
+        // nothing (RFC 4724 §4.2).
+        let want = [64u8, 10, 0x00, 120, 0, 1, 1, 0x80, 0, 2, 1, 0x80];
+        assert!(bytes.windows(want.len()).any(|w| w == want), "{bytes:02x?}");
     }
 
     #[test]

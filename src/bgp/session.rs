@@ -20,6 +20,7 @@ use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notific
 use super::fsm::{self, Negotiated, State};
 use super::policy::{self, ImportPolicy, RefusalCounts};
 use crate::agent::AgentHandle;
+use crate::bfd::BfdStatus;
 use crate::config::{BgpConfig, Config};
 use crate::intent::Intent;
 use crate::rib::{Path, RibEvent};
@@ -78,6 +79,8 @@ pub struct SessionStatus {
     pub counters: Counters,
     pub last_error: Option<String>,
     pub received: Vec<ReceivedPath>,
+    /// The BFD session of this peer (filled in by `BgpHandle::peers`).
+    pub bfd: Option<BfdStatus>,
 }
 
 fn now_unix() -> u64 {
@@ -117,14 +120,45 @@ pub struct Session {
     /// Shared copies of the session and uplink names for every path.
     name: Arc<str>,
     uplink: Arc<str>,
+    /// The BFD session of this peer, if BFD is enabled.
+    bfd: Option<watch::Receiver<BfdStatus>>,
+}
+
+/// Resolves when the BFD session reports a new failure (a confirmed Up
+/// that went down) after `seen` failures; never without BFD.
+async fn bfd_failed(bfd: &mut Option<watch::Receiver<BfdStatus>>, seen: u64) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|s| s.failures > seen).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves when the BFD session has come Up more than `seen` times.
+async fn bfd_came_up(bfd: &mut Option<watch::Receiver<BfdStatus>>, seen: u64) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|s| s.up_transitions > seen).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl Session {
+    fn bfd_counts(&self) -> (u64, u64) {
+        self.bfd.as_ref().map_or((0, 0), |b| {
+            let b = b.borrow();
+            (b.failures, b.up_transitions)
+        })
+    }
+
     pub fn new(
         spec: PeerSpec,
         config: Arc<Config>,
         rib: AgentHandle,
         incoming: mpsc::Receiver<TcpStream>,
+        bfd: Option<watch::Receiver<BfdStatus>>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
         let intent = rib.subscribe_intent();
         let spec_name = spec.name.clone();
@@ -149,6 +183,7 @@ impl Session {
             counters: Counters::default(),
             last_error: None,
             received: vec![],
+            bfd: None,
         });
         (
             Self {
@@ -163,6 +198,7 @@ impl Session {
                 incoming: Some(incoming),
                 name: Arc::from(spec_name.as_str()),
                 uplink: Arc::from(spec_uplink.as_str()),
+                bfd,
             },
             rx,
         )
@@ -247,10 +283,17 @@ impl Session {
                 jitter,
             );
             failures = failures.saturating_add(1);
-            // A connection from the peer ends the wait at once.
+            // A connection from the peer ends the wait at once; so does
+            // BFD coming Up: the path is back, reconnect without backoff.
+            let (_, ups) = self.bfd_counts();
+            let mut bfd = self.bfd.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 Some(s) = incoming.recv() => pending = Some(s),
+                _ = bfd_came_up(&mut bfd, ups) => {
+                    debug!(peer = %self.spec.name, "bfd up: reconnecting now");
+                    failures = 0;
+                }
             }
         }
     }
@@ -467,6 +510,8 @@ impl Session {
         });
         ka.tick().await;
         let mut last_in = Instant::now();
+        let (bfd_failures, _) = self.bfd_counts();
+        let mut bfd = self.bfd.clone();
         loop {
             let hold_left = if hold.is_zero() {
                 Duration::from_secs(3600)
@@ -481,6 +526,18 @@ impl Session {
                 _ = tokio::time::sleep(hold_left) => {
                     let n = Notification::new(4, 0, vec![]);
                     let _ = stream.write_all(&codec::notification(&n)).await;
+                    return Err(SessionEnd::Sent(n));
+                }
+                _ = bfd_failed(&mut bfd, bfd_failures) => {
+                    // The data path is gone: Cease / BFD Down (RFC 9384).
+                    // The write may well not arrive; it must not block.
+                    let n = Notification::new(6, 10, vec![]);
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(10),
+                        stream.write_all(&codec::notification(&n)),
+                    )
+                    .await;
+                    self.status.send_modify(|s| s.counters.notifications_out += 1);
                     return Err(SessionEnd::Sent(n));
                 }
                 changed = intent.changed() => {
@@ -745,25 +802,7 @@ async fn refuse_collision(mut stream: TcpStream) {
 /// arrived with less (IP_MINTTL / IPV6_MINHOPCOUNT).
 pub(crate) fn gtsm(socket: &impl std::os::fd::AsRawFd, v6: bool) -> std::io::Result<()> {
     let fd = socket.as_raw_fd();
-    let value: libc::c_int = 255;
-    let set = |level, name| {
-        // SAFETY: fd is a valid socket; value outlives the call and its
-        // size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
+    let set = |level, name| crate::services::sockopt::set_int(fd, level, name, 255);
     if v6 {
         set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)?;
         // IPV6_MINHOPCOUNT = 73 (linux/in6.h).

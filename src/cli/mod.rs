@@ -56,12 +56,16 @@ pub fn render_status(v: &Value) -> String {
     }
     for p in v["peers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "bgp {} -> {}: {} ({} received, {} advertised)\n",
+            "bgp {} -> {}: {} ({} received, {} advertised){}\n",
             s(&p["peer"]["name"]),
             s(&p["peer"]["remote"]),
             s(&p["state"]),
             s(&p["prefixes_received"]),
             s(&p["prefixes_advertised"]),
+            p["bfd"]["state"]
+                .as_str()
+                .map(|b| format!(", bfd {b}"))
+                .unwrap_or_default(),
         ));
     }
     for u in v["uplinks"].as_array().into_iter().flatten() {
@@ -177,6 +181,28 @@ pub fn render_peers(v: &Value) -> String {
                 n["ipv6"],
                 n["add_path_rx"],
                 n["add_path_tx"],
+            ));
+        }
+        let b = &p["bfd"];
+        if b.is_object() {
+            let dropped: u64 = b["dropped"]
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+            out.push_str(&format!(
+                "    bfd {} (diag {}, remote {}), tx {} ms, detect {} ms, discr {}/{}, up {} failures {}, in {} out {} dropped {}{}\n",
+                s(&b["state"]),
+                s(&b["diag"]),
+                s(&b["remote_state"]),
+                b["tx_interval_ms"].as_f64().map_or("-".into(), |v| format!("{v:.0}")),
+                b["detection_time_ms"].as_f64().map_or("-".into(), |v| format!("{v:.0}")),
+                s(&b["local_discriminator"]),
+                s(&b["remote_discriminator"]),
+                s(&b["up_transitions"]),
+                s(&b["failures"]),
+                s(&b["packets_in"]),
+                s(&b["packets_out"]),
+                dropped,
+                if b["resumed"] == true { ", resumed" } else { "" },
             ));
         }
     }

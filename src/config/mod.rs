@@ -78,6 +78,8 @@ pub struct Config {
     #[serde(default)]
     pub bgp: BgpConfig,
     #[serde(default)]
+    pub bfd: BfdConfig,
+    #[serde(default)]
     pub dhcp: DhcpConfig,
     #[serde(default)]
     pub ra: RaConfig,
@@ -155,6 +157,60 @@ impl Default for BgpConfig {
             password: None,
         }
     }
+}
+
+/// BFD (RFC 5880/5881) on every BGP session: single hop, asynchronous
+/// mode. The defaults are the seed's (500 ms x 3).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BfdConfig {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Desired Min TX Interval once the session is Up (1 s before).
+    #[serde(default = "default_bfd_interval", with = "humantime_serde")]
+    pub min_tx: Duration,
+    /// Required Min RX Interval.
+    #[serde(default = "default_bfd_interval", with = "humantime_serde")]
+    pub min_rx: Duration,
+    /// Detect Mult.
+    #[serde(default = "default_bfd_multiplier")]
+    pub multiplier: u8,
+    /// Keyed SHA1 authentication; absent: none.
+    #[serde(default)]
+    pub auth: Option<BfdAuthConfig>,
+}
+
+impl Default for BfdConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_tx: default_bfd_interval(),
+            min_rx: default_bfd_interval(),
+            multiplier: default_bfd_multiplier(),
+            auth: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BfdAuthConfig {
+    #[serde(rename = "type")]
+    pub kind: crate::bfd::packet::AuthType,
+    #[serde(default = "default_bfd_key_id")]
+    pub key_id: u8,
+    /// 1 to 20 octets.
+    pub key: String,
+}
+
+fn default_bfd_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_bfd_multiplier() -> u8 {
+    3
+}
+fn default_bfd_key_id() -> u8 {
+    1
 }
 
 fn default_true() -> bool {
@@ -707,6 +763,26 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         err(
             root.key("dbus").key("bus"),
             format!("`{bus}` is neither \"system\", \"session\" nor a D-Bus address"),
+        );
+    }
+    let bfd = root.key("bfd");
+    for (name, d) in [("min_tx", c.bfd.min_tx), ("min_rx", c.bfd.min_rx)] {
+        if d < Duration::from_millis(10) || d > Duration::from_secs(60) {
+            err(
+                bfd.key(name),
+                format!("{} is outside 10ms..60s", humantime::format_duration(d)),
+            );
+        }
+    }
+    if c.bfd.multiplier == 0 {
+        err(bfd.key("multiplier"), "must be at least 1".into());
+    }
+    if let Some(a) = &c.bfd.auth
+        && (a.key.is_empty() || a.key.len() > 20)
+    {
+        err(
+            bfd.key("auth").key("key"),
+            format!("is {} octets; keyed SHA1 keys are 1 to 20", a.key.len()),
         );
     }
     if let Some(g) = &c.dbus.group
