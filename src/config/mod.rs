@@ -1226,6 +1226,31 @@ gateway_v4 = "203.0.113.254"
     }
 
     #[test]
+    fn bfd_defaults_are_the_seeds_and_errors_are_located() {
+        let c = parse("t.toml", MIN).unwrap();
+        assert!(c.bfd.enabled);
+        assert_eq!(c.bfd.min_tx, Duration::from_millis(500));
+        assert_eq!(c.bfd.multiplier, 3);
+        assert!(c.bfd.auth.is_none());
+        let i = issues(&format!("{MIN}\n[bfd]\nmin_rx = \"5ms\"\n"));
+        assert_eq!((i[0].field.as_str(), i[0].line), ("bfd.min_rx", 13));
+        let i = issues(&format!("{MIN}\n[bfd]\nmultiplier = 0\n"));
+        assert_eq!(i[0].field, "bfd.multiplier");
+        let i = issues(&format!(
+            "{MIN}\n[bfd.auth]\ntype = \"keyed-sha1\"\nkey = \"{}\"\n",
+            "x".repeat(21)
+        ));
+        assert_eq!((i[0].field.as_str(), i[0].line), ("bfd.auth.key", 14));
+        let i = issues(&format!("{MIN}\n[bfd.auth]\ntype = \"md5\"\nkey = \"k\"\n"));
+        assert_eq!(i[0].field, "bfd.auth.type");
+        let ok = format!(
+            "{MIN}\n[bfd]\nmin_tx = \"50ms\"\n[bfd.auth]\ntype = \"meticulous-keyed-sha1\"\nkey = \"k\"\n"
+        );
+        let c = parse("t.toml", &ok).unwrap();
+        assert_eq!(c.bfd.auth.unwrap().key_id, 1);
+    }
+
+    #[test]
     fn display_names_file_line_field() {
         let text = MIN.replace("table = 90", "table = 254");
         let e = parse("/etc/l3hv/l3hv.toml", &text).unwrap_err().to_string();
