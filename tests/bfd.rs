@@ -705,3 +705,103 @@ fn bird_keeps_paths_across_an_agent_kill_with_graceful_restart() {
     assert!(tx - rx <= 1, "lost {} of {tx} across the restart", tx - rx);
     assert_eq!(route().matches("dev ").count(), 2);
 }
+
+/// Graceful restart helper (RFC 4724): a reflector that restarts (killed:
+/// its TCP connections end without a NOTIFICATION) leaves its paths in the
+/// kernel, stale, until it is back and has sent End-of-RIB; one that does
+/// not come back loses them after its restart time. BFD is off on the
+/// hypervisors here: a reflector's BFD dies with it, and a BFD failure is a
+/// hard down by design.
+#[test]
+fn a_restarting_reflector_keeps_its_paths_stale_until_end_of_rib_or_its_restart_time() {
+    let t = topo();
+    let gr = "graceful restart on; graceful restart time 5;";
+    let rr1 = |extra| {
+        bird(
+            &t.rr1,
+            "198.51.100.126",
+            ["198.51.100.101", "198.51.100.102"],
+            "",
+            extra,
+        )
+    };
+    let r1 = rr1(gr);
+    let _r2 = bird(
+        &t.rr2,
+        "198.51.100.226",
+        ["198.51.100.201", "198.51.100.202"],
+        "",
+        gr,
+    );
+    let no_bfd = |n| config(n, "").replace("[bfd]\nmin_tx", "[bfd]\nenabled = false\nmin_tx");
+    let a1 = Agent::start(&t.hv1, &no_bfd(1));
+    let a2 = Agent::start(&t.hv2, &no_bfd(2));
+    let (vm1, _vm3) = two_vms(&t, &a1, &a2);
+    let established = |a: &Agent| {
+        peers(a)
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "Established")
+    };
+    wait_for("sessions up", Duration::from_secs(40), || {
+        established(&a1) && established(&a2)
+    });
+    assert!(session(&a1, "a")["bfd"].is_null());
+    let route = || t.hv1.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+    wait_for("ECMP", Duration::from_secs(30), || {
+        route().matches("dev ").count() == 2
+    });
+    let n = session(&a1, "a")["negotiated"].clone();
+    assert_eq!(n["graceful_restart"], 5, "{n}");
+    assert_eq!(
+        n["graceful_restart_families"],
+        serde_json::json!(["ipv4"]),
+        "{n}"
+    );
+
+    let log = a1.dir.join("rr-ping.log");
+    let mut ping = vm1.spawn(&["ping", "-i", "0.02", "-W", "1", "203.0.113.3"], &log);
+    // The reflector of path A dies and comes back.
+    drop(r1);
+    wait_for("session A down", Duration::from_secs(10), || {
+        session(&a1, "a")["state"] != "Established"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        route().matches("dev ").count(),
+        2,
+        "stale path kept: {}",
+        route()
+    );
+    let r1 = rr1(gr);
+    wait_for("session A back", Duration::from_secs(30), || {
+        session(&a1, "a")["state"] == "Established"
+            && session(&a1, "a")["end_of_rib_received"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    });
+    // A reflector restarted from scratch may send End-of-RIB before hv2
+    // has re-announced to it (that sweeps path A for a moment: correct,
+    // and path B carries on); then path A is back.
+    wait_for("ECMP again", Duration::from_secs(30), || {
+        route().matches("dev ").count() == 2
+    });
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(ping.id() as i32, libc::SIGINT) };
+    let _ = ping.wait();
+    let (tx, rx) = ping_loss(&log);
+    assert_eq!(tx, rx, "pings lost across the reflector's restart");
+
+    // It dies for good: its paths go after its restart time (5 s).
+    drop(r1);
+    let gone = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(route().matches("dev ").count(), 2, "still within 5 s");
+    wait_for("stale path A swept", Duration::from_secs(15), || {
+        let r = route();
+        r.matches("dev ").count() == 1 && r.contains("b-public")
+    });
+    let after = gone.elapsed();
+    assert!(after >= Duration::from_secs(4), "{after:?}");
+}

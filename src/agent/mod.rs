@@ -353,9 +353,11 @@ impl Agent {
                                 rib_changed = true;
                             }
                         }
-                        RibEvent::SessionDown { session } => {
+                        RibEvent::SessionDown { session }
+                        | RibEvent::SessionStale { session, .. } => {
                             self.end_of_rib.remove(session);
                         }
+                        RibEvent::SweepStale { .. } => {}
                         RibEvent::Update {
                             announce, withdraw, ..
                         } => {

@@ -147,6 +147,9 @@ pub struct Open {
     pub route_refresh: bool,
     pub enhanced_route_refresh: bool,
     pub graceful_restart: Option<u16>,
+    /// The families the peer preserves across its restart (RFC 4724 §3):
+    /// only their paths are kept stale when it restarts.
+    pub graceful_restart_families: Vec<Afi>,
     pub extended_next_hop: bool,
 }
 
@@ -351,6 +354,7 @@ fn open_of(open: &BgpOpenMessage) -> Result<Message, Notification> {
         route_refresh: false,
         enhanced_route_refresh: false,
         graceful_restart: None,
+        graceful_restart_families: vec![],
         extended_next_hop: false,
     };
     for cap in open.capabilities() {
@@ -372,7 +376,14 @@ fn open_of(open: &BgpOpenMessage) -> Result<Message, Notification> {
                 o.route_refresh = true
             }
             BgpCapability::EnhancedRouteRefresh => o.enhanced_route_refresh = true,
-            BgpCapability::GracefulRestartCapability(gr) => o.graceful_restart = Some(gr.time()),
+            BgpCapability::GracefulRestartCapability(gr) => {
+                o.graceful_restart = Some(gr.time());
+                o.graceful_restart_families = gr
+                    .address_families()
+                    .iter()
+                    .filter_map(|f| Afi::from_address_type(f.address_type()))
+                    .collect();
+            }
             BgpCapability::ExtendedNextHopEncoding(_) => o.extended_next_hop = true,
             _ => {}
         }

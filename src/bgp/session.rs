@@ -220,6 +220,8 @@ impl Session {
         };
         let mut failures = 0u32;
         let mut pending: Option<TcpStream> = None;
+        // Graceful restart helper: one generation per restart of the peer.
+        let mut stale_generation = 0u64;
         loop {
             self.set_state(State::Connect);
             let started = Instant::now();
@@ -251,11 +253,54 @@ impl Session {
             };
             let was_established = self.status.borrow().state == State::Established;
             if was_established {
-                self.rib
-                    .rib(RibEvent::SessionDown {
-                        session: self.name.clone(),
-                    })
-                    .await;
+                // Only for families the peer said it preserves: a peer
+                // that is merely "GR aware" lists none.
+                let (restart_time, families) = self
+                    .status
+                    .borrow()
+                    .negotiated
+                    .as_ref()
+                    .map(|n| (n.graceful_restart, n.graceful_restart_families.clone()))
+                    .unwrap_or_default();
+                let restart_time = restart_time.filter(|t| *t > 0 && !families.is_empty());
+                // RFC 4724 §4.2: a connection that ended without a
+                // NOTIFICATION (the peer's process restarted, TCP reset)
+                // leaves the peer's paths in place, stale, for its restart
+                // time. A NOTIFICATION either way (hold timer, BFD down,
+                // errors) is a hard down.
+                let graceful = matches!(end, SessionEnd::Closed | SessionEnd::Io(_));
+                match restart_time {
+                    Some(t) if graceful => {
+                        stale_generation += 1;
+                        info!(peer = %self.spec.name, restart_time = t, "graceful restart: paths kept stale");
+                        self.rib
+                            .rib(RibEvent::SessionStale {
+                                session: self.name.clone(),
+                                generation: stale_generation,
+                                keep_v4: families.contains(&Afi::Ipv4),
+                                keep_v6: families.contains(&Afi::Ipv6),
+                            })
+                            .await;
+                        let rib = self.rib.clone();
+                        let session = self.name.clone();
+                        let generation = stale_generation;
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(u64::from(t))).await;
+                            rib.rib(RibEvent::SweepStale {
+                                session,
+                                generation,
+                            })
+                            .await;
+                        });
+                    }
+                    _ => {
+                        self.rib
+                            .rib(RibEvent::SessionDown {
+                                session: self.name.clone(),
+                            })
+                            .await;
+                    }
+                }
             }
             match &end {
                 SessionEnd::Connect(_) => {

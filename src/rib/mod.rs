@@ -36,8 +36,22 @@ pub enum RibEvent {
     /// The session went down: all its paths go.
     SessionDown { session: Arc<str> },
     /// The session received End-of-RIB for every family it negotiated: its
-    /// initial table is complete (RFC 4724).
+    /// initial table is complete (RFC 4724). Paths kept stale across the
+    /// peer's restart and not refreshed since go now.
     EndOfRib { session: Arc<str> },
+    /// Graceful restart helper (RFC 4724 §4.2): the session's connection
+    /// ended without a NOTIFICATION and the peer advertised graceful
+    /// restart: its paths stay, marked stale, until it is back and has sent
+    /// End-of-RIB or `SweepStale` of the same generation comes.
+    /// Paths of families the peer does not preserve go at once.
+    SessionStale {
+        session: Arc<str>,
+        generation: u64,
+        keep_v4: bool,
+        keep_v6: bool,
+    },
+    /// The peer's restart time passed: its stale paths go.
+    SweepStale { session: Arc<str>, generation: u64 },
 }
 
 /// One ECMP member as installed.
@@ -54,10 +68,16 @@ type PathKey = (Arc<str>, Option<u32>);
 /// BTreeMap per prefix cost ~1 KiB each at 100,000 prefixes).
 type Paths = Vec<(PathKey, Path)>;
 
+/// (prefix, path id) announced again by a session in graceful restart.
+type Refreshed = BTreeSet<(IpNet, Option<u32>)>;
+
 #[derive(Debug, Clone, Default)]
 pub struct Rib {
     /// fabric → prefix → paths.
     fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
+    /// Sessions in a graceful restart: the generation, and the paths the
+    /// peer announced again since (the others are stale).
+    stale: BTreeMap<Arc<str>, (u64, Refreshed)>,
 }
 
 impl Rib {
@@ -70,6 +90,9 @@ impl Rib {
                 announce,
                 withdraw,
             } => {
+                if let Some((_, refreshed)) = self.stale.get_mut(&session) {
+                    refreshed.extend(announce.iter().map(|(p, id, _)| (*p, *id)));
+                }
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
                 for (prefix, id) in withdraw {
@@ -102,20 +125,64 @@ impl Rib {
                 }
                 changed
             }
-            RibEvent::EndOfRib { .. } => false,
-            RibEvent::SessionDown { session } => {
-                let mut changed = false;
-                for table in self.fabrics.values_mut() {
-                    table.retain(|_, paths| {
-                        let before = paths.len();
-                        paths.retain(|((s, _), _)| *s != session);
-                        changed |= paths.len() != before;
-                        !paths.is_empty()
-                    });
-                }
+            RibEvent::EndOfRib { session } => self.sweep(&session, None),
+            RibEvent::SessionStale {
+                session,
+                generation,
+                keep_v4,
+                keep_v6,
+            } => {
+                let changed = self.remove_paths(&session, |prefix, _| match prefix {
+                    IpNet::V4(_) => !keep_v4,
+                    IpNet::V6(_) => !keep_v6,
+                });
+                self.stale.insert(session, (generation, BTreeSet::new()));
                 changed
             }
+            RibEvent::SweepStale {
+                session,
+                generation,
+            } => self.sweep(&session, Some(generation)),
+            RibEvent::SessionDown { session } => {
+                self.stale.remove(&session);
+                self.remove_paths(&session, |_, _| true)
+            }
         }
+    }
+
+    /// Removes the stale paths of `session` (all of its paths not announced
+    /// again since it went stale), if it is stale in `generation` (any).
+    fn sweep(&mut self, session: &Arc<str>, generation: Option<u64>) -> bool {
+        match self.stale.get(session) {
+            Some((g, _)) if generation.is_none_or(|want| want == *g) => {}
+            _ => return false,
+        }
+        let Some((_, refreshed)) = self.stale.remove(session) else {
+            return false;
+        };
+        self.remove_paths(session, |prefix, id| !refreshed.contains(&(*prefix, id)))
+    }
+
+    fn remove_paths(
+        &mut self,
+        session: &Arc<str>,
+        doomed: impl Fn(&IpNet, Option<u32>) -> bool,
+    ) -> bool {
+        let mut changed = false;
+        for table in self.fabrics.values_mut() {
+            table.retain(|prefix, paths| {
+                let before = paths.len();
+                paths.retain(|((s, id), _)| !(s == session && doomed(prefix, *id)));
+                changed |= paths.len() != before;
+                !paths.is_empty()
+            });
+        }
+        changed
+    }
+
+    /// Sessions whose paths are kept stale (graceful restart helper).
+    pub fn stale_sessions(&self) -> Vec<Arc<str>> {
+        self.stale.keys().cloned().collect()
     }
 
     /// The ECMP set of every prefix of `fabric`.
@@ -246,6 +313,71 @@ mod tests {
         }));
         assert!(rib.selected("public").is_empty());
         assert_eq!(rib.path_count(), 0);
+    }
+
+    #[test]
+    fn graceful_restart_keeps_stale_paths_until_end_of_rib_or_the_timer() {
+        let mut rib = Rib::default();
+        for prefix in ["203.0.113.3/32", "203.0.113.4/32"] {
+            rib.apply(announce(
+                "a",
+                prefix,
+                None,
+                path("198.51.100.102", "a-public", 100),
+            ));
+        }
+        let stale = |g| RibEvent::SessionStale {
+            session: "a".into(),
+            generation: g,
+            keep_v4: true,
+            keep_v6: false,
+        };
+        rib.apply(announce(
+            "a",
+            "2001:db8::3/128",
+            None,
+            path("2001:db8:1::102", "a-public", 100),
+        ));
+        assert!(rib.apply(stale(1)), "the IPv6 path goes");
+        assert_eq!(rib.path_count(), 2, "IPv4 paths kept");
+        // Back: one prefix announced again, then End-of-RIB.
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100),
+        ));
+        assert!(rib.apply(RibEvent::EndOfRib {
+            session: "a".into()
+        }));
+        assert_eq!(rib.path_count(), 1);
+        assert!(rib.stale_sessions().is_empty());
+        // The restart timer of an older generation does nothing; of the
+        // current one, it sweeps.
+        rib.apply(stale(2));
+        assert!(!rib.apply(RibEvent::SweepStale {
+            session: "a".into(),
+            generation: 1
+        }));
+        assert_eq!(rib.path_count(), 1);
+        assert!(rib.apply(RibEvent::SweepStale {
+            session: "a".into(),
+            generation: 2
+        }));
+        assert_eq!(rib.path_count(), 0);
+        // A hard down while stale removes everything at once.
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100),
+        ));
+        rib.apply(stale(3));
+        assert!(rib.apply(RibEvent::SessionDown {
+            session: "a".into()
+        }));
+        assert_eq!(rib.path_count(), 0);
+        assert!(rib.stale_sessions().is_empty());
     }
 
     #[test]
