@@ -1063,3 +1063,80 @@ fn a_vm_moving_between_hypervisors_converges_to_its_new_home() {
             .contains("via 2001:db8:c633:6400::101")
     });
 }
+
+/// Enhanced route refresh (RFC 7313) both ways with a raw peer: its
+/// Beginning/End of Route Refresh withdraws what it did not announce again,
+/// and our answer to its ROUTE-REFRESH request is framed by BoRR and EoRR.
+#[test]
+fn enhanced_route_refresh_sweeps_and_answers_with_borr_eorr() {
+    let f = fabric();
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let attrs: &[u8] = &[
+        0x40, 1, 1, 0, // ORIGIN IGP
+        0x40, 2, 0, // AS_PATH (empty, iBGP)
+        0x40, 3, 4, 198, 51, 100, 126, // NEXT_HOP
+        0x40, 5, 4, 0, 0, 0, 100, // LOCAL_PREF
+    ];
+    let update = |nlri: &[u8]| {
+        let mut b = vec![0, 0];
+        b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        b.extend_from_slice(attrs);
+        b.extend_from_slice(nlri);
+        hex_msg(2, &b)
+    };
+    let frames = [
+        "--enhanced-refresh".to_string(),
+        update(&[32, 203, 0, 113, 8, 32, 203, 0, 113, 9]),
+        hex_msg(5, &[0, 1, 1, 1]), // BoRR IPv4
+        update(&[32, 203, 0, 113, 8]),
+        hex_msg(5, &[0, 1, 2, 1]), // EoRR IPv4
+        hex_msg(5, &[0, 1, 0, 1]), // ROUTE-REFRESH request IPv4
+    ];
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/raw_rr.py");
+    let log = a1.dir.join("raw.log");
+    let mut args = vec!["python3", script, "198.51.100.126"];
+    args.extend(frames.iter().map(String::as_str));
+    let mut peer = f.rr.spawn(&args, &log);
+    let route = |p: &str| f.hv1.ip(&["route", "show", "table", "90", p]);
+    wait_for("203.0.113.8 learned", Duration::from_secs(30), || {
+        !route("203.0.113.8").is_empty()
+    });
+    wait_for(
+        "the refreshed answer arrived",
+        Duration::from_secs(10),
+        || {
+            peers(&a1)[0]["counters"]["refreshes_answered"] == 1
+                && fs::read_to_string(&log).is_ok_and(|l| l.contains("\"subtype\": 2"))
+        },
+    );
+    wait_for("203.0.113.9 swept at EoRR", Duration::from_secs(10), || {
+        route("203.0.113.9").is_empty()
+    });
+    assert!(!route("203.0.113.8").is_empty());
+    let p = peers(&a1);
+    assert_eq!(p[0]["prefixes_received"], 1, "{p}");
+    assert_eq!(p[0]["negotiated"]["enhanced_route_refresh"], true, "{p}");
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let report: Vec<serde_json::Value> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let kinds: Vec<(u64, u64)> = report
+        .iter()
+        .filter(|r| r["type"] == 5 || r["type"] == 2)
+        .map(|r| {
+            (
+                r["type"].as_u64().unwrap(),
+                r["subtype"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    let borr = kinds.iter().position(|k| *k == (5, 1));
+    let eorr = kinds.iter().position(|k| *k == (5, 2));
+    assert!(
+        matches!((borr, eorr), (Some(b), Some(e)) if b < e),
+        "BoRR then EoRR: {report:?}"
+    );
+}

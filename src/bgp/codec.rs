@@ -17,6 +17,7 @@ use netgauze_bgp_pkt::capabilities::{
     AddPathAddressFamily, AddPathCapability, BgpCapability, FourOctetAsCapability,
     GracefulRestartAddressFamily, GracefulRestartCapability, MultiProtocolExtensionsCapability,
 };
+use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
@@ -130,7 +131,21 @@ pub enum Message {
     Update(Update),
     Notification(Notification),
     KeepAlive,
-    RouteRefresh,
+    /// A ROUTE-REFRESH (RFC 2918) or, with enhanced route refresh, a
+    /// Beginning or End of Route Refresh (RFC 7313); `afi` is `None` for
+    /// a family we do not carry (ignored).
+    RouteRefresh {
+        afi: Option<Afi>,
+        kind: RefreshKind,
+    },
+}
+
+/// The ROUTE-REFRESH message subtype (RFC 7313 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshKind {
+    Request,
+    Begin,
+    End,
 }
 
 /// The parts of an OPEN that negotiation needs.
@@ -305,7 +320,14 @@ impl Codec {
             BgpMessage::Notification(_) | BgpMessage::KeepAlive => {
                 Err(Notification::new(1, 3, vec![]))
             }
-            BgpMessage::RouteRefresh(_) => Ok(Message::RouteRefresh),
+            BgpMessage::RouteRefresh(r) => Ok(Message::RouteRefresh {
+                afi: Afi::from_address_type(r.address_type()),
+                kind: match r.operation_type() {
+                    RouteRefreshSubcode::NormalRequest => RefreshKind::Request,
+                    RouteRefreshSubcode::BeginningOfRouteRefresh => RefreshKind::Begin,
+                    RouteRefreshSubcode::EndOfRouteRefresh => RefreshKind::End,
+                },
+            }),
         }
     }
 }
@@ -486,6 +508,19 @@ fn header(kind: u8, body_len: usize) -> Vec<u8> {
 
 pub fn keepalive() -> Vec<u8> {
     header(TYPE_KEEPALIVE, 0)
+}
+
+/// A ROUTE-REFRESH message for `afi` (unicast) of subtype `kind`.
+pub fn route_refresh(afi: Afi, kind: RefreshKind) -> Vec<u8> {
+    let mut v = header(TYPE_ROUTE_REFRESH, 4);
+    v.extend_from_slice(&(if afi == Afi::Ipv4 { 1u16 } else { 2 }).to_be_bytes());
+    v.push(match kind {
+        RefreshKind::Request => 0,
+        RefreshKind::Begin => 1,
+        RefreshKind::End => 2,
+    });
+    v.push(1);
+    v
 }
 
 pub fn notification(n: &Notification) -> Vec<u8> {
@@ -768,6 +803,25 @@ mod tests {
         // nothing (RFC 4724 §4.2).
         let want = [64u8, 10, 0x00, 120, 0, 1, 1, 0x80, 0, 2, 1, 0x80];
         assert!(bytes.windows(want.len()).any(|w| w == want), "{bytes:02x?}");
+    }
+
+    #[test]
+    fn route_refresh_subtypes_round_trip() {
+        for (afi, kind) in [
+            (Afi::Ipv4, RefreshKind::Request),
+            (Afi::Ipv6, RefreshKind::Begin),
+            (Afi::Ipv4, RefreshKind::End),
+        ] {
+            let b = route_refresh(afi, kind);
+            assert_eq!(b.len(), 23);
+            assert_eq!(
+                Codec::default().decode(&b).unwrap(),
+                Message::RouteRefresh {
+                    afi: Some(afi),
+                    kind
+                }
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,9 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs};
+use super::codec::{
+    self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs, RefreshKind,
+};
 use super::fsm::{self, Negotiated, State};
 use super::policy::{self, ImportPolicy, RefusalCounts};
 use crate::agent::AgentHandle;
@@ -55,6 +57,8 @@ pub struct Counters {
     pub treated_as_withdraw: u64,
     pub refused: RefusalCounts,
     pub established_transitions: u64,
+    /// ROUTE-REFRESH requests answered (RFC 2918 / 7313).
+    pub refreshes_answered: u64,
 }
 
 /// A received path as kept in the Adj-RIB-In.
@@ -546,6 +550,9 @@ impl Session {
         // Attributes are shared by every prefix of the UPDATE that carried
         // them.
         let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
+        // Enhanced route refresh in progress, per family (IPv4, IPv6): the
+        // paths not announced again yet.
+        let mut refreshing: [Option<BTreeSet<Nlri>>; 2] = [None, None];
         let keepalive = negotiated.keepalive;
         let hold = negotiated.hold_time;
         let mut ka = tokio::time::interval(if keepalive.is_zero() {
@@ -631,12 +638,71 @@ impl Session {
                                 let _ = stream.write_all(&codec::notification(&n)).await;
                                 return Err(SessionEnd::Sent(n));
                             }
-                            Message::RouteRefresh => {
-                                // RFC 2918: re-send the Adj-RIB-Out.
-                                let all: Vec<IpNet> = advertised.iter().copied().collect();
+                            Message::RouteRefresh { afi: None, .. } => {}
+                            Message::RouteRefresh { afi: Some(afi), kind: RefreshKind::Request } => {
+                                // RFC 2918: re-send the Adj-RIB-Out of the
+                                // family; framed by BoRR/EoRR when both
+                                // sides speak enhanced route refresh
+                                // (RFC 7313), so the peer can sweep.
+                                let v6 = afi == Afi::Ipv6;
+                                let all: Vec<IpNet> = advertised
+                                    .iter()
+                                    .filter(|p| p.addr().is_ipv6() == v6)
+                                    .copied()
+                                    .collect();
+                                let enhanced = negotiated.enhanced_route_refresh;
+                                if enhanced {
+                                    self.send(&mut stream, &codec::route_refresh(afi, RefreshKind::Begin)).await?;
+                                }
                                 self.advertise(&mut stream, &codec, &negotiated, &all, &[]).await?;
+                                if enhanced {
+                                    self.send(&mut stream, &codec::route_refresh(afi, RefreshKind::End)).await?;
+                                }
+                                self.status.send_modify(|s| s.counters.refreshes_answered += 1);
+                            }
+                            Message::RouteRefresh { afi: Some(afi), kind } => {
+                                // RFC 7313 from the peer: at Beginning of
+                                // Route Refresh its paths of the family go
+                                // stale; at the End those not announced
+                                // again are withdrawn.
+                                if !negotiated.enhanced_route_refresh {
+                                    continue;
+                                }
+                                let i = usize::from(afi == Afi::Ipv6);
+                                if kind == RefreshKind::Begin {
+                                    refreshing[i] = Some(
+                                        adj_in
+                                            .keys()
+                                            .filter(|n| n.prefix.addr().is_ipv6() == (i == 1))
+                                            .copied()
+                                            .collect(),
+                                    );
+                                } else if let Some(stale) = refreshing[i].take() {
+                                    let withdraw: Vec<(IpNet, Option<u32>)> = stale
+                                        .into_iter()
+                                        .filter(|n| adj_in.remove(n).is_some())
+                                        .map(|n| (n.prefix, n.path_id))
+                                        .collect();
+                                    let count = adj_in.len();
+                                    self.status.send_modify(|s| s.prefixes_received = count);
+                                    if !withdraw.is_empty() {
+                                        self.rib
+                                            .rib(RibEvent::Update {
+                                                session: self.name.clone(),
+                                                fabric: self.spec.fabric.clone(),
+                                                announce: vec![],
+                                                withdraw,
+                                            })
+                                            .await;
+                                    }
+                                }
                             }
                             Message::Update(u) => {
+                                for stale in refreshing.iter_mut().flatten() {
+                                    for n in &u.announce {
+                                        stale.remove(n);
+                                    }
+                                }
                                 let (event, close) = self.on_update(u, &mut adj_in);
                                 if let Some(event) = event {
                                     self.rib.rib(event).await;

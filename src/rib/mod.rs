@@ -54,6 +54,17 @@ pub enum RibEvent {
     SweepStale { session: Arc<str>, generation: u64 },
 }
 
+/// A session whose paths are (partly) stale.
+#[derive(Debug, Clone, Default)]
+struct Stale {
+    /// Graceful restart generation.
+    generation: u64,
+    v4: bool,
+    v6: bool,
+    /// (prefix, path id) announced again since.
+    refreshed: BTreeSet<(IpNet, Option<u32>)>,
+}
+
 /// One ECMP member as installed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Hop {
@@ -68,16 +79,13 @@ type PathKey = (Arc<str>, Option<u32>);
 /// BTreeMap per prefix cost ~1 KiB each at 100,000 prefixes).
 type Paths = Vec<(PathKey, Path)>;
 
-/// (prefix, path id) announced again by a session in graceful restart.
-type Refreshed = BTreeSet<(IpNet, Option<u32>)>;
-
 #[derive(Debug, Clone, Default)]
 pub struct Rib {
     /// fabric → prefix → paths.
     fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
     /// Sessions in a graceful restart: the generation, and the paths the
     /// peer announced again since (the others are stale).
-    stale: BTreeMap<Arc<str>, (u64, Refreshed)>,
+    stale: BTreeMap<Arc<str>, Stale>,
 }
 
 impl Rib {
@@ -90,8 +98,9 @@ impl Rib {
                 announce,
                 withdraw,
             } => {
-                if let Some((_, refreshed)) = self.stale.get_mut(&session) {
-                    refreshed.extend(announce.iter().map(|(p, id, _)| (*p, *id)));
+                if let Some(st) = self.stale.get_mut(&session) {
+                    st.refreshed
+                        .extend(announce.iter().map(|(p, id, _)| (*p, *id)));
                 }
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
@@ -136,7 +145,15 @@ impl Rib {
                     IpNet::V4(_) => !keep_v4,
                     IpNet::V6(_) => !keep_v6,
                 });
-                self.stale.insert(session, (generation, BTreeSet::new()));
+                self.stale.insert(
+                    session,
+                    Stale {
+                        generation,
+                        v4: keep_v4,
+                        v6: keep_v6,
+                        refreshed: BTreeSet::new(),
+                    },
+                );
                 changed
             }
             RibEvent::SweepStale {
@@ -150,17 +167,24 @@ impl Rib {
         }
     }
 
-    /// Removes the stale paths of `session` (all of its paths not announced
-    /// again since it went stale), if it is stale in `generation` (any).
+    /// Removes the stale paths of `session` (those not announced again
+    /// since it went stale), if it is stale in `generation` (any).
     fn sweep(&mut self, session: &Arc<str>, generation: Option<u64>) -> bool {
         match self.stale.get(session) {
-            Some((g, _)) if generation.is_none_or(|want| want == *g) => {}
+            Some(st) if generation.is_none_or(|g| g == st.generation) => {}
             _ => return false,
         }
-        let Some((_, refreshed)) = self.stale.remove(session) else {
+        let Some(st) = self.stale.remove(session) else {
             return false;
         };
-        self.remove_paths(session, |prefix, id| !refreshed.contains(&(*prefix, id)))
+        self.remove_paths(session, |prefix, id| {
+            let family = if prefix.addr().is_ipv6() {
+                st.v6
+            } else {
+                st.v4
+            };
+            family && !st.refreshed.contains(&(*prefix, id))
+        })
     }
 
     fn remove_paths(
