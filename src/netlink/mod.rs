@@ -10,6 +10,7 @@ pub mod dump;
 pub mod links;
 pub mod monitor;
 pub mod neigh;
+pub mod nexthop;
 pub mod sysctl;
 pub mod tap;
 
