@@ -25,6 +25,11 @@ pub enum NetlinkError {
         what: &'static str,
         source: rtnetlink::Error,
     },
+    #[error("nexthop {what}: {source}")]
+    Nexthop {
+        what: &'static str,
+        source: nexthop::NexthopError,
+    },
     #[error("netlink {what}: {source}")]
     Request {
         what: &'static str,

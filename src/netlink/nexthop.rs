@@ -430,19 +430,18 @@ pub fn dump() -> Result<Vec<NexthopMessage>, NexthopError> {
     }
 }
 
+/// The answers of a kernel built without nexthop objects (no
+/// RTM_GETNEXTHOP handler: EOPNOTSUPP) or that refuses the family.
+pub fn unsupported(errno: i32) -> bool {
+    matches!(errno, libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT)
+}
+
 /// Does this kernel have nexthop objects? `Err` when the socket itself
 /// failed (the question stays open).
 pub fn supported() -> Result<bool, NexthopError> {
     match dump() {
         Ok(_) => Ok(true),
-        Err(e)
-            if matches!(
-                e.errno(),
-                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::EAFNOSUPPORT | libc::ENOENT)
-            ) =>
-        {
-            Ok(false)
-        }
+        Err(e) if e.errno().is_some_and(unsupported) => Ok(false),
         Err(e) => Err(e),
     }
 }
