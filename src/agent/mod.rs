@@ -487,6 +487,7 @@ impl Agent {
         if shrunk.is_empty() {
             return;
         }
+        let computed = t.elapsed();
         let plan = reconcile::Plan {
             add_groups: shrunk
                 .iter()
@@ -515,6 +516,7 @@ impl Agent {
         }
         info!(
             groups = shrunk.len(),
+            compute_ms = computed.as_secs_f64() * 1e3,
             duration_ms = t.elapsed().as_secs_f64() * 1e3,
             "session down: nexthop groups replaced in place"
         );
