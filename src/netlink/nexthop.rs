@@ -198,7 +198,7 @@ impl NexthopMessage {
                 NHA_ID => m.id = Some(u32_of(v)?),
                 NHA_OIF => m.oif = Some(u32_of(v)?),
                 NHA_GROUP => {
-                    if v.len() % 8 != 0 {
+                    if !v.len().is_multiple_of(8) {
                         return Err(bad());
                     }
                     m.group = v
