@@ -1059,6 +1059,27 @@ mod tests {
         let c = parse("l3hv.toml", EXAMPLE).unwrap();
         assert_eq!(c.fabrics["public"].table, 90);
         assert_eq!(c.uplinks().len(), 4);
+        assert_eq!(c.kernel.nexthop_objects, NexthopObjects::Auto);
+    }
+
+    #[test]
+    fn nexthop_objects_takes_auto_on_off_only() {
+        for (text, want) in [
+            ("off", NexthopObjects::Off),
+            ("on", NexthopObjects::On),
+            ("auto", NexthopObjects::Auto),
+        ] {
+            let file = EXAMPLE.replace(
+                "nexthop_objects = \"auto\"",
+                &format!("nexthop_objects = \"{text}\""),
+            );
+            assert_eq!(
+                parse("l3hv.toml", &file).unwrap().kernel.nexthop_objects,
+                want
+            );
+        }
+        let bad = EXAMPLE.replace("nexthop_objects = \"auto\"", "nexthop_objects = \"yes\"");
+        assert!(parse("l3hv.toml", &bad).is_err());
     }
 
     fn issues(text: &str) -> Vec<ConfigIssue> {
