@@ -750,6 +750,7 @@ impl Session {
                                 uplink: self.uplink.clone(),
                                 local_pref: attrs.local_pref.unwrap_or(100),
                                 as_path_len: attrs.as_path_len,
+                                originator: attrs.originator_id,
                             },
                         ));
                     }

@@ -34,6 +34,16 @@ pub fn render_status(v: &Value) -> String {
         s(&v["routes_programmed"]),
         s(&v["routes_failed"]),
     ));
+    let nh = &v["nexthops"];
+    if !nh.is_null() {
+        out.push_str(&format!(
+            "learned routes: {} (nexthop_objects = {}), {} objects, {} groups\n",
+            s(&nh["mode"]),
+            s(&nh["setting"]),
+            s(&nh["objects"]),
+            s(&nh["groups"]),
+        ));
+    }
     let r = &v["last_reconcile"];
     if r.is_null() {
         out.push_str("last reconcile: never\n");

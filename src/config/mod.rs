@@ -328,6 +328,30 @@ pub enum Ipv6Forwarding {
     Global,
 }
 
+/// How learned ECMP routes are programmed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NexthopObjects {
+    /// Nexthop objects when the kernel has them (probed at start), else
+    /// RTA_MULTIPATH.
+    #[default]
+    Auto,
+    /// Always nexthop objects and groups (routes carry RTA_NH_ID).
+    On,
+    /// Always RTA_MULTIPATH routes, as before nexthop objects.
+    Off,
+}
+
+impl NexthopObjects {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct KernelConfig {
@@ -357,6 +381,10 @@ pub struct KernelConfig {
     /// Period of the level-based reconcile that repairs outside changes.
     #[serde(default = "default_reconcile_interval", with = "humantime_serde")]
     pub reconcile_interval: Duration,
+    /// Learned routes through kernel nexthop objects and groups: a fabric
+    /// failure then rewrites a few groups, not every route.
+    #[serde(default)]
+    pub nexthop_objects: NexthopObjects,
 }
 
 impl Default for KernelConfig {
@@ -372,6 +400,7 @@ impl Default for KernelConfig {
             remove_default_rules: false,
             ipv6_forwarding: Ipv6Forwarding::PerInterface,
             reconcile_interval: default_reconcile_interval(),
+            nexthop_objects: NexthopObjects::Auto,
         }
     }
 }
@@ -1106,6 +1135,27 @@ mod tests {
         let c = parse("l3hv.toml", EXAMPLE).unwrap();
         assert_eq!(c.fabrics["public"].table, 90);
         assert_eq!(c.uplinks().len(), 4);
+        assert_eq!(c.kernel.nexthop_objects, NexthopObjects::Auto);
+    }
+
+    #[test]
+    fn nexthop_objects_takes_auto_on_off_only() {
+        for (text, want) in [
+            ("off", NexthopObjects::Off),
+            ("on", NexthopObjects::On),
+            ("auto", NexthopObjects::Auto),
+        ] {
+            let file = EXAMPLE.replace(
+                "nexthop_objects = \"auto\"",
+                &format!("nexthop_objects = \"{text}\""),
+            );
+            assert_eq!(
+                parse("l3hv.toml", &file).unwrap().kernel.nexthop_objects,
+                want
+            );
+        }
+        let bad = EXAMPLE.replace("nexthop_objects = \"auto\"", "nexthop_objects = \"yes\"");
+        assert!(parse("l3hv.toml", &bad).is_err());
     }
 
     fn issues(text: &str) -> Vec<ConfigIssue> {

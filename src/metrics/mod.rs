@@ -486,6 +486,7 @@ mod tests {
             rib_paths: 7,
             rib_prefixes: 4,
             last_reconcile: None,
+            nexthops: Default::default(),
             services: None,
         }
     }

@@ -7,7 +7,7 @@
 //! `reconcile::desired`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -21,6 +21,18 @@ pub struct Path {
     pub uplink: Arc<str>,
     pub local_pref: u32,
     pub as_path_len: usize,
+    /// ORIGINATOR_ID (RFC 4456 §8), added by the route reflector: the
+    /// hypervisor that announced the path, whichever reflector carried it.
+    pub originator: Option<Ipv4Addr>,
+}
+
+impl Path {
+    /// Who stands behind this path: its ORIGINATOR_ID, or its next hop
+    /// when it has none (a path the reflector originated itself). The
+    /// nexthop group of a prefix is keyed by these (reconcile::groups).
+    pub fn origin(&self) -> IpAddr {
+        self.originator.map_or(self.next_hop, IpAddr::V4)
+    }
 }
 
 /// What a session reports to the RIB.
@@ -70,6 +82,14 @@ struct Stale {
 pub struct Hop {
     pub gateway: IpAddr,
     pub uplink: Arc<str>,
+}
+
+/// The ECMP set of a prefix with the origins of its paths.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selected {
+    pub hops: BTreeSet<Hop>,
+    /// [`Path::origin`] of every selected path.
+    pub origins: BTreeSet<IpAddr>,
 }
 
 /// (session, path id): what identifies a path of a prefix.
@@ -224,6 +244,66 @@ impl Rib {
         out
     }
 
+    /// The ECMP set of every prefix of `fabric`, with the origins of the
+    /// selected paths (what nexthop groups are keyed by).
+    pub fn selected_with_origins(&self, fabric: &str) -> Vec<(IpNet, Selected)> {
+        let Some(table) = self.fabrics.get(fabric) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(table.len());
+        for (prefix, paths) in table {
+            let Some(top) = paths
+                .iter()
+                .map(|(_, p)| (p.local_pref, std::cmp::Reverse(p.as_path_len)))
+                .max()
+            else {
+                continue;
+            };
+            let mut s = Selected::default();
+            for (_, p) in paths {
+                if (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top {
+                    s.hops.insert(Hop {
+                        gateway: p.next_hop,
+                        uplink: p.uplink.clone(),
+                    });
+                    s.origins.insert(p.origin());
+                }
+            }
+            out.push((*prefix, s));
+        }
+        out
+    }
+
+    /// Every (origin, hop) that some path of `fabric` still has: a scan of
+    /// the paths without building any per-prefix set (the failover fast
+    /// path checks group members against it).
+    pub fn live_hops(&self, fabric: &str) -> BTreeSet<(IpAddr, Hop)> {
+        let mut out: BTreeSet<(IpAddr, Hop)> = BTreeSet::new();
+        let Some(table) = self.fabrics.get(fabric) else {
+            return out;
+        };
+        let mut last: Option<(IpAddr, IpAddr, *const str)> = None;
+        for paths in table.values() {
+            for (_, p) in paths {
+                let key = (p.origin(), p.next_hop, Arc::as_ptr(&p.uplink));
+                // Consecutive paths almost always repeat the same hop.
+                if last == Some(key) {
+                    continue;
+                }
+                last = Some(key);
+                let hop = Hop {
+                    gateway: p.next_hop,
+                    uplink: p.uplink.clone(),
+                };
+                let item = (p.origin(), hop);
+                if !out.contains(&item) {
+                    out.insert(item);
+                }
+            }
+        }
+        out
+    }
+
     pub fn path_count(&self) -> usize {
         self.fabrics
             .values()
@@ -268,6 +348,7 @@ mod tests {
             uplink: Arc::from(uplink),
             local_pref: lp,
             as_path_len: 0,
+            originator: None,
         }
     }
 
