@@ -184,6 +184,8 @@ pub struct Agent {
     /// until every session has sent End-of-RIB or this deadline passes: a
     /// restarted agent must not withdraw what BGP is about to relearn.
     learned_hold: Option<Instant>,
+    /// The first dump was checked for learned state to hold.
+    hold_checked: bool,
     /// The kernel as the last pass left it, when that pass dumped or could
     /// mirror every change it made: RIB-only changes plan against it
     /// instead of dumping again (the full pass stays the repair path: on
@@ -274,6 +276,7 @@ impl Agent {
                 intent,
                 rib: Rib::default(),
                 learned_hold,
+                hold_checked: false,
                 relearned: BTreeSet::new(),
                 cache: None,
                 end_of_rib: BTreeSet::new(),
@@ -641,6 +644,15 @@ impl Agent {
                 return;
             }
         };
+        if !self.hold_checked {
+            self.hold_checked = true;
+            // A cold start (no learned route or nexthop group of a previous
+            // run in the kernel) has nothing to hold.
+            let metric = self.config.kernel.learned_route_metric;
+            if observed.groups.is_empty() && !observed.routes.keys().any(|id| id.metric == metric) {
+                self.learned_hold = None;
+            }
+        }
         let t = Instant::now();
         if incremental {
             // Sysctls were settled by the pass the cache comes from.
@@ -688,6 +700,17 @@ impl Agent {
                 // relearning add them back).
                 plan.remove_groups.clear();
                 plan.remove_nexthops.clear();
+                // A group all of whose routes are relearned follows the RIB
+                // like they do: a session that goes down during the hold
+                // (BFD, a reflector) still takes its members out.
+                let mut stale_groups: BTreeSet<u32> = BTreeSet::new();
+                for (id, attrs) in &desired.routes {
+                    if let Some(g) = attrs.nh_id {
+                        if !self.relearned.contains(&id.dst) {
+                            stale_groups.insert(g);
+                        }
+                    }
+                }
                 plan.add_groups.retain_mut(|op| {
                     let KernelOp::AddGroup {
                         id,
@@ -697,6 +720,9 @@ impl Agent {
                     else {
                         return true;
                     };
+                    if !stale_groups.contains(id) {
+                        return true;
+                    }
                     let Some(have) = observed.groups.get(id) else {
                         return true;
                     };
