@@ -385,6 +385,13 @@ pub struct KernelConfig {
     /// failure then rewrites a few groups, not every route.
     #[serde(default)]
     pub nexthop_objects: NexthopObjects,
+    /// `net.ipv4.nexthop_compat_mode` to set (absent: left as it is). With
+    /// 1, the kernel's default, replacing a group also notifies every
+    /// route using it (77 ms at 100,000 routes here, against 3 ms with 0)
+    /// and `ip route` shows the group's members; 0 makes failover cost
+    /// O(groups) in the kernel too, and `ip route` shows only `nhid`.
+    #[serde(default)]
+    pub nexthop_compat_mode: Option<u8>,
 }
 
 impl Default for KernelConfig {
@@ -401,6 +408,7 @@ impl Default for KernelConfig {
             ipv6_forwarding: Ipv6Forwarding::PerInterface,
             reconcile_interval: default_reconcile_interval(),
             nexthop_objects: NexthopObjects::Auto,
+            nexthop_compat_mode: None,
         }
     }
 }
@@ -792,6 +800,14 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         err(
             root.key("dbus").key("bus"),
             format!("`{bus}` is neither \"system\", \"session\" nor a D-Bus address"),
+        );
+    }
+    if let Some(m) = c.kernel.nexthop_compat_mode
+        && m > 1
+    {
+        err(
+            root.key("kernel").key("nexthop_compat_mode"),
+            format!("{m} is neither 0 nor 1"),
         );
     }
     let bfd = root.key("bfd");
@@ -1273,6 +1289,17 @@ gateway_v4 = "203.0.113.254"
         let text = format!("{MIN}\n[dbus]\nbus = \"unix:path=/tmp/bus\"\ngroup = \"l3hv\"\n");
         let c = parse("t.toml", &text).unwrap();
         assert_eq!(c.dbus.group.as_deref(), Some("l3hv"));
+    }
+
+    #[test]
+    fn nexthop_compat_mode_is_0_or_1() {
+        let i = issues(&format!("{MIN}\n[kernel]\nnexthop_compat_mode = 2\n"));
+        assert_eq!(i[0].field, "kernel.nexthop_compat_mode");
+        let ok = format!("{MIN}\n[kernel]\nnexthop_compat_mode = 0\n");
+        assert_eq!(
+            parse("t.toml", &ok).unwrap().kernel.nexthop_compat_mode,
+            Some(0)
+        );
     }
 
     #[test]

@@ -134,6 +134,9 @@ pub fn desired_with(
     if k.ipv6_forwarding == Ipv6Forwarding::Global {
         hs.insert("net/ipv6/conf/all/forwarding".into(), "1".into());
     }
+    if let Some(m) = k.nexthop_compat_mode {
+        hs.insert("net/ipv4/nexthop_compat_mode".into(), m.to_string());
+    }
 
     // Uplinks.
     for u in config.uplinks() {
@@ -544,6 +547,17 @@ mod tests {
             .collect();
         assert_eq!(uplinks.len(), 2);
         assert!(uplinks.iter().all(|r| r.table == 20));
+    }
+
+    #[test]
+    fn nexthop_compat_mode_is_written_only_when_configured() {
+        let key = "net/ipv4/nexthop_compat_mode";
+        let d = desired(&cfg(), &Intent::default(), &Rib::default());
+        assert!(!d.host_sysctls.contains_key(key));
+        let mut c = cfg();
+        c.kernel.nexthop_compat_mode = Some(0);
+        let d = desired(&c, &Intent::default(), &Rib::default());
+        assert_eq!(d.host_sysctls[key], "0");
     }
 
     #[test]
