@@ -448,15 +448,19 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
                     },
                 }
             };
-            let mut tables = vec![(fabric.table, None)];
+            // No allocation per prefix: at most the fabric's table and
+            // local-out.
+            let mut tables = [(fabric.table, None), (0, None)];
+            let mut n_tables = 1;
             if !fabric.catch_all {
                 let src = match dst {
                     IpNet::V4(_) => config.hypervisor.private_source_v4.map(IpAddr::V4),
                     IpNet::V6(_) => config.hypervisor.private_source_v6.map(IpAddr::V6),
                 };
-                tables.push((k.local_out_table, src));
+                tables[1] = (k.local_out_table, src);
+                n_tables = 2;
             }
-            for (table, src) in tables {
+            for &(table, src) in &tables[..n_tables] {
                 let first = RouteId {
                     table,
                     dst,

@@ -100,7 +100,7 @@ pub fn build(
     d: &mut DesiredKernel,
 ) -> Vec<Option<u32>> {
     // Intern the keys: (v6, origins) → index, members unioned.
-    let mut index: BTreeMap<(bool, &BTreeSet<IpAddr>), usize> = BTreeMap::new();
+    let mut index: BTreeMap<(bool, &[IpAddr]), usize> = BTreeMap::new();
     let mut members: Vec<BTreeSet<&Hop>> = Vec::new();
     let mut of_prefix: Vec<Option<usize>> = Vec::with_capacity(selected.len());
     for (dst, s) in selected {
@@ -114,7 +114,7 @@ pub fn build(
             of_prefix.push(None);
             continue;
         }
-        let i = *index.entry((v6, &s.origins)).or_insert_with(|| {
+        let i = *index.entry((v6, s.origins.as_slice())).or_insert_with(|| {
             members.push(BTreeSet::new());
             members.len() - 1
         });
@@ -148,7 +148,7 @@ pub fn build(
                 GroupKey {
                     fabric: fabric.to_string(),
                     v6: *v6,
-                    origins: origins.iter().copied().collect(),
+                    origins: origins.to_vec(),
                 },
                 *i,
             )
