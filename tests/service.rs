@@ -219,6 +219,20 @@ fn metrics_match_status() {
         ),
         Some(runs)
     );
+    // The one intent change (set vm1) was answered and timed.
+    assert_eq!(
+        sample(&text, "l3hv_intent_call_duration_seconds_count", ""),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "l3hv_intent_call_duration_seconds_bucket",
+            "le=\"+Inf\""
+        ),
+        Some(1.0)
+    );
     let applied = sample(
         &text,
         "l3hv_reconcile_operations_total",

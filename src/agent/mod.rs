@@ -352,6 +352,7 @@ impl Agent {
     }
 
     async fn on_commands(&mut self, batch: Vec<Command>) {
+        let taken = Instant::now();
         let mut changed = false;
         let mut rib_changed = false;
         let mut session_down = false;
@@ -449,7 +450,10 @@ impl Agent {
             let report = self.last.clone().unwrap_or_default();
             for (vm, reply) in waiting {
                 let _ = reply.send(vm_result(vm.as_deref(), &self.intent, &report));
+                self.stats.record_intent_call(taken.elapsed());
             }
+            self.stats_published
+                .send_replace(Arc::new(self.stats.clone()));
         }
         for cmd in later {
             match cmd {

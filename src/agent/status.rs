@@ -326,28 +326,43 @@ pub struct ReconcileStats {
     /// bound plus the last for +Inf.
     pub duration_buckets: Vec<u64>,
     pub duration_sum: Duration,
+    /// Intent changes (SetVm/RemoveVm from the hook, D-Bus or the CLI):
+    /// from the agent taking the call to its answer, which waits for the
+    /// local reconcile. Per-bucket counts as `duration_buckets`.
+    pub intent_call_buckets: Vec<u64>,
+    pub intent_call_sum: Duration,
     /// The last pass.
     pub last: Option<ReconcileReport>,
 }
 
+fn bucket(buckets: &mut Vec<u64>, d: Duration) {
+    if buckets.len() != RECONCILE_BUCKETS.len() + 1 {
+        *buckets = vec![0; RECONCILE_BUCKETS.len() + 1];
+    }
+    let secs = d.as_secs_f64();
+    let i = RECONCILE_BUCKETS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(RECONCILE_BUCKETS.len());
+    buckets[i] += 1;
+}
+
 impl ReconcileStats {
+    /// Adds one answered intent change.
+    pub fn record_intent_call(&mut self, took: Duration) {
+        bucket(&mut self.intent_call_buckets, took);
+        self.intent_call_sum += took;
+    }
+
     /// Adds one pass.
     pub fn record(&mut self, report: &ReconcileReport) {
-        if self.duration_buckets.len() != RECONCILE_BUCKETS.len() + 1 {
-            self.duration_buckets = vec![0; RECONCILE_BUCKETS.len() + 1];
-        }
         self.passes += 1;
         if report.error.is_some() {
             self.errors += 1;
         }
         self.operations_applied += report.applied as u64;
         self.operations_failed += report.failed.len() as u64;
-        let secs = report.duration.as_secs_f64();
-        let i = RECONCILE_BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(RECONCILE_BUCKETS.len());
-        self.duration_buckets[i] += 1;
+        bucket(&mut self.duration_buckets, report.duration);
         self.duration_sum += report.duration;
         self.last = Some(report.clone());
     }

@@ -270,6 +270,28 @@ pub fn encode(
             buckets,
         },
     );
+    let calls: Vec<(f64, u64)> = RECONCILE_BUCKETS
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::MAX))
+        .zip(
+            stats
+                .intent_call_buckets
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(0)),
+        )
+        .collect();
+    r.register_with_unit(
+        "intent_call_duration",
+        "Intent changes (libvirt hook, D-Bus, CLI): from the agent taking the call to its answer, local reconcile included",
+        Unit::Seconds,
+        ConstHistogram {
+            sum: stats.intent_call_sum.as_secs_f64(),
+            count: stats.intent_call_buckets.iter().sum(),
+            buckets: calls,
+        },
+    );
     if let Some(last) = &stats.last {
         r.register_with_unit(
             "reconcile_last",
