@@ -1413,3 +1413,117 @@ fn enhanced_route_refresh_sweeps_and_answers_with_borr_eorr() {
         "BoRR then EoRR: {report:?}"
     );
 }
+
+/// RFC 8950 with BIRD: an IPv6-only fabric path (no IPv4 address on the
+/// uplinks or the reflector) still carries the VMs' IPv4 routes, with IPv6
+/// next hops, installed through nexthop objects; the VMs reach each other.
+#[test]
+fn ipv4_routes_over_an_ipv6_only_fabric_with_extended_next_hop() {
+    require_root();
+    let sw = Netns::new(&unique("sw6"));
+    sw.ip(&["link", "add", "br0", "type", "bridge"]);
+    sw.ip(&["link", "set", "br0", "up"]);
+    let rr = Netns::new(&unique("rr6"));
+    let hv1 = Netns::new(&unique("hv61"));
+    let hv2 = Netns::new(&unique("hv62"));
+    for (ns, ifname, port) in [
+        (&rr, "eth0", "p-rr"),
+        (&hv1, "a-public", "p-hv1"),
+        (&hv2, "a-public", "p-hv2"),
+    ] {
+        veth(&sw, port, ns, ifname);
+        sw.ip(&["link", "set", port, "master", "br0"]);
+    }
+    rr.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:c633:6400::126/120",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    let _bird = start_bird(
+        &rr,
+        r#"
+router id 198.51.100.126;
+protocol device {}
+template bgp rrc {
+    local 2001:db8:c633:6400::126 as 65000;
+    rr client;
+    rr cluster id 198.51.100.126;
+    direct;
+    hold time 9;
+    ipv4 { import all; export all; extended next hop on; next hop keep; };
+    ipv6 { import all; export all; next hop keep; };
+}
+protocol bgp hv1 from rrc { neighbor 2001:db8:c633:6400::101 as 65000; }
+protocol bgp hv2 from rrc { neighbor 2001:db8:c633:6400::102 as 65000; }
+"#,
+    );
+    let config = |n: u8| {
+        hv_config(n)
+            .replace(
+                &format!(
+                    "addresses = [\"198.51.100.10{n}/25\", \"2001:db8:c633:6400::10{n}/120\"]"
+                ),
+                &format!("addresses = [\"2001:db8:c633:6400::10{n}/120\"]"),
+            )
+            .replace(
+                "reflectors = [\"198.51.100.126\"]",
+                "reflectors = [\"2001:db8:c633:6400::126\"]",
+            )
+            .replace("[bgp]", "[bgp]\ngtsm = false")
+    };
+    assert!(!config(1).contains("198.51.100.101/25"));
+    let a1 = Agent::start(&hv1, &config(1));
+    let a2 = Agent::start(&hv2, &config(2));
+    let vm1 = vm_ns(
+        &hv1,
+        &unique("v61"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    let _vm3 = vm_ns(
+        &hv2,
+        &unique("v63"),
+        "vm3e0",
+        "203.0.113.3/24",
+        "203.0.113.254",
+    );
+    a1.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        None,
+    ));
+    a2.set_vm(&vm_json(
+        "vm3",
+        "vm3e0",
+        "adopt",
+        "public",
+        "203.0.113.3",
+        None,
+    ));
+    wait_for("sessions", Duration::from_secs(30), || {
+        peers(&a1)[0]["state"] == "Established" && peers(&a2)[0]["state"] == "Established"
+    });
+    let p = peers(&a1);
+    assert_eq!(p[0]["negotiated"]["extended_next_hop"], true, "{p}");
+    assert_eq!(p[0]["negotiated"]["ipv4"], true, "{p}");
+    wait_for(
+        "vm3's IPv4 route on hv1 via hv2's IPv6 address",
+        Duration::from_secs(30),
+        || {
+            let (groups, nhid) = groups_and_nhid(&hv1, "203.0.113.3");
+            nhid.is_some()
+                && groups
+                    .iter()
+                    .any(|(_, m)| m.iter().any(|h| h.contains("2001:db8:c633:6400::102")))
+        },
+    );
+    assert!(vm1.ping("203.0.113.3"), "IPv4 over the IPv6-only fabric");
+}

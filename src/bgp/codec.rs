@@ -14,8 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::capabilities::{
-    AddPathAddressFamily, AddPathCapability, BgpCapability, FourOctetAsCapability,
-    GracefulRestartAddressFamily, GracefulRestartCapability, MultiProtocolExtensionsCapability,
+    AddPathAddressFamily, AddPathCapability, BgpCapability, ExtendedNextHopEncoding,
+    ExtendedNextHopEncodingCapability, FourOctetAsCapability, GracefulRestartAddressFamily,
+    GracefulRestartCapability, MultiProtocolExtensionsCapability,
 };
 use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
@@ -26,7 +27,7 @@ use netgauze_bgp_pkt::path_attribute::{
 };
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
 use netgauze_bgp_pkt::wire::deserializer::{BgpMessageParsingError, BgpParsingContext};
-use netgauze_iana::address_family::AddressType;
+use netgauze_iana::address_family::{AddressFamily, AddressType};
 use netgauze_parse_utils::WritablePdu;
 use netgauze_parse_utils::reader::SliceReader;
 use netgauze_parse_utils::traits::ParseFromWithOneInput;
@@ -406,7 +407,13 @@ fn open_of(open: &BgpOpenMessage) -> Result<Message, Notification> {
                     .filter_map(|f| Afi::from_address_type(f.address_type()))
                     .collect();
             }
-            BgpCapability::ExtendedNextHopEncoding(_) => o.extended_next_hop = true,
+            // RFC 8950: only IPv4 unicast NLRI with IPv6 next hops matter.
+            BgpCapability::ExtendedNextHopEncoding(e) => {
+                o.extended_next_hop |= e.encodings().iter().any(|x| {
+                    x.address_type() == AddressType::Ipv4Unicast
+                        && x.next_hop_afi() == AddressFamily::IPv6
+                })
+            }
             _ => {}
         }
     }
@@ -551,6 +558,11 @@ pub fn open(local: &LocalOpen) -> Result<Vec<u8>, CodecError> {
         )),
         BgpCapability::RouteRefresh,
         BgpCapability::EnhancedRouteRefresh,
+        // RFC 8950: IPv4 unicast with IPv6 next hops, for IPv6-only fabric
+        // paths (the kernel installs them through nexthop objects).
+        BgpCapability::ExtendedNextHopEncoding(ExtendedNextHopEncodingCapability::new(vec![
+            ExtendedNextHopEncoding::new(AddressType::Ipv4Unicast, AddressFamily::IPv6),
+        ])),
         BgpCapability::FourOctetAs(FourOctetAsCapability::new(local.asn)),
         BgpCapability::AddPath(AddPathCapability::new(vec![
             AddPathAddressFamily::new(AddressType::Ipv4Unicast, local.add_path_send, true),
@@ -791,6 +803,7 @@ mod tests {
         assert_eq!(o.multiprotocol, vec![Afi::Ipv4, Afi::Ipv6]);
         assert!(o.add_path.contains(&(Afi::Ipv4, false, true)));
         assert!(o.route_refresh && o.enhanced_route_refresh);
+        assert!(o.extended_next_hop, "RFC 8950 IPv4 over IPv6 next hops");
     }
 
     #[test]

@@ -491,10 +491,14 @@ impl Session {
         if !remove.is_empty() {
             msgs.extend(codec::withdraw(codec, remove)?);
         }
-        for (v6, nh) in [
-            (false, self.spec.next_hop_v4),
-            (true, self.spec.next_hop_v6),
-        ] {
+        // RFC 8950: on a path without an IPv4 address, IPv4 prefixes go
+        // with the IPv6 next hop when the peer agreed to it.
+        let v4_next_hop = self.spec.next_hop_v4.or(if negotiated.extended_next_hop {
+            self.spec.next_hop_v6
+        } else {
+            None
+        });
+        for (v6, nh) in [(false, v4_next_hop), (true, self.spec.next_hop_v6)] {
             let prefixes: Vec<IpNet> = add
                 .iter()
                 .filter(|p| p.addr().is_ipv6() == v6)

@@ -108,7 +108,9 @@ pub fn build(
         let mut hops = s
             .hops
             .iter()
-            .filter(|h| h.gateway.is_ipv6() == v6)
+            // IPv4 routes may use IPv6 next hops (RFC 8950; the kernel
+            // takes them in a group); IPv6 routes never IPv4 ones.
+            .filter(|h| !v6 || h.gateway.is_ipv6())
             .peekable();
         if hops.peek().is_none() {
             of_prefix.push(None);
