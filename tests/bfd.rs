@@ -805,3 +805,97 @@ fn a_restarting_reflector_keeps_its_paths_stale_until_end_of_rib_or_its_restart_
     let after = gone.elapsed();
     assert!(after >= Duration::from_secs(4), "{after:?}");
 }
+
+/// `systemctl reload` (SIGHUP) applies BGP and BFD changes live, touching
+/// only what changed: a new fabric path's session starts, BFD timers change
+/// by a poll sequence without a BGP flap, a hold time change restarts the
+/// sessions (Cease / Other Configuration Change), a removed reflector's
+/// session stops (Cease / Peer De-configured) and its paths go.
+#[test]
+fn reload_adds_retimes_restarts_and_removes_sessions_live() {
+    let t = topo();
+    let _r1 = bird(
+        &t.rr1,
+        "198.51.100.126",
+        ["198.51.100.101", "198.51.100.102"],
+        "",
+        "",
+    );
+    let r2 = bird(
+        &t.rr2,
+        "198.51.100.226",
+        ["198.51.100.201", "198.51.100.202"],
+        "",
+        "",
+    );
+    let full = config(1, "");
+    let a_only = full.replace("reflectors = [\"198.51.100.226\"]", "reflectors = []");
+    assert_ne!(full, a_only);
+    let a1 = Agent::start(&t.hv1, &a_only);
+    let a2 = Agent::start(&t.hv2, &config(2, ""));
+    let _vms = two_vms(&t, &a1, &a2);
+    wait_for("path A up", Duration::from_secs(40), || {
+        let p = peers(&a1);
+        p.as_array().unwrap().len() == 1 && p[0]["state"] == "Established"
+    });
+    let pid = a1.child.as_ref().unwrap().id();
+    let reload = |text: &str| {
+        fs::write(
+            &a1.config,
+            text.replace("@DIR@", &a1.dir.display().to_string()),
+        )
+        .unwrap();
+        a1.signal(libc::SIGHUP);
+    };
+    let route = || t.hv1.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+
+    // 1. Path B's reflector added.
+    reload(&full);
+    wait_for("both paths up, ECMP", Duration::from_secs(40), || {
+        all_up(&a1) && route().matches("dev ").count() == 2
+    });
+    let a = session(&a1, "a");
+    assert_eq!(
+        a["counters"]["established_transitions"], 1,
+        "A untouched: {a}"
+    );
+
+    // 2. BFD timers: a poll sequence, no BGP flap.
+    reload(&full.replace(&format!("min_tx = \"{BFD_MS}ms\""), "min_tx = \"300ms\""));
+    wait_for("BFD retimed", Duration::from_secs(20), || {
+        session(&a1, "a")["bfd"]["tx_interval_ms"] == 300.0
+    });
+    let a = session(&a1, "a");
+    assert_eq!(a["counters"]["established_transitions"], 1, "{a}");
+    assert_eq!(a["bfd"]["failures"], 0, "{a}");
+
+    // 3. Hold time: the sessions restart with it.
+    let held = full.replace("hold_time = \"9s\"", "hold_time = \"6s\"");
+    reload(&held);
+    wait_for(
+        "sessions back with hold 6s",
+        Duration::from_secs(40),
+        || {
+            all_up(&a1)
+                && peers(&a1)
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p["negotiated"]["hold_time"]["secs"] == 6)
+        },
+    );
+
+    // 4. Path B's reflector removed: its session stops and its path goes.
+    reload(&held.replace("reflectors = [\"198.51.100.226\"]", "reflectors = []"));
+    wait_for("path B gone", Duration::from_secs(20), || {
+        peers(&a1).as_array().unwrap().len() == 1 && route().matches("dev ").count() == 1
+    });
+    assert!(route().contains("a-public"), "{}", route());
+    let rr2 = birdc(&t.rr2, &r2, "show protocols all hv1");
+    assert!(
+        rr2.contains("Peer de-configured") || rr2.contains("Received: Cease"),
+        "{rr2}"
+    );
+    assert_eq!(a1.child.as_ref().unwrap().id(), pid, "never restarted");
+    assert!(a1.log().contains("bgp session removed"));
+}

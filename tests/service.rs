@@ -117,11 +117,11 @@ fn notify_ready_watchdog_and_reload() {
     );
 
     // A good file: applied live (the bottom of table 90 changes), and a
-    // BGP change is reported as needing a restart.
+    // change of the BGP port is reported as needing a restart.
     let changed = good.replace(
         "ipv6_mode = \"prefix-per-vm\"",
         "ipv6_mode = \"prefix-per-vm\"\ndefault_route = \"unreachable\"",
-    ) + "\n[bgp]\nhold_time = \"30s\"\n";
+    ) + "\n[bgp]\nport = 1179\n";
     std::fs::write(&agent.config, &changed).expect("write good config");
     agent.signal(libc::SIGHUP);
     let msgs = receive(&sock, Duration::from_secs(5), |m| m.contains("READY=1"));

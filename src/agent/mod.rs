@@ -124,6 +124,7 @@ pub struct AgentHandle {
     tx: mpsc::Sender<Command>,
     intent: watch::Receiver<Arc<Intent>>,
     stats: watch::Receiver<Arc<ReconcileStats>>,
+    config: watch::Receiver<Arc<Config>>,
 }
 
 impl AgentHandle {
@@ -132,6 +133,12 @@ impl AgentHandle {
     /// write intent.
     pub fn subscribe_intent(&self) -> watch::Receiver<Arc<Intent>> {
         self.intent.clone()
+    }
+
+    /// The configuration in force, updated by every accepted reload (the
+    /// BGP speaker follows it).
+    pub fn subscribe_config(&self) -> watch::Receiver<Arc<Config>> {
+        self.config.clone()
     }
 
     /// A read-only view of the reconcile totals and the last report,
@@ -226,6 +233,7 @@ pub struct Agent {
     services: Option<crate::services::Registry>,
     stats: ReconcileStats,
     stats_published: watch::Sender<Arc<ReconcileStats>>,
+    config_published: watch::Sender<Arc<Config>>,
     watchdog: Option<Watchdog>,
 }
 
@@ -258,6 +266,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel(1024);
         let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
         let (stats_published, stats_rx) = watch::channel(Arc::new(ReconcileStats::default()));
+        let (config_published, config_rx) = watch::channel(Arc::new(config.clone()));
         let sessions_expected = if config.bgp.enabled {
             crate::bgp::peer_specs(&config).len()
         } else {
@@ -296,12 +305,14 @@ impl Agent {
                 services: None,
                 stats: ReconcileStats::default(),
                 stats_published,
+                config_published,
                 watchdog: None,
             },
             AgentHandle {
                 tx,
                 intent: intent_rx,
                 stats: stats_rx,
+                config: config_rx,
             },
         ))
     }
@@ -570,6 +581,13 @@ impl Agent {
         }
         let changed = effective != self.config;
         self.config = effective;
+        self.sessions_expected = if self.config.bgp.enabled {
+            crate::bgp::peer_specs(&self.config).len()
+        } else {
+            0
+        };
+        self.config_published
+            .send_replace(Arc::new(self.config.clone()));
         if changed {
             info!("configuration reloaded; reconciling");
             self.verified.clear();

@@ -10,10 +10,11 @@
 //! other than the route protocol, DHCP/RA settings, the log level (set by
 //! `l3hvd` itself). Restart only: the route protocol (it is what marks the
 //! routes the agent owns: changing it live would orphan them), the state
-//! directory and control socket, the log format, the metrics address, and
-//! everything the BGP sessions were started with (`[bgp]`, router id, AS,
-//! the set of sessions). The running BGP sessions keep their start-time
-//! configuration until `systemctl restart l3hvd`.
+//! directory and control socket, the log format, the metrics address,
+//! whether BGP runs at all and its listening port.
+//! Live too: `[bgp]` (but `enabled` and `port`), `[bfd]`, the router id,
+//! AS and the set of sessions: the speaker restarts only the sessions
+//! whose configuration changed.
 
 use crate::config::Config;
 
@@ -44,21 +45,16 @@ pub fn merge(running: &Config, mut new: Config) -> (Config, Vec<String>) {
     new.log.format = running.log.format;
     keep("metrics.listen", running.metrics != new.metrics);
     new.metrics = running.metrics.clone();
-    let bgp_changed = running.bgp != new.bgp
-        || running.hypervisor.router_id != new.hypervisor.router_id
-        || running.hypervisor.asn != new.hypervisor.asn
-        || (running.bgp.enabled && crate::bgp::peer_specs(running) != crate::bgp::peer_specs(&new));
-    if bgp_changed {
-        notes.push(
-            "the BGP configuration changed ([bgp], router_id, asn, or the reflectors and \
-             uplink addresses of the sessions): the running sessions keep their start-time \
-             configuration; restart l3hvd to apply it"
-                .to_string(),
-        );
+    // BGP and BFD follow the new file: the speaker restarts only the
+    // sessions whose configuration changed (bgp::Manager).
+    if running.bgp.enabled != new.bgp.enabled {
+        keep("bgp.enabled", true);
+        new.bgp.enabled = running.bgp.enabled;
     }
-    new.bgp = running.bgp.clone();
-    new.hypervisor.router_id = running.hypervisor.router_id;
-    new.hypervisor.asn = running.hypervisor.asn;
+    if running.bgp.port != new.bgp.port {
+        keep("bgp.port", true);
+        new.bgp.port = running.bgp.port;
+    }
     (new, notes)
 }
 
@@ -86,18 +82,21 @@ mod tests {
         let (c, notes) = merge(&example(), new);
         assert_eq!(c.kernel.reconcile_interval.as_secs(), 5);
         assert_eq!(c.kernel.route_protocol, 203);
-        assert_eq!(c.bgp.hold_time.as_secs(), 90);
-        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(c.bgp.hold_time.as_secs(), 9, "BGP settings are live");
+        assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(notes[0].contains("route_protocol"));
-        assert!(notes[1].contains("BGP"));
     }
 
     #[test]
-    fn a_new_reflector_needs_a_restart() {
+    fn sessions_change_live_but_not_the_port() {
         let mut new = example();
         let p = new.fabrics.get_mut("public").unwrap();
         p.paths.get_mut("a").unwrap().reflectors.clear();
-        let (_, notes) = merge(&example(), new);
+        let (_, notes) = merge(&example(), new.clone());
+        assert!(notes.is_empty(), "{notes:?}");
+        new.bgp.port = 1179;
+        let (c, notes) = merge(&example(), new);
+        assert_eq!(c.bgp.port, 179);
         assert_eq!(notes.len(), 1, "{notes:?}");
     }
 }

@@ -135,47 +135,98 @@ impl Store {
     }
 }
 
-/// Starts one session per peer; returns their status by session name.
-pub fn start(config: &Config, peers: Vec<BfdPeer>) -> BTreeMap<String, watch::Receiver<BfdStatus>> {
-    let mut out = BTreeMap::new();
-    if !config.bfd.enabled {
-        return out;
+/// Demultiplexing of one local address: remote address → its session.
+type Sessions = Arc<std::sync::Mutex<HashMap<IpAddr, mpsc::Sender<Rx>>>>;
+
+/// The BFD sessions of the agent. Sessions come and go with the BGP
+/// sessions they serve (a configuration reload), one receive task per
+/// local address.
+pub struct Bfd {
+    store: Arc<Store>,
+    receivers: BTreeMap<IpAddr, Sessions>,
+}
+
+/// One running BFD session: its status, and what stops or retimes it.
+pub struct BfdSession {
+    pub status: watch::Receiver<BfdStatus>,
+    config: watch::Sender<BfdConfig>,
+    task: tokio::task::JoinHandle<()>,
+    peer: BfdPeer,
+}
+
+impl BfdSession {
+    /// New timers for a running session: a poll sequence when it is Up.
+    /// (Authentication changes restart the session: see `bgp::Manager`.)
+    pub fn retime(&self, cfg: &BfdConfig) {
+        self.config.send_if_modified(|c| {
+            let changed = c != cfg;
+            *c = cfg.clone();
+            changed
+        });
     }
-    let store = Arc::new(Store::load(&config.hypervisor.state_dir));
-    let mut by_local: BTreeMap<IpAddr, HashMap<IpAddr, mpsc::Sender<Rx>>> = BTreeMap::new();
-    let cfg = config.bfd.clone();
-    for peer in peers {
+}
+
+impl Bfd {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            store: Arc::new(Store::load(&config.hypervisor.state_dir)),
+            receivers: BTreeMap::new(),
+        }
+    }
+
+    /// Starts the session of `peer` (resumed Up when the previous agent
+    /// left it Up).
+    pub fn add(&mut self, cfg: &BfdConfig, peer: BfdPeer) -> BfdSession {
         let (tx, rx) = mpsc::channel(64);
-        by_local
-            .entry(peer.local)
-            .or_default()
-            .insert(peer.remote, tx);
+        let sessions = self.receivers.entry(peer.local).or_insert_with(|| {
+            let sessions: Sessions = Arc::default();
+            tokio::spawn(receive(peer.local, sessions.clone()));
+            sessions
+        });
+        if let Ok(mut m) = sessions.lock() {
+            m.insert(peer.remote, tx);
+        }
         let now = Instant::now();
-        let key = auth_key(&cfg);
+        let key = auth_key(cfg);
         // Meticulous SHA1 numbers every packet: a resumed session could
         // not continue the sequence, so it starts afresh.
         let resumable = cfg.auth.as_ref().is_none_or(|a| !a.kind.meticulous());
-        let fsm = match store.take(&peer.name).filter(|_| resumable) {
+        let fsm = match self.store.take(&peer.name).filter(|_| resumable) {
             Some(s) => {
                 info!(peer = %peer.name, disc = s.local_disc, "bfd session resumed up");
-                Fsm::resume(s, timers(&cfg), key, now)
+                Fsm::resume(s, timers(cfg), key, now)
             }
-            None => Fsm::new(
-                fastrand::u32(1..),
-                timers(&cfg),
-                key,
-                fastrand::u32(..),
-                now,
-            ),
+            None => Fsm::new(fastrand::u32(1..), timers(cfg), key, fastrand::u32(..), now),
         };
-        let (status_tx, status_rx) = watch::channel(status_of(&peer, &fsm, &cfg));
-        out.insert(peer.name.clone(), status_rx);
-        tokio::spawn(run_session(peer, fsm, rx, status_tx, store.clone()));
+        let (status_tx, status_rx) = watch::channel(status_of(&peer, &fsm, cfg));
+        let (config_tx, config_rx) = watch::channel(cfg.clone());
+        let task = tokio::spawn(run_session(
+            peer.clone(),
+            fsm,
+            rx,
+            status_tx,
+            config_rx,
+            self.store.clone(),
+        ));
+        BfdSession {
+            status: status_rx,
+            config: config_tx,
+            task,
+            peer,
+        }
     }
-    for (local, sessions) in by_local {
-        tokio::spawn(receive(local, sessions));
+
+    /// Stops a session (its BGP session was removed or reconfigured); what
+    /// it saved for a restart goes too.
+    pub fn remove(&mut self, session: BfdSession) {
+        session.task.abort();
+        if let Some(sessions) = self.receivers.get(&session.peer.local) {
+            if let Ok(mut m) = sessions.lock() {
+                m.remove(&session.peer.remote);
+            }
+        }
+        self.store.set(&session.peer.name, None);
     }
-    out
 }
 
 fn status_of(peer: &BfdPeer, f: &Fsm, cfg: &BfdConfig) -> BfdStatus {
@@ -264,7 +315,7 @@ fn bind_send(local: IpAddr) -> std::io::Result<UdpSocket> {
 }
 
 /// Receives on `local`:3784 and hands each packet to its session.
-async fn receive(local: IpAddr, sessions: HashMap<IpAddr, mpsc::Sender<Rx>>) {
+async fn receive(local: IpAddr, sessions: Sessions) {
     let socket = loop {
         match bind_receive(local) {
             Ok(s) => break s,
@@ -303,7 +354,8 @@ async fn receive(local: IpAddr, sessions: HashMap<IpAddr, mpsc::Sender<Rx>>) {
                 continue;
             }
         };
-        let Some(tx) = sessions.get(&from) else {
+        let tx = sessions.lock().ok().and_then(|m| m.get(&from).cloned());
+        let Some(tx) = tx else {
             foreign += 1;
             if foreign.is_power_of_two() {
                 debug!(%local, %from, count = foreign, "bfd packet from no configured peer dropped");
@@ -327,6 +379,7 @@ async fn run_session(
     mut fsm: Fsm,
     mut rx: mpsc::Receiver<Rx>,
     status: watch::Sender<BfdStatus>,
+    mut config: watch::Receiver<BfdConfig>,
     store: Arc<Store>,
 ) {
     let socket = loop {
@@ -375,6 +428,15 @@ async fn run_session(
                         status.send_modify(|s| *s.dropped.entry(d.kind()).or_default() += 1);
                     }
                 }
+            }
+            changed = config.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let cfg = config.borrow_and_update().clone();
+                info!(peer = %peer.name, min_tx = ?cfg.min_tx, min_rx = ?cfg.min_rx, multiplier = cfg.multiplier, "bfd timers changed");
+                fsm.reconfigure(timers(&cfg));
+                send_now = Some(false);
             }
             _ = tokio::time::sleep_until(deadline) => {
                 let now = Instant::now();

@@ -126,6 +126,22 @@ pub struct Session {
     uplink: Arc<str>,
     /// The BFD session of this peer, if BFD is enabled.
     bfd: Option<watch::Receiver<BfdStatus>>,
+    /// Set by the speaker when the session is removed or reconfigured:
+    /// the NOTIFICATION to close an established session with.
+    stop: watch::Receiver<Option<Notification>>,
+}
+
+/// Resolves when the session is asked to stop.
+async fn stopped(stop: &mut watch::Receiver<Option<Notification>>) -> Notification {
+    let got = stop
+        .wait_for(|s| s.is_some())
+        .await
+        .map(|n| n.clone().unwrap_or_else(|| Notification::new(6, 3, vec![])));
+    match got {
+        Ok(n) => n,
+        // The speaker is gone: the agent is stopping.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// Resolves when the BFD session reports a new failure (a confirmed Up
@@ -163,6 +179,7 @@ impl Session {
         rib: AgentHandle,
         incoming: mpsc::Receiver<TcpStream>,
         bfd: Option<watch::Receiver<BfdStatus>>,
+        stop: watch::Receiver<Option<Notification>>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
         let intent = rib.subscribe_intent();
         let spec_name = spec.name.clone();
@@ -203,6 +220,7 @@ impl Session {
                 name: Arc::from(spec_name.as_str()),
                 uplink: Arc::from(spec_uplink.as_str()),
                 bfd,
+                stop,
             },
             rx,
         )
@@ -226,7 +244,12 @@ impl Session {
         let mut pending: Option<TcpStream> = None;
         // Graceful restart helper: one generation per restart of the peer.
         let mut stale_generation = 0u64;
+        let mut stop = self.stop.clone();
         loop {
+            if stop.borrow().is_some() {
+                self.set_state(State::Idle);
+                return;
+            }
             self.set_state(State::Connect);
             let started = Instant::now();
             // Active open, unless the peer connects to us first (then its
@@ -236,6 +259,7 @@ impl Session {
                 None => tokio::select! {
                     r = self.connect() => r.map_err(SessionEnd::Connect),
                     Some(s) = incoming.recv() => Ok(s),
+                    _ = stopped(&mut stop) => continue,
                 },
             };
             let end = match stream {
@@ -243,9 +267,13 @@ impl Session {
                     let serve = self.serve(stream);
                     tokio::pin!(serve);
                     loop {
+                        // Biased: an established session sees the stop
+                        // itself and closes with its NOTIFICATION first.
                         tokio::select! {
+                            biased;
                             r = &mut serve => break r,
                             Some(other) = incoming.recv() => refuse_collision(other).await,
+                            _ = stopped(&mut stop) => break Err(SessionEnd::Closed),
                         }
                     }
                 }
@@ -272,7 +300,10 @@ impl Session {
                 // leaves the peer's paths in place, stale, for its restart
                 // time. A NOTIFICATION either way (hold timer, BFD down,
                 // errors) is a hard down.
-                let graceful = matches!(end, SessionEnd::Closed | SessionEnd::Io(_));
+                // A session the speaker stops (removed, reconfigured) is
+                // never graceful: its paths go now.
+                let graceful = matches!(end, SessionEnd::Closed | SessionEnd::Io(_))
+                    && stop.borrow().is_none();
                 match restart_time {
                     Some(t) if graceful => {
                         stale_generation += 1;
@@ -339,6 +370,7 @@ impl Session {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 Some(s) = incoming.recv() => pending = Some(s),
+                _ = stopped(&mut stop) => {}
                 _ = bfd_came_up(&mut bfd, ups) => {
                     debug!(peer = %self.spec.name, "bfd up: reconnecting now");
                     failures = 0;
@@ -568,6 +600,7 @@ impl Session {
         let mut last_in = Instant::now();
         let (bfd_failures, _) = self.bfd_counts();
         let mut bfd = self.bfd.clone();
+        let mut stop = self.stop.clone();
         loop {
             let hold_left = if hold.is_zero() {
                 Duration::from_secs(3600)
@@ -582,6 +615,14 @@ impl Session {
                 _ = tokio::time::sleep(hold_left) => {
                     let n = Notification::new(4, 0, vec![]);
                     let _ = stream.write_all(&codec::notification(&n)).await;
+                    return Err(SessionEnd::Sent(n));
+                }
+                n = stopped(&mut stop) => {
+                    // Removed (Cease / Peer De-configured) or reconfigured
+                    // (Cease / Other Configuration Change), RFC 4486.
+                    let _ = stream.write_all(&codec::notification(&n)).await;
+                    let _ = stream.shutdown().await;
+                    self.status.send_modify(|s| s.counters.notifications_out += 1);
                     return Err(SessionEnd::Sent(n));
                 }
                 _ = bfd_failed(&mut bfd, bfd_failures) => {
