@@ -845,6 +845,11 @@ protocol bgp $rr {
     ttl security on;
     hold time $BGP_HOLD;
     $BIRD_RETRY
+    # No graceful restart: FRR's bgpd announces it with its forwarding
+    # state preserved, and BIRD then keeps a dead reflector's paths as
+    # stale routes (its restart time, 120 s) when the hold timer expires:
+    # the return traffic of a silently dead fabric stays in it.
+    graceful restart off;
     ipv4 { import all; export where source = RTS_STATIC; next hop self; add paths rx; };
     # The IPv6 next hop set in the filter, not by "next hop self": that
     # would add the interface's link-local address (a 32-byte next hop),
