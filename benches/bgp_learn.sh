@@ -96,7 +96,10 @@ reflectors = ["198.51.100.126"]
 EOF
     local t0 pid
     t0=$(now)
-    ip netns exec "$P-hv" target/release/l3hvd --config "$WORK/l3hv.toml" >"$WORK/l3hvd.log" 2>&1 &
+    # L3HVD_WRAP="heaptrack -o /tmp/l3hvd" profiles the agent (stopped with
+    # SIGTERM then, so the profiler can write its data).
+    # shellcheck disable=SC2086
+    ip netns exec "$P-hv" ${L3HVD_WRAP:-} target/release/l3hvd --config "$WORK/l3hv.toml" >"$WORK/l3hvd.log" 2>&1 &
     pid=$!; PIDS+=("$pid")
     local eor="" inst=""
     for _ in $(seq 1 1200); do
@@ -110,8 +113,14 @@ EOF
     done
     # Memory once converged and idle, not in the middle of the last pass.
     sleep 3
-    echo "l3hvd $1 eor_ms=$(ms "$t0" "${eor:-0}") installed_ms=$(ms "$t0" "${inst:-0}") rss_kb=$(rss_kb "$pid")"
-    kill -9 "$pid"; wait "$pid" 2>/dev/null || true
+    local agent
+    agent=$(ip netns pids "$P-hv" | while read -r p; do
+        [ "$(cat /proc/"$p"/comm 2>/dev/null)" = l3hvd ] && echo "$p"; done | head -n 1)
+    echo "l3hvd $1 eor_ms=$(ms "$t0" "${eor:-0}") installed_ms=$(ms "$t0" "${inst:-0}") rss_kb=$(rss_kb "${agent:-$pid}")"
+    if [ -n "${L3HVD_WRAP:-}" ] && [ -n "$agent" ]; then
+        kill -TERM "$agent"; wait "$pid" 2>/dev/null || true
+    fi
+    kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
 }
 
 run_bird() { # N

@@ -4,6 +4,7 @@
 //! [`reconcile`] (pure desired/plan) -> [`netlink`] (the only kernel code).
 
 pub mod agent;
+pub mod bfd;
 pub mod bgp;
 pub mod cli;
 pub mod config;

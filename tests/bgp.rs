@@ -296,6 +296,26 @@ fn received(agent: &Agent) -> Vec<(String, Option<u64>, String)> {
         .collect()
 }
 
+/// Does `ip route show` output route `dst` via `via`? A route on a nexthop
+/// group reads `DST nhid N via ...` (IPv4, one member) or `DST nhid N`
+/// followed by indented `nexthop via ...` lines.
+fn routes_via(output: &str, dst: &str, via: &str) -> bool {
+    let mut lines = output.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.split_whitespace().next() != Some(dst) {
+            continue;
+        }
+        let mut block = l.to_string();
+        while let Some(next) = lines.next_if(|n| n.starts_with(char::is_whitespace)) {
+            block.push_str(next);
+        }
+        if block.contains(via) {
+            return true;
+        }
+    }
+    false
+}
+
 fn wait_established(agent: &Agent) {
     wait_for("session established", Duration::from_secs(30), || {
         peers(agent)[0]["state"] == "Established"
@@ -369,9 +389,11 @@ fn reflection(f: &Fabric, _rr: Reflector) {
         "hv2's route in hv1's kernel",
         Duration::from_secs(20),
         || {
-            f.hv1
-                .ip(&["route", "show", "table", "90"])
-                .contains("203.0.113.3 via 198.51.100.102")
+            routes_via(
+                &f.hv1.ip(&["route", "show", "table", "90"]),
+                "203.0.113.3",
+                "via 198.51.100.102",
+            )
         },
     );
     // Withdraw on removal, also from the kernel: within the first minute
@@ -582,9 +604,11 @@ fn vms_on_two_hypervisors_reach_each_other_through_learned_routes() {
         "learned route in hv1's kernel",
         Duration::from_secs(30),
         || {
-            f.hv1
-                .ip(&["route", "show", "table", "90", "proto", "203"])
-                .contains("203.0.113.3 via 198.51.100.102 dev a-public")
+            routes_via(
+                &f.hv1.ip(&["route", "show", "table", "90", "proto", "203"]),
+                "203.0.113.3",
+                "via 198.51.100.102 dev a-public",
+            )
         },
     );
     let r6 = f
@@ -594,9 +618,12 @@ fn vms_on_two_hypervisors_reach_each_other_through_learned_routes() {
         "learned v6 route in hv2's kernel",
         Duration::from_secs(30),
         || {
-            f.hv2
-                .ip(&["-6", "route", "show", "table", "90", "proto", "203"])
-                .contains("2001:db8:cb00:7100::1 via 2001:db8:c633:6400::101 dev a-public")
+            routes_via(
+                &f.hv2
+                    .ip(&["-6", "route", "show", "table", "90", "proto", "203"]),
+                "2001:db8:cb00:7100::1",
+                "via 2001:db8:c633:6400::101 dev a-public",
+            )
         },
     );
     let _ = r6;
@@ -717,6 +744,240 @@ reflectors = ["198.51.100.226"]
     )
 }
 
+/// `ip -j nexthop show` of l3hv's objects (protocol 203).
+fn nexthops(ns: &Netns) -> Vec<serde_json::Value> {
+    let out = ns.ip(&["-j", "nexthop", "show", "protocol", "203"]);
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str::<serde_json::Value>(&out)
+        .unwrap_or_else(|e| panic!("{e}: {out}"))
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The groups (id → member gateways) and the nhid of `dst` in table 90.
+fn groups_and_nhid(ns: &Netns, dst: &str) -> (Vec<(u64, Vec<String>)>, Option<u64>) {
+    let all = nexthops(ns);
+    let gateway = |id: u64| {
+        all.iter()
+            .find(|n| n["id"].as_u64() == Some(id))
+            .map(|n| format!("{} dev {}", s(&n["gateway"]), s(&n["dev"])))
+            .unwrap_or_else(|| format!("missing object {id}"))
+    };
+    let groups = all
+        .iter()
+        .filter(|n| n["group"].is_array())
+        .map(|g| {
+            let mut members: Vec<String> = g["group"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| gateway(m["id"].as_u64().unwrap()))
+                .collect();
+            members.sort();
+            (g["id"].as_u64().unwrap(), members)
+        })
+        .collect();
+    let route = ns.ip(&["-j", "route", "show", "table", "90", dst]);
+    let nhid = serde_json::from_str::<serde_json::Value>(&route)
+        .ok()
+        .and_then(|v| v.get(0).and_then(|r| r["nhid"].as_u64()));
+    (groups, nhid)
+}
+
+fn s(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+const BOTH: [&str; 2] = ["198.51.100.102 dev a-public", "198.51.100.202 dev b-public"];
+
+/// Both hypervisors on both paths with a VM each (vm1 on hv1, vm3 on hv2);
+/// waits until hv1 routes vm3 over both paths.
+struct EcmpLab {
+    t: TwoPaths,
+    _rr1: Reflector,
+    rr2: Reflector,
+    a1: Agent,
+    _a2: Agent,
+    vm1: Netns,
+    _vm3: Netns,
+}
+
+fn ecmp_lab(extra: &str) -> EcmpLab {
+    let t = two_paths();
+    let rr1 = bird_at(
+        &t.rr1,
+        "198.51.100.126",
+        ["198.51.100.101", "198.51.100.102"],
+    );
+    let rr2 = bird_at(
+        &t.rr2,
+        "198.51.100.226",
+        ["198.51.100.201", "198.51.100.202"],
+    );
+    let a1 = Agent::start(&t.hv1, &(two_path_config(1) + extra));
+    let a2 = Agent::start(&t.hv2, &(two_path_config(2) + extra));
+    let vm1 = vm_ns(
+        &t.hv1,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    let vm3 = vm_ns(
+        &t.hv2,
+        &unique("vm3"),
+        "vm3e0",
+        "203.0.113.3/24",
+        "203.0.113.254",
+    );
+    a1.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        None,
+    ));
+    a2.set_vm(&vm_json(
+        "vm3",
+        "vm3e0",
+        "adopt",
+        "public",
+        "203.0.113.3",
+        None,
+    ));
+    wait_for(
+        "ECMP route over both paths",
+        Duration::from_secs(30),
+        || {
+            let r = t.hv1.ip(&["route", "show", "table", "90", "203.0.113.3"]);
+            r.contains("via 198.51.100.102 dev a-public")
+                && r.contains("via 198.51.100.202 dev b-public")
+        },
+    );
+    EcmpLab {
+        t,
+        _rr1: rr1,
+        rr2,
+        a1,
+        _a2: a2,
+        vm1,
+        _vm3: vm3,
+    }
+}
+
+/// birdc on path B's reflector: `disable`/`enable` its session with hv1.
+fn path_b(lab: &EcmpLab, cmd: &str) {
+    let sock = lab.rr2.dir.join("bird.ctl");
+    lab.t
+        .rr2
+        .exec(&["birdc", "-s", sock.to_str().unwrap(), cmd, "hv1"]);
+}
+
+#[test]
+fn learned_routes_point_at_a_group_of_both_paths() {
+    let lab = ecmp_lab("");
+    let (groups, nhid) = groups_and_nhid(&lab.t.hv1, "203.0.113.3");
+    // One group (originator hv2) with both paths; the route points at it.
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].1, BOTH, "{groups:?}");
+    assert_eq!(nhid, Some(groups[0].0));
+    let st = lab.a1.status_json();
+    assert_eq!(st["nexthops"]["mode"], "objects", "{st}");
+    assert_eq!(st["nexthops"]["groups"], 1);
+    assert_eq!(st["nexthops"]["objects"], 2);
+    assert!(lab.vm1.ping("203.0.113.3"));
+}
+
+#[test]
+fn nexthop_objects_off_keeps_multipath_routes() {
+    let lab = ecmp_lab("\n[kernel]\nnexthop_objects = \"off\"\n");
+    let (groups, nhid) = groups_and_nhid(&lab.t.hv1, "203.0.113.3");
+    assert!(groups.is_empty(), "{groups:?}");
+    assert!(nexthops(&lab.t.hv1).is_empty());
+    assert_eq!(nhid, None);
+    assert_eq!(lab.a1.status_json()["nexthops"]["mode"], "multipath");
+    assert!(lab.vm1.ping("203.0.113.3"));
+}
+
+#[test]
+fn session_down_shrinks_the_group_and_leaves_the_routes_alone() {
+    let lab = ecmp_lab("");
+    let hv1 = &lab.t.hv1;
+    let (_, nhid) = groups_and_nhid(hv1, "203.0.113.3");
+    let nhid = nhid.expect("route on a group");
+    // Without compatibility notifications the kernel reports route changes
+    // only when a route itself is written (in the test namespace only).
+    hv1.exec(&["sysctl", "-qw", "net.ipv4.nexthop_compat_mode=0"]);
+    let log = lab.a1.dir.join("monitor.log");
+    let mut monitor = hv1.spawn(&["ip", "monitor", "route"], &log);
+    std::thread::sleep(Duration::from_millis(300));
+
+    path_b(&lab, "disable");
+    wait_for("group without path B", Duration::from_secs(30), || {
+        groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, vec![BOTH[0].to_string()])]
+    });
+    assert!(lab.vm1.ping("203.0.113.3"));
+    // The failover fast path did it, before the full pass.
+    assert!(
+        lab.a1
+            .log()
+            .contains("session down: nexthop groups replaced in place"),
+        "{}",
+        lab.a1.log()
+    );
+    path_b(&lab, "enable");
+    wait_for("path B back in the group", Duration::from_secs(30), || {
+        groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, BOTH.map(String::from).to_vec())]
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    // l3hv's routes only (the kernel's own link-local routes come and go).
+    let events: Vec<String> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("proto 203"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        events.is_empty(),
+        "routes were written while only the group changed:\n{events:#?}"
+    );
+    assert_eq!(groups_and_nhid(hv1, "203.0.113.3").1, Some(nhid));
+}
+
+#[test]
+fn uplinks_losing_carrier_get_their_objects_groups_and_routes_back() {
+    let lab = ecmp_lab("");
+    let hv1 = &lab.t.hv1;
+    let before = groups_and_nhid(hv1, "203.0.113.3");
+    assert_eq!(before.0.len(), 1);
+    // Both uplinks down: the kernel deletes their objects, the emptied
+    // group and (silently) the IPv4 route on it. Back up before the BGP
+    // hold timer (9 s) notices.
+    hv1.ip(&["link", "set", "a-public", "down"]);
+    hv1.ip(&["link", "set", "b-public", "down"]);
+    wait_for("kernel flushed the group", Duration::from_secs(5), || {
+        nexthops(hv1).is_empty()
+    });
+    assert!(
+        !hv1.ip(&["route", "show", "table", "90"])
+            .contains("203.0.113.3")
+    );
+    hv1.ip(&["link", "set", "a-public", "up"]);
+    hv1.ip(&["link", "set", "b-public", "up"]);
+    wait_for(
+        "objects, group and route back",
+        Duration::from_secs(20),
+        || groups_and_nhid(hv1, "203.0.113.3") == before,
+    );
+    assert!(lab.vm1.ping("203.0.113.3"));
+}
+
 #[test]
 fn ecmp_over_both_fabric_paths_and_failover_to_one() {
     let t = two_paths();
@@ -823,9 +1084,15 @@ fn agent_restart_keeps_learned_routes_installed() {
     wait_for("learned route", Duration::from_secs(30), || {
         route().contains("via 198.51.100.102")
     });
+    let (groups, nhid) = groups_and_nhid(&f.hv1, "203.0.113.3");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(nhid, Some(groups[0].0));
     a1.kill9();
+    // No compatibility notifications: any route line is a write.
+    f.hv1
+        .exec(&["sysctl", "-qw", "net.ipv4.nexthop_compat_mode=0"]);
     let log = a1.dir.join("monitor.log");
-    let mut monitor = f.hv1.spawn(&["ip", "monitor", "route"], &log);
+    let mut monitor = f.hv1.spawn(&["ip", "monitor", "route", "nexthop"], &log);
     std::thread::sleep(Duration::from_millis(200));
     a1.restart();
     wait_established(&a1);
@@ -840,7 +1107,13 @@ fn agent_restart_keeps_learned_routes_installed() {
         !events.contains("Deleted"),
         "restart withdrew routes:\n{events}"
     );
-    assert!(route().contains("via 198.51.100.102"));
+    // Same ids, nothing rewritten: no route or nexthop event at all.
+    assert!(
+        !events.contains("203.0.113.3") && !events.contains("id "),
+        "restart rewrote routes or nexthops:\n{events}"
+    );
+    // (Without compatibility mode the route no longer shows its gateway.)
+    assert_eq!(groups_and_nhid(&f.hv1, "203.0.113.3"), (groups, nhid));
 }
 
 #[test]
@@ -1062,4 +1335,81 @@ fn a_vm_moving_between_hypervisors_converges_to_its_new_home() {
             ])
             .contains("via 2001:db8:c633:6400::101")
     });
+}
+
+/// Enhanced route refresh (RFC 7313) both ways with a raw peer: its
+/// Beginning/End of Route Refresh withdraws what it did not announce again,
+/// and our answer to its ROUTE-REFRESH request is framed by BoRR and EoRR.
+#[test]
+fn enhanced_route_refresh_sweeps_and_answers_with_borr_eorr() {
+    let f = fabric();
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let attrs: &[u8] = &[
+        0x40, 1, 1, 0, // ORIGIN IGP
+        0x40, 2, 0, // AS_PATH (empty, iBGP)
+        0x40, 3, 4, 198, 51, 100, 126, // NEXT_HOP
+        0x40, 5, 4, 0, 0, 0, 100, // LOCAL_PREF
+    ];
+    let update = |nlri: &[u8]| {
+        let mut b = vec![0, 0];
+        b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+        b.extend_from_slice(attrs);
+        b.extend_from_slice(nlri);
+        hex_msg(2, &b)
+    };
+    let frames = [
+        "--enhanced-refresh".to_string(),
+        update(&[32, 203, 0, 113, 8, 32, 203, 0, 113, 9]),
+        hex_msg(5, &[0, 1, 1, 1]), // BoRR IPv4
+        update(&[32, 203, 0, 113, 8]),
+        hex_msg(5, &[0, 1, 2, 1]), // EoRR IPv4
+        hex_msg(5, &[0, 1, 0, 1]), // ROUTE-REFRESH request IPv4
+    ];
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/raw_rr.py");
+    let log = a1.dir.join("raw.log");
+    let mut args = vec!["python3", script, "198.51.100.126"];
+    args.extend(frames.iter().map(String::as_str));
+    let mut peer = f.rr.spawn(&args, &log);
+    let route = |p: &str| f.hv1.ip(&["route", "show", "table", "90", p]);
+    wait_for("203.0.113.8 learned", Duration::from_secs(30), || {
+        !route("203.0.113.8").is_empty()
+    });
+    wait_for(
+        "the refreshed answer arrived",
+        Duration::from_secs(10),
+        || {
+            peers(&a1)[0]["counters"]["refreshes_answered"] == 1
+                && fs::read_to_string(&log).is_ok_and(|l| l.contains("\"subtype\": 2"))
+        },
+    );
+    wait_for("203.0.113.9 swept at EoRR", Duration::from_secs(10), || {
+        route("203.0.113.9").is_empty()
+    });
+    assert!(!route("203.0.113.8").is_empty());
+    let p = peers(&a1);
+    assert_eq!(p[0]["prefixes_received"], 1, "{p}");
+    assert_eq!(p[0]["negotiated"]["enhanced_route_refresh"], true, "{p}");
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let report: Vec<serde_json::Value> = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let kinds: Vec<(u64, u64)> = report
+        .iter()
+        .filter(|r| r["type"] == 5 || r["type"] == 2)
+        .map(|r| {
+            (
+                r["type"].as_u64().unwrap(),
+                r["subtype"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    let borr = kinds.iter().position(|k| *k == (5, 1));
+    let eorr = kinds.iter().position(|k| *k == (5, 2));
+    assert!(
+        matches!((borr, eorr), (Some(b), Some(e)) if b < e),
+        "BoRR then EoRR: {report:?}"
+    );
 }

@@ -267,3 +267,80 @@ async fn introspection_matches_packaging() {
         "{path} is out of date; run L3HV_UPDATE_EXPECTED=1 cargo test --test dbus"
     );
 }
+
+/// `[dbus] group`: a member of the configured group may change intent
+/// through the shipped policy (with its group set to the same one) and the
+/// agent's own check; a user outside it may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_the_configured_group_may_mutate() {
+    require_root();
+    let hv = Netns::new(&unique("dbusg"));
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/dbus/net.l3hv.Agent1.conf"
+    ))
+    .unwrap();
+    assert!(shipped.contains(r#"<policy group="l3hv">"#));
+    let dir = std::env::temp_dir().join(format!("{}-policy", hv.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("net.l3hv.Agent1.conf");
+    // nogroup stands for the operators' group: it exists everywhere.
+    std::fs::write(
+        &conf,
+        shipped.replace(r#"<policy group="l3hv">"#, r#"<policy group="nogroup">"#),
+    )
+    .unwrap();
+    let policy = format!(
+        r#"<policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+  </policy>
+  <include>{}</include>"#,
+        conf.display()
+    );
+    let bus = DbusDaemon::start(&hv, &policy);
+    let agent = Agent::start(
+        &hv,
+        &format!("{}group = \"nogroup\"\n", config_with_dbus(&bus.address())),
+    );
+    let _conn = ready(&bus.address(), &agent).await;
+    let remove_as = |user: &str, group: &str| {
+        Command::new("setpriv")
+            .arg(format!("--reuid={user}"))
+            .arg(format!("--regid={group}"))
+            .args(["--clear-groups", "dbus-send"])
+            .arg(format!("--bus={}", bus.address()))
+            .args([
+                "--print-reply",
+                "--dest=net.l3hv.Agent1",
+                "/net/l3hv/Agent",
+                "net.l3hv.Agent1.RemoveVm",
+                "string:nothing",
+            ])
+            .output()
+            .expect("dbus-send")
+    };
+    let member = remove_as("nobody", "nogroup");
+    assert!(
+        member.status.success(),
+        "a group member was refused: {}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+    let other = remove_as("daemon", "daemon");
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success() && err.contains("AccessDenied"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

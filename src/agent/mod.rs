@@ -184,6 +184,8 @@ pub struct Agent {
     /// until every session has sent End-of-RIB or this deadline passes: a
     /// restarted agent must not withdraw what BGP is about to relearn.
     learned_hold: Option<Instant>,
+    /// The first dump was checked for learned state to hold.
+    hold_checked: bool,
     /// The kernel as the last pass left it, when that pass dumped or could
     /// mirror every change it made: RIB-only changes plan against it
     /// instead of dumping again (the full pass stays the repair path: on
@@ -196,6 +198,14 @@ pub struct Agent {
     end_of_rib: BTreeSet<Arc<str>>,
     sessions_expected: usize,
     kernel: Kernel,
+    /// Whether the kernel has nexthop objects (probed at start; `None`
+    /// when the probe itself failed).
+    nexthop_support: Option<bool>,
+    /// The nexthop objects, groups and group keys of the last pass: what
+    /// the failover fast path shrinks.
+    last_groups: reconcile::DesiredKernel,
+    /// The fast path that ran before the next pass: (groups, duration).
+    fast_path: Option<(usize, Duration)>,
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
     last: Option<ReconcileReport>,
@@ -227,6 +237,24 @@ impl Agent {
         let store = Store::open(&config.hypervisor.state_dir)?;
         let intent = store.load()?;
         let kernel = Kernel::connect(config.kernel.route_protocol)?;
+        let nexthop_support = match crate::netlink::nexthop::supported() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot probe for kernel nexthop objects");
+                None
+            }
+        };
+        match (config.kernel.nexthop_objects, nexthop_support) {
+            (crate::config::NexthopObjects::On, Some(false)) => warn!(
+                "kernel.nexthop_objects = \"on\" but this kernel has no nexthop objects: learned routes will be refused"
+            ),
+            (setting, support) => info!(
+                setting = setting.as_str(),
+                kernel_support = ?support,
+                "learned routes through nexthop objects: {}",
+                nexthop_mode(setting, support)
+            ),
+        }
         let (tx, rx) = mpsc::channel(1024);
         let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
         let (stats_published, stats_rx) = watch::channel(Arc::new(ReconcileStats::default()));
@@ -248,11 +276,15 @@ impl Agent {
                 intent,
                 rib: Rib::default(),
                 learned_hold,
+                hold_checked: false,
                 relearned: BTreeSet::new(),
                 cache: None,
                 end_of_rib: BTreeSet::new(),
                 sessions_expected,
                 kernel,
+                nexthop_support,
+                last_groups: reconcile::DesiredKernel::default(),
+                fast_path: None,
                 verified: BTreeMap::new(),
                 last: None,
                 deferred: Vec::new(),
@@ -322,6 +354,7 @@ impl Agent {
     async fn on_commands(&mut self, batch: Vec<Command>) {
         let mut changed = false;
         let mut rib_changed = false;
+        let mut session_down = false;
         let mut waiting: Vec<(Option<String>, Reply)> = Vec::new();
         let mut later = Vec::new();
         for cmd in batch {
@@ -353,9 +386,12 @@ impl Agent {
                                 rib_changed = true;
                             }
                         }
-                        RibEvent::SessionDown { session } => {
+                        RibEvent::SessionDown { session }
+                        | RibEvent::SessionStale { session, .. } => {
                             self.end_of_rib.remove(session);
+                            session_down = true;
                         }
+                        RibEvent::SweepStale { .. } => {}
                         RibEvent::Update {
                             announce, withdraw, ..
                         } => {
@@ -393,6 +429,11 @@ impl Agent {
         let asked = later
             .iter()
             .any(|c| matches!(c, Command::Reconcile { .. } | Command::LinksChanged));
+        if rib_changed && session_down {
+            // Forwarding first: the groups lose their dead members in place
+            // (O(groups)) before the full recompute (O(routes)).
+            self.failover_fast_path().await;
+        }
         if changed || asked {
             self.reconcile().await;
         } else if rib_changed {
@@ -431,6 +472,60 @@ impl Agent {
             }
         }
         self.apply_deferred().await;
+    }
+
+    /// Are learned routes programmed through nexthop objects?
+    fn nexthop_objects(&self) -> bool {
+        nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support) == "objects"
+    }
+
+    /// After a session went down: replaces in place every nexthop group
+    /// that lost members, from the last pass's groups and the RIB alone
+    /// (no desired/plan over every route, no dump). The full pass that
+    /// follows finds the groups right and only sweeps the dead objects.
+    async fn failover_fast_path(&mut self) {
+        if !self.nexthop_objects() || self.learned_hold.is_some() || self.cache.is_none() {
+            return;
+        }
+        let t = Instant::now();
+        let shrunk = reconcile::groups::shrink(&self.last_groups, &self.rib);
+        if shrunk.is_empty() {
+            return;
+        }
+        let computed = t.elapsed();
+        let plan = reconcile::Plan {
+            add_groups: shrunk
+                .iter()
+                .map(|(id, members)| KernelOp::AddGroup {
+                    id: *id,
+                    members: members.iter().copied().collect(),
+                    replace: true,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let applied = self.kernel.apply(&plan).await;
+        for f in &applied.failed {
+            warn!(op = ?f.op, error = %f.error, "kernel refused");
+        }
+        if applied.failed.is_empty() {
+            if let Some(cache) = self.cache.as_mut() {
+                for (id, members) in &shrunk {
+                    cache.groups.insert(*id, members.clone());
+                    self.last_groups.groups.insert(*id, members.clone());
+                }
+            }
+        } else {
+            // The full pass that follows dumps again.
+            self.cache = None;
+        }
+        info!(
+            groups = shrunk.len(),
+            compute_ms = computed.as_secs_f64() * 1e3,
+            duration_ms = t.elapsed().as_secs_f64() * 1e3,
+            "session down: nexthop groups replaced in place"
+        );
+        self.fast_path = Some((shrunk.len(), t.elapsed()));
     }
 
     /// Applies the link deletions the last pass left for after its replies.
@@ -508,7 +603,12 @@ impl Agent {
 
     async fn pass(&mut self, full: bool) {
         let start = Instant::now();
-        let desired = reconcile::desired(&self.config, &self.intent, &self.rib);
+        let mut desired = reconcile::desired_with(
+            &self.config,
+            &self.intent,
+            &self.rib,
+            self.nexthop_objects(),
+        );
         let mut compute = start.elapsed();
         for c in &desired.conflicts {
             warn!(conflict = %c, "intent conflict");
@@ -520,6 +620,10 @@ impl Agent {
             conflicts: desired.conflicts.clone(),
             ..Default::default()
         };
+        if let Some((groups, took)) = self.fast_path.take() {
+            report.fast_path_groups = groups;
+            report.fast_path = took;
+        }
         let t = Instant::now();
         let cached = if full { None } else { self.cache.take() };
         let incremental = cached.is_some();
@@ -540,6 +644,15 @@ impl Agent {
                 return;
             }
         };
+        if !self.hold_checked {
+            self.hold_checked = true;
+            // A cold start (no learned route or nexthop group of a previous
+            // run in the kernel) has nothing to hold.
+            let metric = self.config.kernel.learned_route_metric;
+            if observed.groups.is_empty() && !observed.routes.keys().any(|id| id.metric == metric) {
+                self.learned_hold = None;
+            }
+        }
         let t = Instant::now();
         if incremental {
             // Sysctls were settled by the pass the cache comes from.
@@ -582,6 +695,44 @@ impl Agent {
                 plan.remove.retain(|op| {
                     !matches!(op, KernelOp::DelRoute { id, .. } if id.metric == metric && !claimed(id))
                 });
+                // The kept routes keep their groups whole: no group or
+                // object goes, no member leaves a group (sessions still
+                // relearning add them back).
+                plan.remove_groups.clear();
+                plan.remove_nexthops.clear();
+                // A group all of whose routes are relearned follows the RIB
+                // like they do: a session that goes down during the hold
+                // (BFD, a reflector) still takes its members out.
+                let mut stale_groups: BTreeSet<u32> = BTreeSet::new();
+                for (id, attrs) in &desired.routes {
+                    if let Some(g) = attrs.nh_id {
+                        if !self.relearned.contains(&id.dst) {
+                            stale_groups.insert(g);
+                        }
+                    }
+                }
+                plan.add_groups.retain_mut(|op| {
+                    let KernelOp::AddGroup {
+                        id,
+                        members,
+                        replace: true,
+                    } = op
+                    else {
+                        return true;
+                    };
+                    if !stale_groups.contains(id) {
+                        return true;
+                    }
+                    let Some(have) = observed.groups.get(id) else {
+                        return true;
+                    };
+                    let union: BTreeSet<u32> = have.iter().chain(members.iter()).copied().collect();
+                    if union == *have {
+                        return false;
+                    }
+                    *members = union.into_iter().collect();
+                    true
+                });
             } else {
                 self.learned_hold = None;
                 self.relearned.clear();
@@ -614,6 +765,9 @@ impl Agent {
                             | KernelOp::DelRoute { .. }
                             | KernelOp::AddProxy { .. }
                             | KernelOp::DelProxy { .. }
+                            | KernelOp::AddNexthop { .. }
+                            | KernelOp::AddGroup { .. }
+                            | KernelOp::DelNexthop { .. }
                     )
                 })
             });
@@ -674,12 +828,32 @@ impl Agent {
                         KernelOp::DelProxy { ifname, addr } => {
                             observed.proxies.remove(&(ifname.clone(), *addr));
                         }
+                        KernelOp::AddNexthop { id, spec, .. } => {
+                            observed.nexthops.insert(*id, spec.clone());
+                        }
+                        KernelOp::AddGroup { id, members, .. } => {
+                            observed
+                                .groups
+                                .insert(*id, members.iter().copied().collect());
+                        }
+                        KernelOp::DelNexthop { id, group: true } => {
+                            observed.groups.remove(id);
+                        }
+                        KernelOp::DelNexthop { id, group: false } => {
+                            observed.nexthops.remove(id);
+                        }
                         _ => {}
                     }
                 }
             }
             self.cache = Some(observed);
         }
+        self.last_groups = reconcile::DesiredKernel {
+            nexthops: std::mem::take(&mut desired.nexthops),
+            groups: std::mem::take(&mut desired.groups),
+            group_keys: std::mem::take(&mut desired.group_keys),
+            ..Default::default()
+        };
         self.schedule_next(!report.failed.is_empty());
         self.finish(report);
     }
@@ -721,12 +895,29 @@ impl Agent {
             self.started,
         );
         s.services = self.services.as_ref().map(|r| r.snapshot());
+        s.nexthops = status::NexthopStatus {
+            mode: nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support).into(),
+            setting: self.config.kernel.nexthop_objects.as_str().into(),
+            kernel_support: self.nexthop_support,
+            objects: self.last_groups.nexthops.len(),
+            groups: self.last_groups.groups.len(),
+        };
         s
     }
 
     /// Shows the counters of the DHCP/RA services in status.
     pub fn set_services(&mut self, registry: crate::services::Registry) {
         self.services = Some(registry);
+    }
+}
+
+/// `objects` or `multipath`: what `kernel.nexthop_objects` comes to on a
+/// kernel with (or without) nexthop objects.
+fn nexthop_mode(setting: crate::config::NexthopObjects, support: Option<bool>) -> &'static str {
+    use crate::config::NexthopObjects;
+    match (setting, support) {
+        (NexthopObjects::On, _) | (NexthopObjects::Auto, Some(true)) => "objects",
+        _ => "multipath",
     }
 }
 

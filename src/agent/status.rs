@@ -31,6 +31,11 @@ pub struct ReconcileReport {
     pub conflicts: Vec<String>,
     /// The pass could not run at all (dump failed).
     pub error: Option<String>,
+    /// Failover fast path before this pass: nexthop groups replaced in
+    /// place after a session went down, and how long that took.
+    pub fast_path_groups: usize,
+    #[serde(serialize_with = "as_millis")]
+    pub fast_path: Duration,
 }
 
 fn as_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -84,9 +89,24 @@ pub struct Status {
     pub rib_paths: usize,
     pub rib_prefixes: usize,
     pub last_reconcile: Option<ReconcileReport>,
+    /// How learned routes are programmed (`kernel.nexthop_objects`).
+    pub nexthops: NexthopStatus,
     /// DHCP and RA counters per VM interface, when those services run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub services: Option<crate::services::ServicesStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct NexthopStatus {
+    /// `objects` (groups, routes with nhid) or `multipath`.
+    pub mode: String,
+    /// The configured value: auto, on or off.
+    pub setting: String,
+    /// Whether the kernel has nexthop objects (probed at start).
+    pub kernel_support: Option<bool>,
+    /// Objects (one per next hop and uplink) and groups l3hv wants.
+    pub objects: usize,
+    pub groups: usize,
 }
 
 /// The interface an operation concerns, if any.
@@ -102,9 +122,12 @@ pub fn op_interface(op: &KernelOp) -> Option<&str> {
         | KernelOp::DelProxy { ifname, .. } => Some(ifname),
         KernelOp::AddRoute { attrs, .. } | KernelOp::DelRoute { attrs, .. } => attrs.oif.as_deref(),
         KernelOp::Sysctl { path, .. } => path.split('/').nth(3),
-        KernelOp::AddRule { .. } | KernelOp::DelRule { .. } | KernelOp::DelForeignRule { .. } => {
-            None
-        }
+        KernelOp::AddRule { .. }
+        | KernelOp::DelRule { .. }
+        | KernelOp::DelForeignRule { .. }
+        | KernelOp::AddNexthop { .. }
+        | KernelOp::AddGroup { .. }
+        | KernelOp::DelNexthop { .. } => None,
     }
 }
 
@@ -130,9 +153,13 @@ pub fn describe(op: &KernelOp) -> String {
             id.table,
             id.metric,
             attrs
-                .gateway
-                .map(|g| format!(" via {g}"))
-                .unwrap_or_default(),
+                .nh_id
+                .map(|n| format!(" nhid {n}"))
+                .unwrap_or_default()
+                + &attrs
+                    .gateway
+                    .map(|g| format!(" via {g}"))
+                    .unwrap_or_default(),
             attrs
                 .oif
                 .as_ref()
@@ -152,6 +179,27 @@ pub fn describe(op: &KernelOp) -> String {
         KernelOp::DelForeignRule { priority, .. } => format!("rule del prio {priority}"),
         KernelOp::AddProxy { ifname, addr } => format!("neigh add proxy {addr} dev {ifname}"),
         KernelOp::DelProxy { ifname, addr } => format!("neigh del proxy {addr} dev {ifname}"),
+        KernelOp::AddNexthop { id, spec, replace } => format!(
+            "nexthop {} id {id} via {} dev {}{}",
+            if *replace { "replace" } else { "add" },
+            spec.gateway,
+            spec.oif,
+            if spec.onlink { " onlink" } else { "" }
+        ),
+        KernelOp::AddGroup {
+            id,
+            members,
+            replace,
+        } => format!(
+            "nexthop {} id {id} group {}",
+            if *replace { "replace" } else { "add" },
+            members
+                .iter()
+                .map(|m| m.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ),
+        KernelOp::DelNexthop { id, .. } => format!("nexthop del id {id}"),
     }
 }
 
@@ -253,6 +301,7 @@ pub fn build(
         rib_paths: rib.path_count(),
         rib_prefixes: rib.prefix_count(),
         last_reconcile: last.cloned(),
+        nexthops: NexthopStatus::default(),
         services: None,
     }
 }

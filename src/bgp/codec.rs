@@ -15,8 +15,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::capabilities::{
     AddPathAddressFamily, AddPathCapability, BgpCapability, FourOctetAsCapability,
-    GracefulRestartCapability, MultiProtocolExtensionsCapability,
+    GracefulRestartAddressFamily, GracefulRestartCapability, MultiProtocolExtensionsCapability,
 };
+use netgauze_bgp_pkt::iana::RouteRefreshSubcode;
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
@@ -84,6 +85,7 @@ impl std::fmt::Display for Notification {
             (6, 4) => "cease / administrative reset",
             (6, 5) => "cease / connection rejected",
             (6, 7) => "cease / connection collision resolution",
+            (6, 10) => "cease / bfd down",
             (6, _) => "cease",
             (7, _) => "route-refresh message error",
             _ => "unknown",
@@ -129,7 +131,21 @@ pub enum Message {
     Update(Update),
     Notification(Notification),
     KeepAlive,
-    RouteRefresh,
+    /// A ROUTE-REFRESH (RFC 2918) or, with enhanced route refresh, a
+    /// Beginning or End of Route Refresh (RFC 7313); `afi` is `None` for
+    /// a family we do not carry (ignored).
+    RouteRefresh {
+        afi: Option<Afi>,
+        kind: RefreshKind,
+    },
+}
+
+/// The ROUTE-REFRESH message subtype (RFC 7313 §3.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshKind {
+    Request,
+    Begin,
+    End,
 }
 
 /// The parts of an OPEN that negotiation needs.
@@ -146,6 +162,9 @@ pub struct Open {
     pub route_refresh: bool,
     pub enhanced_route_refresh: bool,
     pub graceful_restart: Option<u16>,
+    /// The families the peer preserves across its restart (RFC 4724 §3):
+    /// only their paths are kept stale when it restarts.
+    pub graceful_restart_families: Vec<Afi>,
     pub extended_next_hop: bool,
 }
 
@@ -301,7 +320,14 @@ impl Codec {
             BgpMessage::Notification(_) | BgpMessage::KeepAlive => {
                 Err(Notification::new(1, 3, vec![]))
             }
-            BgpMessage::RouteRefresh(_) => Ok(Message::RouteRefresh),
+            BgpMessage::RouteRefresh(r) => Ok(Message::RouteRefresh {
+                afi: Afi::from_address_type(r.address_type()),
+                kind: match r.operation_type() {
+                    RouteRefreshSubcode::NormalRequest => RefreshKind::Request,
+                    RouteRefreshSubcode::BeginningOfRouteRefresh => RefreshKind::Begin,
+                    RouteRefreshSubcode::EndOfRouteRefresh => RefreshKind::End,
+                },
+            }),
         }
     }
 }
@@ -350,6 +376,7 @@ fn open_of(open: &BgpOpenMessage) -> Result<Message, Notification> {
         route_refresh: false,
         enhanced_route_refresh: false,
         graceful_restart: None,
+        graceful_restart_families: vec![],
         extended_next_hop: false,
     };
     for cap in open.capabilities() {
@@ -371,7 +398,14 @@ fn open_of(open: &BgpOpenMessage) -> Result<Message, Notification> {
                 o.route_refresh = true
             }
             BgpCapability::EnhancedRouteRefresh => o.enhanced_route_refresh = true,
-            BgpCapability::GracefulRestartCapability(gr) => o.graceful_restart = Some(gr.time()),
+            BgpCapability::GracefulRestartCapability(gr) => {
+                o.graceful_restart = Some(gr.time());
+                o.graceful_restart_families = gr
+                    .address_families()
+                    .iter()
+                    .filter_map(|f| Afi::from_address_type(f.address_type()))
+                    .collect();
+            }
             BgpCapability::ExtendedNextHopEncoding(_) => o.extended_next_hop = true,
             _ => {}
         }
@@ -476,6 +510,19 @@ pub fn keepalive() -> Vec<u8> {
     header(TYPE_KEEPALIVE, 0)
 }
 
+/// A ROUTE-REFRESH message for `afi` (unicast) of subtype `kind`.
+pub fn route_refresh(afi: Afi, kind: RefreshKind) -> Vec<u8> {
+    let mut v = header(TYPE_ROUTE_REFRESH, 4);
+    v.extend_from_slice(&(if afi == Afi::Ipv4 { 1u16 } else { 2 }).to_be_bytes());
+    v.push(match kind {
+        RefreshKind::Request => 0,
+        RefreshKind::Begin => 1,
+        RefreshKind::End => 2,
+    });
+    v.push(1);
+    v
+}
+
 pub fn notification(n: &Notification) -> Vec<u8> {
     let mut v = header(TYPE_NOTIFICATION, 2 + n.data.len());
     v.push(n.code);
@@ -512,7 +559,19 @@ pub fn open(local: &LocalOpen) -> Result<Vec<u8>, CodecError> {
     ];
     if let Some(time) = local.graceful_restart {
         caps.push(BgpCapability::GracefulRestartCapability(
-            GracefulRestartCapability::new(false, false, time.min(4095), vec![]),
+            // Both families with Forwarding State preserved: the kernel
+            // routes outlive the agent (RFC 4724 §3), so a helper keeps
+            // our paths while we restart. The Restart State bit stays
+            // clear: we never defer our own End-of-RIB.
+            GracefulRestartCapability::new(
+                false,
+                false,
+                time.min(4095),
+                vec![
+                    GracefulRestartAddressFamily::new(true, AddressType::Ipv4Unicast),
+                    GracefulRestartAddressFamily::new(true, AddressType::Ipv6Unicast),
+                ],
+            ),
         ));
     }
     let my_as = u16::try_from(local.asn).unwrap_or(23456);
@@ -732,6 +791,37 @@ mod tests {
         assert_eq!(o.multiprotocol, vec![Afi::Ipv4, Afi::Ipv6]);
         assert!(o.add_path.contains(&(Afi::Ipv4, false, true)));
         assert!(o.route_refresh && o.enhanced_route_refresh);
+    }
+
+    #[test]
+    fn graceful_restart_lists_both_families_with_forwarding_preserved() {
+        let mut l = local();
+        l.graceful_restart = Some(120);
+        let bytes = open(&l).unwrap();
+        // Capability 64, length 2 + 2 * 4: flags/time, then (AFI 1, SAFI 1,
+        // F) and (AFI 2, SAFI 1, F). Without the families a helper keeps
+        // nothing (RFC 4724 §4.2).
+        let want = [64u8, 10, 0x00, 120, 0, 1, 1, 0x80, 0, 2, 1, 0x80];
+        assert!(bytes.windows(want.len()).any(|w| w == want), "{bytes:02x?}");
+    }
+
+    #[test]
+    fn route_refresh_subtypes_round_trip() {
+        for (afi, kind) in [
+            (Afi::Ipv4, RefreshKind::Request),
+            (Afi::Ipv6, RefreshKind::Begin),
+            (Afi::Ipv4, RefreshKind::End),
+        ] {
+            let b = route_refresh(afi, kind);
+            assert_eq!(b.len(), 23);
+            assert_eq!(
+                Codec::default().decode(&b).unwrap(),
+                Message::RouteRefresh {
+                    afi: Some(afi),
+                    kind
+                }
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Negotiated {
     pub route_refresh: bool,
     pub enhanced_route_refresh: bool,
     pub graceful_restart: Option<u16>,
+    /// Families the peer keeps across its restart (we keep its paths of
+    /// those families stale when it restarts).
+    pub graceful_restart_families: Vec<Afi>,
     pub extended_next_hop: bool,
 }
 
@@ -92,6 +95,7 @@ pub fn negotiate(
             route_refresh: remote.route_refresh,
             enhanced_route_refresh: remote.enhanced_route_refresh,
             graceful_restart: remote.graceful_restart,
+            graceful_restart_families: remote.graceful_restart_families.clone(),
             extended_next_hop: remote.extended_next_hop,
         },
         codec,
@@ -133,6 +137,7 @@ mod tests {
             route_refresh: true,
             enhanced_route_refresh: false,
             graceful_restart: Some(120),
+            graceful_restart_families: vec![Afi::Ipv4],
             extended_next_hop: false,
         }
     }

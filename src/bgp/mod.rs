@@ -18,18 +18,30 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 
 use crate::agent::AgentHandle;
+use crate::bfd::{self, BfdPeer, BfdStatus};
 use crate::config::Config;
 pub use session::SessionStatus;
 
 /// Read-only view of every session's status.
 #[derive(Clone, Default)]
 pub struct BgpHandle {
-    sessions: Vec<watch::Receiver<SessionStatus>>,
+    sessions: Vec<(
+        watch::Receiver<SessionStatus>,
+        Option<watch::Receiver<BfdStatus>>,
+    )>,
 }
 
 impl BgpHandle {
+    /// Every session with its BFD session.
     pub fn peers(&self) -> Vec<SessionStatus> {
-        self.sessions.iter().map(|s| s.borrow().clone()).collect()
+        self.sessions
+            .iter()
+            .map(|(s, bfd)| {
+                let mut s = s.borrow().clone();
+                s.bfd = bfd.as_ref().map(|b| b.borrow().clone());
+                s
+            })
+            .collect()
     }
 }
 
@@ -76,14 +88,29 @@ pub fn start(config: Arc<Config>, agent: AgentHandle) -> BgpHandle {
         return handle;
     }
     let mut listeners: BTreeMap<IpAddr, HashMap<IpAddr, mpsc::Sender<TcpStream>>> = BTreeMap::new();
-    for spec in peer_specs(&config) {
+    let specs = peer_specs(&config);
+    // One BFD session per BGP session (issue 8).
+    let mut bfd = bfd::io::start(
+        &config,
+        specs
+            .iter()
+            .map(|s| BfdPeer {
+                name: s.name.clone(),
+                local: s.local,
+                remote: s.remote,
+            })
+            .collect(),
+    );
+    for spec in specs {
+        let bfd = bfd.remove(&spec.name);
         let (tx, rx) = mpsc::channel(4);
         listeners
             .entry(spec.local)
             .or_default()
             .insert(spec.remote, tx);
-        let (session, status) = session::Session::new(spec, config.clone(), agent.clone(), rx);
-        handle.sessions.push(status);
+        let (session, status) =
+            session::Session::new(spec, config.clone(), agent.clone(), rx, bfd.clone());
+        handle.sessions.push((status, bfd));
         tokio::spawn(session.run());
     }
     for (local, peers) in listeners {

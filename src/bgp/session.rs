@@ -16,10 +16,13 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::codec::{self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs};
+use super::codec::{
+    self, Afi, Announce, Codec, LocalOpen, Message, Nlri, Notification, PathAttrs, RefreshKind,
+};
 use super::fsm::{self, Negotiated, State};
 use super::policy::{self, ImportPolicy, RefusalCounts};
 use crate::agent::AgentHandle;
+use crate::bfd::BfdStatus;
 use crate::config::{BgpConfig, Config};
 use crate::intent::Intent;
 use crate::rib::{Path, RibEvent};
@@ -54,6 +57,8 @@ pub struct Counters {
     pub treated_as_withdraw: u64,
     pub refused: RefusalCounts,
     pub established_transitions: u64,
+    /// ROUTE-REFRESH requests answered (RFC 2918 / 7313).
+    pub refreshes_answered: u64,
 }
 
 /// A received path as kept in the Adj-RIB-In.
@@ -78,6 +83,8 @@ pub struct SessionStatus {
     pub counters: Counters,
     pub last_error: Option<String>,
     pub received: Vec<ReceivedPath>,
+    /// The BFD session of this peer (filled in by `BgpHandle::peers`).
+    pub bfd: Option<BfdStatus>,
 }
 
 fn now_unix() -> u64 {
@@ -117,14 +124,45 @@ pub struct Session {
     /// Shared copies of the session and uplink names for every path.
     name: Arc<str>,
     uplink: Arc<str>,
+    /// The BFD session of this peer, if BFD is enabled.
+    bfd: Option<watch::Receiver<BfdStatus>>,
+}
+
+/// Resolves when the BFD session reports a new failure (a confirmed Up
+/// that went down) after `seen` failures; never without BFD.
+async fn bfd_failed(bfd: &mut Option<watch::Receiver<BfdStatus>>, seen: u64) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|s| s.failures > seen).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves when the BFD session has come Up more than `seen` times.
+async fn bfd_came_up(bfd: &mut Option<watch::Receiver<BfdStatus>>, seen: u64) {
+    let Some(rx) = bfd else {
+        return std::future::pending().await;
+    };
+    if rx.wait_for(|s| s.up_transitions > seen).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 impl Session {
+    fn bfd_counts(&self) -> (u64, u64) {
+        self.bfd.as_ref().map_or((0, 0), |b| {
+            let b = b.borrow();
+            (b.failures, b.up_transitions)
+        })
+    }
+
     pub fn new(
         spec: PeerSpec,
         config: Arc<Config>,
         rib: AgentHandle,
         incoming: mpsc::Receiver<TcpStream>,
+        bfd: Option<watch::Receiver<BfdStatus>>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
         let intent = rib.subscribe_intent();
         let spec_name = spec.name.clone();
@@ -149,6 +187,7 @@ impl Session {
             counters: Counters::default(),
             last_error: None,
             received: vec![],
+            bfd: None,
         });
         (
             Self {
@@ -163,6 +202,7 @@ impl Session {
                 incoming: Some(incoming),
                 name: Arc::from(spec_name.as_str()),
                 uplink: Arc::from(spec_uplink.as_str()),
+                bfd,
             },
             rx,
         )
@@ -184,6 +224,8 @@ impl Session {
         };
         let mut failures = 0u32;
         let mut pending: Option<TcpStream> = None;
+        // Graceful restart helper: one generation per restart of the peer.
+        let mut stale_generation = 0u64;
         loop {
             self.set_state(State::Connect);
             let started = Instant::now();
@@ -215,11 +257,54 @@ impl Session {
             };
             let was_established = self.status.borrow().state == State::Established;
             if was_established {
-                self.rib
-                    .rib(RibEvent::SessionDown {
-                        session: self.name.clone(),
-                    })
-                    .await;
+                // Only for families the peer said it preserves: a peer
+                // that is merely "GR aware" lists none.
+                let (restart_time, families) = self
+                    .status
+                    .borrow()
+                    .negotiated
+                    .as_ref()
+                    .map(|n| (n.graceful_restart, n.graceful_restart_families.clone()))
+                    .unwrap_or_default();
+                let restart_time = restart_time.filter(|t| *t > 0 && !families.is_empty());
+                // RFC 4724 §4.2: a connection that ended without a
+                // NOTIFICATION (the peer's process restarted, TCP reset)
+                // leaves the peer's paths in place, stale, for its restart
+                // time. A NOTIFICATION either way (hold timer, BFD down,
+                // errors) is a hard down.
+                let graceful = matches!(end, SessionEnd::Closed | SessionEnd::Io(_));
+                match restart_time {
+                    Some(t) if graceful => {
+                        stale_generation += 1;
+                        info!(peer = %self.spec.name, restart_time = t, "graceful restart: paths kept stale");
+                        self.rib
+                            .rib(RibEvent::SessionStale {
+                                session: self.name.clone(),
+                                generation: stale_generation,
+                                keep_v4: families.contains(&Afi::Ipv4),
+                                keep_v6: families.contains(&Afi::Ipv6),
+                            })
+                            .await;
+                        let rib = self.rib.clone();
+                        let session = self.name.clone();
+                        let generation = stale_generation;
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(u64::from(t))).await;
+                            rib.rib(RibEvent::SweepStale {
+                                session,
+                                generation,
+                            })
+                            .await;
+                        });
+                    }
+                    _ => {
+                        self.rib
+                            .rib(RibEvent::SessionDown {
+                                session: self.name.clone(),
+                            })
+                            .await;
+                    }
+                }
             }
             match &end {
                 SessionEnd::Connect(_) => {
@@ -247,10 +332,17 @@ impl Session {
                 jitter,
             );
             failures = failures.saturating_add(1);
-            // A connection from the peer ends the wait at once.
+            // A connection from the peer ends the wait at once; so does
+            // BFD coming Up: the path is back, reconnect without backoff.
+            let (_, ups) = self.bfd_counts();
+            let mut bfd = self.bfd.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 Some(s) = incoming.recv() => pending = Some(s),
+                _ = bfd_came_up(&mut bfd, ups) => {
+                    debug!(peer = %self.spec.name, "bfd up: reconnecting now");
+                    failures = 0;
+                }
             }
         }
     }
@@ -458,6 +550,9 @@ impl Session {
         // Attributes are shared by every prefix of the UPDATE that carried
         // them.
         let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
+        // Enhanced route refresh in progress, per family (IPv4, IPv6): the
+        // paths not announced again yet.
+        let mut refreshing: [Option<BTreeSet<Nlri>>; 2] = [None, None];
         let keepalive = negotiated.keepalive;
         let hold = negotiated.hold_time;
         let mut ka = tokio::time::interval(if keepalive.is_zero() {
@@ -467,6 +562,8 @@ impl Session {
         });
         ka.tick().await;
         let mut last_in = Instant::now();
+        let (bfd_failures, _) = self.bfd_counts();
+        let mut bfd = self.bfd.clone();
         loop {
             let hold_left = if hold.is_zero() {
                 Duration::from_secs(3600)
@@ -481,6 +578,18 @@ impl Session {
                 _ = tokio::time::sleep(hold_left) => {
                     let n = Notification::new(4, 0, vec![]);
                     let _ = stream.write_all(&codec::notification(&n)).await;
+                    return Err(SessionEnd::Sent(n));
+                }
+                _ = bfd_failed(&mut bfd, bfd_failures) => {
+                    // The data path is gone: Cease / BFD Down (RFC 9384).
+                    // The write may well not arrive; it must not block.
+                    let n = Notification::new(6, 10, vec![]);
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(10),
+                        stream.write_all(&codec::notification(&n)),
+                    )
+                    .await;
+                    self.status.send_modify(|s| s.counters.notifications_out += 1);
                     return Err(SessionEnd::Sent(n));
                 }
                 changed = intent.changed() => {
@@ -529,12 +638,71 @@ impl Session {
                                 let _ = stream.write_all(&codec::notification(&n)).await;
                                 return Err(SessionEnd::Sent(n));
                             }
-                            Message::RouteRefresh => {
-                                // RFC 2918: re-send the Adj-RIB-Out.
-                                let all: Vec<IpNet> = advertised.iter().copied().collect();
+                            Message::RouteRefresh { afi: None, .. } => {}
+                            Message::RouteRefresh { afi: Some(afi), kind: RefreshKind::Request } => {
+                                // RFC 2918: re-send the Adj-RIB-Out of the
+                                // family; framed by BoRR/EoRR when both
+                                // sides speak enhanced route refresh
+                                // (RFC 7313), so the peer can sweep.
+                                let v6 = afi == Afi::Ipv6;
+                                let all: Vec<IpNet> = advertised
+                                    .iter()
+                                    .filter(|p| p.addr().is_ipv6() == v6)
+                                    .copied()
+                                    .collect();
+                                let enhanced = negotiated.enhanced_route_refresh;
+                                if enhanced {
+                                    self.send(&mut stream, &codec::route_refresh(afi, RefreshKind::Begin)).await?;
+                                }
                                 self.advertise(&mut stream, &codec, &negotiated, &all, &[]).await?;
+                                if enhanced {
+                                    self.send(&mut stream, &codec::route_refresh(afi, RefreshKind::End)).await?;
+                                }
+                                self.status.send_modify(|s| s.counters.refreshes_answered += 1);
+                            }
+                            Message::RouteRefresh { afi: Some(afi), kind } => {
+                                // RFC 7313 from the peer: at Beginning of
+                                // Route Refresh its paths of the family go
+                                // stale; at the End those not announced
+                                // again are withdrawn.
+                                if !negotiated.enhanced_route_refresh {
+                                    continue;
+                                }
+                                let i = usize::from(afi == Afi::Ipv6);
+                                if kind == RefreshKind::Begin {
+                                    refreshing[i] = Some(
+                                        adj_in
+                                            .keys()
+                                            .filter(|n| n.prefix.addr().is_ipv6() == (i == 1))
+                                            .copied()
+                                            .collect(),
+                                    );
+                                } else if let Some(stale) = refreshing[i].take() {
+                                    let withdraw: Vec<(IpNet, Option<u32>)> = stale
+                                        .into_iter()
+                                        .filter(|n| adj_in.remove(n).is_some())
+                                        .map(|n| (n.prefix, n.path_id))
+                                        .collect();
+                                    let count = adj_in.len();
+                                    self.status.send_modify(|s| s.prefixes_received = count);
+                                    if !withdraw.is_empty() {
+                                        self.rib
+                                            .rib(RibEvent::Update {
+                                                session: self.name.clone(),
+                                                fabric: self.spec.fabric.clone(),
+                                                announce: vec![],
+                                                withdraw,
+                                            })
+                                            .await;
+                                    }
+                                }
                             }
                             Message::Update(u) => {
+                                for stale in refreshing.iter_mut().flatten() {
+                                    for n in &u.announce {
+                                        stale.remove(n);
+                                    }
+                                }
                                 let (event, close) = self.on_update(u, &mut adj_in);
                                 if let Some(event) = event {
                                     self.rib.rib(event).await;
@@ -582,6 +750,7 @@ impl Session {
                                 uplink: self.uplink.clone(),
                                 local_pref: attrs.local_pref.unwrap_or(100),
                                 as_path_len: attrs.as_path_len,
+                                originator: attrs.originator_id,
                             },
                         ));
                     }
@@ -745,25 +914,7 @@ async fn refuse_collision(mut stream: TcpStream) {
 /// arrived with less (IP_MINTTL / IPV6_MINHOPCOUNT).
 pub(crate) fn gtsm(socket: &impl std::os::fd::AsRawFd, v6: bool) -> std::io::Result<()> {
     let fd = socket.as_raw_fd();
-    let value: libc::c_int = 255;
-    let set = |level, name| {
-        // SAFETY: fd is a valid socket; value outlives the call and its
-        // size is passed.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
+    let set = |level, name| crate::services::sockopt::set_int(fd, level, name, 255);
     if v6 {
         set(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS)?;
         // IPV6_MINHOPCOUNT = 73 (linux/in6.h).

@@ -34,6 +34,16 @@ pub fn render_status(v: &Value) -> String {
         s(&v["routes_programmed"]),
         s(&v["routes_failed"]),
     ));
+    let nh = &v["nexthops"];
+    if !nh.is_null() {
+        out.push_str(&format!(
+            "learned routes: {} (nexthop_objects = {}), {} objects, {} groups\n",
+            s(&nh["mode"]),
+            s(&nh["setting"]),
+            s(&nh["objects"]),
+            s(&nh["groups"]),
+        ));
+    }
     let r = &v["last_reconcile"];
     if r.is_null() {
         out.push_str("last reconcile: never\n");
@@ -56,12 +66,16 @@ pub fn render_status(v: &Value) -> String {
     }
     for p in v["peers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "bgp {} -> {}: {} ({} received, {} advertised)\n",
+            "bgp {} -> {}: {} ({} received, {} advertised){}\n",
             s(&p["peer"]["name"]),
             s(&p["peer"]["remote"]),
             s(&p["state"]),
             s(&p["prefixes_received"]),
             s(&p["prefixes_advertised"]),
+            p["bfd"]["state"]
+                .as_str()
+                .map(|b| format!(", bfd {b}"))
+                .unwrap_or_default(),
         ));
     }
     for u in v["uplinks"].as_array().into_iter().flatten() {
@@ -177,6 +191,28 @@ pub fn render_peers(v: &Value) -> String {
                 n["ipv6"],
                 n["add_path_rx"],
                 n["add_path_tx"],
+            ));
+        }
+        let b = &p["bfd"];
+        if b.is_object() {
+            let dropped: u64 = b["dropped"]
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+            out.push_str(&format!(
+                "    bfd {} (diag {}, remote {}), tx {} ms, detect {} ms, discr {}/{}, up {} failures {}, in {} out {} dropped {}{}\n",
+                s(&b["state"]),
+                s(&b["diag"]),
+                s(&b["remote_state"]),
+                b["tx_interval_ms"].as_f64().map_or("-".into(), |v| format!("{v:.0}")),
+                b["detection_time_ms"].as_f64().map_or("-".into(), |v| format!("{v:.0}")),
+                s(&b["local_discriminator"]),
+                s(&b["remote_discriminator"]),
+                s(&b["up_transitions"]),
+                s(&b["failures"]),
+                s(&b["packets_in"]),
+                s(&b["packets_out"]),
+                dropped,
+                if b["resumed"] == true { ", resumed" } else { "" },
             ));
         }
     }

@@ -290,6 +290,12 @@ pub fn encode(
     let updates_out = Family::<SessionLabels, Counter>::default();
     let established = Family::<SessionLabels, Counter>::default();
     let withdraw = Family::<SessionLabels, Counter>::default();
+    let bfd_up = Family::<SessionLabels, Gauge>::default();
+    let bfd_failures = Family::<SessionLabels, Counter>::default();
+    let bfd_ups = Family::<SessionLabels, Counter>::default();
+    let bfd_in = Family::<SessionLabels, Counter>::default();
+    let bfd_out = Family::<SessionLabels, Counter>::default();
+    let bfd_dropped = Family::<SessionLabels, Counter>::default();
     for p in peers {
         let l = SessionLabels {
             session: p.peer.name.clone(),
@@ -322,7 +328,45 @@ pub fn encode(
             .get_or_create(&l)
             .inc_by(c.established_transitions);
         withdraw.get_or_create(&l).inc_by(c.treated_as_withdraw);
+        if let Some(b) = &p.bfd {
+            bfd_up
+                .get_or_create(&l)
+                .set(i64::from(b.state == crate::bfd::packet::State::Up));
+            bfd_failures.get_or_create(&l).inc_by(b.failures);
+            bfd_ups.get_or_create(&l).inc_by(b.up_transitions);
+            bfd_in.get_or_create(&l).inc_by(b.packets_in);
+            bfd_out.get_or_create(&l).inc_by(b.packets_out);
+            bfd_dropped
+                .get_or_create(&l)
+                .inc_by(b.dropped.values().sum());
+        }
     }
+    r.register(
+        "bfd_session_up",
+        "1 when the BFD session of the BGP session is Up",
+        bfd_up,
+    );
+    r.register(
+        "bfd_session_failures",
+        "BFD sessions that were Up and went down (each took BGP down)",
+        bfd_failures,
+    );
+    r.register(
+        "bfd_session_up_transitions",
+        "Times the BFD session came Up",
+        bfd_ups,
+    );
+    r.register(
+        "bfd_packets_received",
+        "BFD control packets accepted",
+        bfd_in,
+    );
+    r.register("bfd_packets_sent", "BFD control packets sent", bfd_out);
+    r.register(
+        "bfd_packets_dropped",
+        "BFD control packets dropped (malformed, TTL, authentication)",
+        bfd_dropped,
+    );
     r.register(
         "bgp_session_up",
         "1 when the BGP session is Established",
@@ -442,6 +486,7 @@ mod tests {
             rib_paths: 7,
             rib_prefixes: 4,
             last_reconcile: None,
+            nexthops: Default::default(),
             services: None,
         }
     }

@@ -20,7 +20,9 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::LinkUnspec;
 use serde::Serialize;
 
-use super::{Kernel, errno, sysctl, tap};
+use std::collections::BTreeSet;
+
+use super::{Kernel, errno, nexthop, sysctl, tap};
 use crate::reconcile::{KernelOp, Plan, RouteAttrs, RouteId, RouteKind, RuleSpec};
 
 /// How many requests may be in flight on the socket at once.
@@ -52,14 +54,34 @@ impl Kernel {
     /// Applies `plan`; the report lists each operation the kernel refused.
     pub async fn apply(&self, plan: &Plan) -> ApplyReport {
         let mut report = ApplyReport::default();
+        // Objects the kernel refused in this apply (an uplink without
+        // carrier): groups are written without them rather than refused
+        // whole; the refusal is reported on the object, and the next pass
+        // (retry, link event) adds it back.
+        let mut refused_nexthops: BTreeSet<u32> = BTreeSet::new();
         for phase in plan.phases() {
             if phase.is_empty() {
                 continue;
             }
+            // Nexthop objects go over their own socket (hand codec), in
+            // acknowledged batches on a blocking thread.
+            let (nexthop_ops, phase): (Vec<&KernelOp>, Vec<&KernelOp>) =
+                phase.iter().partition(|op| {
+                    matches!(
+                        op,
+                        KernelOp::AddNexthop { .. }
+                            | KernelOp::AddGroup { .. }
+                            | KernelOp::DelNexthop { .. }
+                    )
+                });
+            if !nexthop_ops.is_empty() {
+                self.apply_nexthops(nexthop_ops, &mut refused_nexthops, &mut report)
+                    .await;
+            }
             // Sysctls and tap ioctls are synchronous file/ioctl calls: run
             // them together off the async threads.
             let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) = phase
-                .iter()
+                .into_iter()
                 .partition(|op| matches!(op, KernelOp::Sysctl { .. } | KernelOp::CreateTap { .. }));
             if !blocking.is_empty() {
                 let ops: Vec<KernelOp> = blocking.into_iter().cloned().collect();
@@ -112,6 +134,94 @@ impl Kernel {
             }
         }
         report
+    }
+
+    /// Nexthop objects, groups and their deletion, in one blocking batch.
+    async fn apply_nexthops(
+        &self,
+        ops: Vec<&KernelOp>,
+        refused: &mut BTreeSet<u32>,
+        report: &mut ApplyReport,
+    ) {
+        let mut sent: Vec<(KernelOp, nexthop::Request)> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let request = match op {
+                KernelOp::AddNexthop { id, spec, replace } => {
+                    let Some(idx) = tap::ifindex(&spec.oif) else {
+                        refused.insert(*id);
+                        report.failed.push(OpFailure {
+                            op: op.clone(),
+                            error: OpError::NoSuchLink(spec.oif.clone()).to_string(),
+                        });
+                        continue;
+                    };
+                    (
+                        nexthop::RTM_NEWNEXTHOP,
+                        create_flags(*replace),
+                        nexthop::NexthopMessage::gateway(
+                            *id,
+                            spec.gateway,
+                            idx,
+                            spec.onlink,
+                            self.protocol,
+                        ),
+                    )
+                }
+                KernelOp::AddGroup {
+                    id,
+                    members,
+                    replace,
+                } => {
+                    let members: Vec<u32> = members
+                        .iter()
+                        .copied()
+                        .filter(|m| !refused.contains(m))
+                        .collect();
+                    if members.is_empty() {
+                        report.failed.push(OpFailure {
+                            op: op.clone(),
+                            error: "every member object was refused".into(),
+                        });
+                        continue;
+                    }
+                    (
+                        nexthop::RTM_NEWNEXTHOP,
+                        create_flags(*replace),
+                        nexthop::NexthopMessage::group(*id, &members, self.protocol),
+                    )
+                }
+                KernelOp::DelNexthop { id, .. } => (
+                    nexthop::RTM_DELNEXTHOP,
+                    0,
+                    nexthop::NexthopMessage::by_id(*id),
+                ),
+                _ => continue,
+            };
+            sent.push((op.clone(), request));
+        }
+        let requests: Vec<nexthop::Request> = sent.iter().map(|(_, r)| r.clone()).collect();
+        let results = tokio::task::spawn_blocking(move || nexthop::execute(&requests))
+            .await
+            .unwrap_or_default();
+        for ((op, _), r) in sent.into_iter().zip(results) {
+            let r = match (&op, r) {
+                // Already gone (with its uplink, or by hand): done.
+                (KernelOp::DelNexthop { .. }, Err(e)) if e.errno() == Some(libc::ENOENT) => Ok(()),
+                (_, r) => r,
+            };
+            match r {
+                Ok(()) => report.applied += 1,
+                Err(e) => {
+                    if let KernelOp::AddNexthop { id, .. } = &op {
+                        refused.insert(*id);
+                    }
+                    report.failed.push(OpFailure {
+                        op,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
     }
 
     async fn exec(&self, op: &KernelOp) -> Result<(), OpError> {
@@ -180,6 +290,9 @@ impl Kernel {
                 // The route may have gone with its link: resolve the oif
                 // leniently and treat "no such route" as done.
                 let mut attrs = attrs.clone();
+                // Matched by table, destination, metric and protocol: the
+                // group it pointed at may be gone already.
+                attrs.nh_id = None;
                 if attrs
                     .oif
                     .as_deref()
@@ -187,7 +300,10 @@ impl Kernel {
                 {
                     attrs.oif = None;
                 }
-                let msg = self.route_message(id, &attrs)?;
+                let mut msg = self.route_message(id, &attrs)?;
+                // Any scope, as `ip route del` asks: a route on a group has
+                // scope universe although it names no gateway here.
+                msg.header.scope = RouteScope::NoWhere;
                 ignore(self.handle.route().del(msg).execute().await, libc::ESRCH)?;
             }
             KernelOp::AddRule { rule } => {
@@ -249,6 +365,10 @@ impl Kernel {
             }
             KernelOp::Sysctl { path, value } => sysctl::write(path, value)?,
             KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue)?,
+            // Sent by apply_nexthops.
+            KernelOp::AddNexthop { .. }
+            | KernelOp::AddGroup { .. }
+            | KernelOp::DelNexthop { .. } => {}
         }
         Ok(())
     }
@@ -303,6 +423,12 @@ impl Kernel {
                 hops.push(hop);
             }
             m.attributes.push(RouteAttribute::MultiPath(hops));
+            m.header.scope = RouteScope::Universe;
+        }
+        if let Some(id) = attrs.nh_id {
+            // The group says how to forward; the route carries no
+            // oif/gateway/multipath of its own (the kernel refuses both).
+            m.attributes.push(RouteAttribute::NhId(id));
             m.header.scope = RouteScope::Universe;
         }
         if let Some(src) = attrs.pref_src {
@@ -369,6 +495,18 @@ fn family(v6: bool) -> AddressFamily {
         AddressFamily::Inet6
     } else {
         AddressFamily::Inet
+    }
+}
+
+/// NLM_F_CREATE|NLM_F_EXCL for a new object: an id held by someone
+/// else's object is refused, never overwritten; NLM_F_REPLACE for ours.
+fn create_flags(replace: bool) -> u16 {
+    if replace {
+        // With CREATE: a group the kernel dropped meanwhile (its uplink
+        // lost carrier) is created again in the same pass.
+        nexthop::NLM_F_REPLACE | nexthop::NLM_F_CREATE
+    } else {
+        nexthop::NLM_F_CREATE | nexthop::NLM_F_EXCL
     }
 }
 

@@ -34,6 +34,8 @@ impl Kernel {
         // Links on a blocking thread (lean hand parser, see links.rs) while
         // addresses, routes and rules come over the async socket.
         let links = tokio::task::spawn_blocking(super::links::dump);
+        // Nexthop objects over their own (hand-coded) socket, alongside.
+        let nexthops = tokio::task::spawn_blocking(super::nexthop::dump);
         // One dump at a time per netlink socket: the kernel answers a
         // second concurrent dump with EBUSY.
         let addrs = self.dump_addresses().await;
@@ -73,6 +75,20 @@ impl Kernel {
         // Routes are processed as they stream in: at 100,000 learned
         // routes, collecting the decoded messages first cost ~100 MB.
         self.dump_routes_into(&names, &mut o).await?;
+        let nexthops = nexthops
+            .await
+            .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))?;
+        match nexthops {
+            Ok(list) => self.observe_nexthops(list, &names, &mut o),
+            // A kernel without nexthop objects has none of ours.
+            Err(e) if e.errno().is_some_and(super::nexthop::unsupported) => {}
+            Err(e) => {
+                return Err(NetlinkError::Nexthop {
+                    what: "dump",
+                    source: e,
+                });
+            }
+        }
         for msg in rules? {
             let protocol = msg.attributes.iter().find_map(|a| match a {
                 RuleAttribute::Protocol(p) => Some(u8::from(*p)),
@@ -98,6 +114,39 @@ impl Kernel {
             }
         }
         Ok(o)
+    }
+
+    /// Keeps the objects and groups carrying l3hv's protocol.
+    fn observe_nexthops(
+        &self,
+        list: Vec<super::nexthop::NexthopMessage>,
+        names: &BTreeMap<u32, String>,
+        o: &mut ObservedKernel,
+    ) {
+        for m in list {
+            let (true, Some(id)) = (m.protocol == self.protocol, m.id) else {
+                continue;
+            };
+            if !m.group.is_empty() {
+                o.groups
+                    .insert(id, m.group.iter().map(|(member, _)| *member).collect());
+            } else if let (Some(gateway), Some(oif)) =
+                (m.gateway, m.oif.and_then(|i| names.get(&i)))
+            {
+                o.nexthops.insert(
+                    id,
+                    NextHopSpec {
+                        gateway,
+                        oif: oif.clone(),
+                        onlink: m.flags & super::nexthop::FLAG_ONLINK != 0,
+                    },
+                );
+            } else {
+                // Ours but not a shape l3hv writes: a group of nothing, so
+                // the plan deletes it.
+                o.groups.insert(id, BTreeSet::new());
+            }
+        }
     }
 
     async fn dump_proxies(&self) -> Result<Vec<NeighbourMessage>, NetlinkError> {
@@ -243,6 +292,7 @@ pub(crate) fn route_of(
     let mut gateway = None;
     let mut pref_src = None;
     let mut multipath = Vec::new();
+    let mut nh_id = None;
     for a in &msg.attributes {
         match a {
             // Tables above 255 are reported as 252 in the header.
@@ -252,6 +302,7 @@ pub(crate) fn route_of(
             RouteAttribute::Oif(i) => oif = names.get(i).cloned(),
             RouteAttribute::Gateway(g) => gateway = ip_of(g),
             RouteAttribute::PrefSource(s) => pref_src = ip_of(s),
+            RouteAttribute::NhId(id) => nh_id = Some(*id),
             RouteAttribute::MultiPath(hops) => {
                 for h in hops {
                     let gateway = h.attributes.iter().find_map(|a| match a {
@@ -288,15 +339,26 @@ pub(crate) fn route_of(
         oif = None;
         gateway = None;
     }
+    // A route on a nexthop object is reported with the object's gateway
+    // and device (or RTA_MULTIPATH for a group) expanded: the id is what
+    // l3hv compares.
+    let mut onlink = msg.header.flags.contains(RouteFlags::Onlink);
+    if nh_id.is_some() {
+        oif = None;
+        gateway = None;
+        multipath.clear();
+        onlink = false;
+    }
     Some((
         RouteId { table, dst, metric },
         RouteAttrs {
             kind,
             oif,
             gateway,
-            onlink: msg.header.flags.contains(RouteFlags::Onlink),
+            onlink,
             pref_src,
             multipath,
+            nh_id,
         },
     ))
 }

@@ -10,6 +10,7 @@ pub mod dump;
 pub mod links;
 pub mod monitor;
 pub mod neigh;
+pub mod nexthop;
 pub mod sysctl;
 pub mod tap;
 
@@ -23,6 +24,11 @@ pub enum NetlinkError {
     Dump {
         what: &'static str,
         source: rtnetlink::Error,
+    },
+    #[error("nexthop {what}: {source}")]
+    Nexthop {
+        what: &'static str,
+        source: nexthop::NexthopError,
     },
     #[error("netlink {what}: {source}")]
     Request {

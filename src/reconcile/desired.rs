@@ -102,12 +102,24 @@ fn default_route(kind: DefaultRoute) -> Option<RouteAttrs> {
         onlink: false,
         pref_src: None,
         multipath: Vec::new(),
+        nh_id: None,
     })
 }
 
 /// Computes the kernel state for `intent` and the learned routes of `rib`
-/// under `config`.
+/// under `config`, learned ECMP routes as RTA_MULTIPATH.
 pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
+    desired_with(config, intent, rib, false)
+}
+
+/// As [`desired`]; with `nexthop_objects`, learned routes point at kernel
+/// nexthop groups ([`super::groups`]) instead of carrying RTA_MULTIPATH.
+pub fn desired_with(
+    config: &Config,
+    intent: &Intent,
+    rib: &Rib,
+    nexthop_objects: bool,
+) -> DesiredKernel {
     let mut d = DesiredKernel::default();
     let k = &config.kernel;
 
@@ -121,6 +133,9 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
     hs.insert("net/ipv4/conf/all/send_redirects".into(), "0".into());
     if k.ipv6_forwarding == Ipv6Forwarding::Global {
         hs.insert("net/ipv6/conf/all/forwarding".into(), "1".into());
+    }
+    if let Some(m) = k.nexthop_compat_mode {
+        hs.insert("net/ipv4/nexthop_compat_mode".into(), m.to_string());
     }
 
     // Uplinks.
@@ -291,6 +306,7 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
             onlink: gateway.is_some(),
             pref_src,
             multipath: Vec::new(),
+            nh_id: None,
         };
         for dst in i.host_prefixes() {
             add(&mut d, fabric.table, dst, direct(None, None));
@@ -307,7 +323,7 @@ pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
             );
         }
     }
-    learned(config, rib, &mut d);
+    learned(config, rib, &mut d, nexthop_objects);
     proxies(config, intent, rib, &mut d);
     d
 }
@@ -370,50 +386,81 @@ fn proxies(config: &Config, intent: &Intent, rib: &Rib, d: &mut DesiredKernel) {
 
 /// Learned routes: ECMP over every selected next hop, in the fabric's
 /// table; private (non-catch-all) fabrics also in local-out. A prefix with
-/// a local VM route in that table is never shadowed: local wins.
-fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel) {
+/// a local VM route in that table is never shadowed: local wins. With
+/// `nexthop_objects` every learned route points at the group of its
+/// originators (even a single-member one: gaining a second path is then a
+/// group replace, not a route rewrite).
+fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: bool) {
     let k = &config.kernel;
     for (name, fabric) in &config.fabrics {
-        for (dst, hops) in rib.selected(name) {
-            let members: Vec<NextHopSpec> = hops
-                .iter()
-                .filter(|h| h.gateway.is_ipv4() == dst.addr().is_ipv4())
-                .map(|h| NextHopSpec {
-                    gateway: h.gateway,
-                    oif: h.uplink.to_string(),
-                    onlink: true,
-                })
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let attrs = |pref_src: Option<IpAddr>| match members.as_slice() {
-                [one] => RouteAttrs {
-                    kind: RouteKind::Unicast,
-                    oif: Some(one.oif.clone()),
-                    gateway: Some(one.gateway),
-                    onlink: true,
-                    pref_src,
-                    multipath: Vec::new(),
-                },
-                _ => RouteAttrs {
+        let selected = rib.selected_with_origins(name);
+        let group_ids = if nexthop_objects {
+            super::groups::build(name, &selected, d)
+        } else {
+            Vec::new()
+        };
+        for (n, (dst, sel)) in selected.iter().enumerate() {
+            let dst = *dst;
+            let template = if nexthop_objects {
+                let Some(id) = group_ids[n] else { continue };
+                RouteAttrs {
                     kind: RouteKind::Unicast,
                     oif: None,
                     gateway: None,
                     onlink: false,
-                    pref_src,
-                    multipath: members.clone(),
-                },
+                    pref_src: None,
+                    multipath: Vec::new(),
+                    nh_id: Some(id),
+                }
+            } else {
+                let mut members: Vec<NextHopSpec> = sel
+                    .hops
+                    .iter()
+                    .filter(|h| h.gateway.is_ipv4() == dst.addr().is_ipv4())
+                    .map(|h| NextHopSpec {
+                        gateway: h.gateway,
+                        oif: h.uplink.to_string(),
+                        onlink: true,
+                    })
+                    .collect();
+                match members.len() {
+                    0 => continue,
+                    1 => {
+                        let one = members.remove(0);
+                        RouteAttrs {
+                            kind: RouteKind::Unicast,
+                            oif: Some(one.oif),
+                            gateway: Some(one.gateway),
+                            onlink: true,
+                            pref_src: None,
+                            multipath: Vec::new(),
+                            nh_id: None,
+                        }
+                    }
+                    _ => RouteAttrs {
+                        kind: RouteKind::Unicast,
+                        oif: None,
+                        gateway: None,
+                        onlink: false,
+                        pref_src: None,
+                        multipath: members,
+                        nh_id: None,
+                    },
+                }
             };
-            let mut tables = vec![(fabric.table, None)];
+            // No allocation per prefix: at most the fabric's table and
+            // local-out.
+            let mut tables = [(fabric.table, None), (0, None)];
+            let mut n_tables = 1;
             if !fabric.catch_all {
                 let src = match dst {
                     IpNet::V4(_) => config.hypervisor.private_source_v4.map(IpAddr::V4),
                     IpNet::V6(_) => config.hypervisor.private_source_v6.map(IpAddr::V6),
                 };
-                tables.push((k.local_out_table, src));
+                tables[1] = (k.local_out_table, src);
+                n_tables = 2;
             }
-            for (table, src) in tables {
+            for &(table, src) in &tables[..n_tables] {
                 let first = RouteId {
                     table,
                     dst,
@@ -431,13 +478,15 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel) {
                 if local {
                     continue;
                 }
+                let mut attrs = template.clone();
+                attrs.pref_src = src;
                 d.routes.insert(
                     RouteId {
                         table,
                         dst,
                         metric: k.learned_route_metric,
                     },
-                    attrs(src),
+                    attrs,
                 );
             }
         }
@@ -502,6 +551,17 @@ mod tests {
             .collect();
         assert_eq!(uplinks.len(), 2);
         assert!(uplinks.iter().all(|r| r.table == 20));
+    }
+
+    #[test]
+    fn nexthop_compat_mode_is_written_only_when_configured() {
+        let key = "net/ipv4/nexthop_compat_mode";
+        let d = desired(&cfg(), &Intent::default(), &Rib::default());
+        assert!(!d.host_sysctls.contains_key(key));
+        let mut c = cfg();
+        c.kernel.nexthop_compat_mode = Some(0);
+        let d = desired(&c, &Intent::default(), &Rib::default());
+        assert_eq!(d.host_sysctls[key], "0");
     }
 
     #[test]

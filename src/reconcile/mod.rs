@@ -3,12 +3,13 @@
 //! sysctls need reading. The effectful half lives in [`crate::netlink`].
 
 pub mod desired;
+pub mod groups;
 pub mod model;
 pub mod plan;
 
 use std::collections::BTreeMap;
 
-pub use desired::desired;
+pub use desired::{desired, desired_with};
 pub use model::*;
 pub use plan::{KernelOp, Plan, plan};
 

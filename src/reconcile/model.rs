@@ -36,6 +36,8 @@ pub struct RouteAttrs {
     /// ECMP members (RTA_MULTIPATH); empty for a single next hop, which
     /// uses `oif`/`gateway`.
     pub multipath: Vec<NextHopSpec>,
+    /// A nexthop group (RTA_NH_ID) instead of `oif`/`gateway`/`multipath`.
+    pub nh_id: Option<u32>,
 }
 
 /// One member of an ECMP route.
@@ -44,6 +46,15 @@ pub struct NextHopSpec {
     pub gateway: IpAddr,
     pub oif: String,
     pub onlink: bool,
+}
+
+/// What a nexthop group stands for (see `reconcile::groups`): the origins
+/// of the paths of its prefixes, per fabric and address family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct GroupKey {
+    pub fabric: String,
+    pub v6: bool,
+    pub origins: Vec<IpAddr>,
 }
 
 /// A policy rule (always `lookup <table>`).
@@ -135,6 +146,12 @@ pub struct DesiredKernel {
     /// IPv6 neighbour proxy entries (NTF_PROXY): (VM link, address routed
     /// elsewhere in its shared /64).
     pub proxies: BTreeSet<(String, std::net::Ipv6Addr)>,
+    /// Kernel nexthop objects by id: one per (gateway, uplink).
+    pub nexthops: BTreeMap<u32, NextHopSpec>,
+    /// Nexthop groups by id: their member object ids.
+    pub groups: BTreeMap<u32, BTreeSet<u32>>,
+    /// What each group stands for.
+    pub group_keys: BTreeMap<u32, GroupKey>,
     /// Two intents that want the same route; the first one wins.
     pub conflicts: Vec<String>,
 }
@@ -178,6 +195,9 @@ pub struct ObservedKernel {
     pub foreign_rules: BTreeSet<(bool, u32)>,
     /// IPv6 proxy entries carrying l3hv's protocol.
     pub proxies: BTreeSet<(String, std::net::Ipv6Addr)>,
+    /// Nexthop objects and groups carrying l3hv's protocol.
+    pub nexthops: BTreeMap<u32, NextHopSpec>,
+    pub groups: BTreeMap<u32, BTreeSet<u32>>,
     /// Sysctls that were read: `None` when the file does not exist. A
     /// desired sysctl missing from this map was verified earlier and is
     /// trusted.

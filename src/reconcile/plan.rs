@@ -74,6 +74,24 @@ pub enum KernelOp {
     DeleteLink {
         name: String,
     },
+    /// A nexthop object (`ip nexthop add id ID via GW dev OIF onlink`).
+    AddNexthop {
+        id: u32,
+        spec: NextHopSpec,
+        replace: bool,
+    },
+    /// A nexthop group; `replace` changes its members in place (the routes
+    /// pointing at it are not touched).
+    AddGroup {
+        id: u32,
+        members: Vec<u32>,
+        replace: bool,
+    },
+    /// Deletes an object or a group (by id).
+    DelNexthop {
+        id: u32,
+        group: bool,
+    },
 }
 
 /// Operations grouped in the order they must be applied. Within a group
@@ -87,9 +105,17 @@ pub struct Plan {
     pub set_up: Vec<KernelOp>,
     /// Stale routes, rules and addresses.
     pub remove: Vec<KernelOp>,
-    /// Addresses, then routes and rules.
+    /// Addresses, then nexthop objects, groups (members first), then
+    /// routes and rules.
     pub add_addresses: Vec<KernelOp>,
+    pub add_nexthops: Vec<KernelOp>,
+    pub add_groups: Vec<KernelOp>,
     pub add_routes: Vec<KernelOp>,
+    /// Groups no route points at any more, then objects no group holds: a
+    /// group is deleted only after its routes moved (the kernel would
+    /// flush them), an object only after its groups were replaced.
+    pub remove_groups: Vec<KernelOp>,
+    pub remove_nexthops: Vec<KernelOp>,
     /// Links l3hv created and no longer intends; last.
     pub delete_links: Vec<KernelOp>,
 }
@@ -103,14 +129,18 @@ impl Plan {
         self.phases().iter().map(|p| p.len()).sum()
     }
 
-    pub fn phases(&self) -> [&Vec<KernelOp>; 7] {
+    pub fn phases(&self) -> [&Vec<KernelOp>; 11] {
         [
             &self.create_links,
             &self.configure_links,
             &self.set_up,
             &self.remove,
             &self.add_addresses,
+            &self.add_nexthops,
+            &self.add_groups,
             &self.add_routes,
+            &self.remove_groups,
+            &self.remove_nexthops,
             &self.delete_links,
         ]
     }
@@ -303,6 +333,44 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
         });
     }
 
+    // Nexthop objects and groups (kernel.nexthop_objects).
+    for (id, spec) in &desired.nexthops {
+        match observed.nexthops.get(id) {
+            Some(o) if o == spec => {}
+            o => p.add_nexthops.push(KernelOp::AddNexthop {
+                id: *id,
+                spec: spec.clone(),
+                replace: o.is_some(),
+            }),
+        }
+    }
+    for (id, members) in &desired.groups {
+        match observed.groups.get(id) {
+            Some(o) if o == members => {}
+            o => p.add_groups.push(KernelOp::AddGroup {
+                id: *id,
+                members: members.iter().copied().collect(),
+                replace: o.is_some(),
+            }),
+        }
+    }
+    for id in observed.groups.keys() {
+        if !desired.groups.contains_key(id) {
+            p.remove_groups.push(KernelOp::DelNexthop {
+                id: *id,
+                group: true,
+            });
+        }
+    }
+    for id in observed.nexthops.keys() {
+        if !desired.nexthops.contains_key(id) {
+            p.remove_nexthops.push(KernelOp::DelNexthop {
+                id: *id,
+                group: false,
+            });
+        }
+    }
+
     // Rules.
     for r in desired.rules.difference(&observed.rules) {
         p.add_routes.push(KernelOp::AddRule { rule: r.clone() });
@@ -403,6 +471,8 @@ mod tests {
         }
         o.routes = d.routes.clone();
         o.rules = d.rules.clone();
+        o.nexthops = d.nexthops.clone();
+        o.groups = d.groups.clone();
         o
     }
 
@@ -586,5 +656,72 @@ mod tests {
         o.routes.retain(|_, a| a.oif.as_deref() != Some("tap1"));
         let p = plan(&d, &o);
         assert!(p.is_empty(), "{p:#?}");
+    }
+
+    fn two_path_rib(with_b: bool) -> crate::rib::Rib {
+        use crate::rib::{Path, RibEvent};
+        let mut rib = crate::rib::Rib::default();
+        let mut paths = vec![("a", "198.51.100.102", "a-public")];
+        if with_b {
+            paths.push(("b", "198.51.100.202", "b-public"));
+        }
+        for (session, nh, uplink) in paths {
+            rib.apply(RibEvent::Update {
+                session: session.into(),
+                fabric: "public".into(),
+                announce: (0..100)
+                    .map(|i| {
+                        (
+                            format!("198.18.0.{i}/32").parse().unwrap(),
+                            None,
+                            Path {
+                                next_hop: nh.parse().unwrap(),
+                                uplink: uplink.into(),
+                                local_pref: 100,
+                                as_path_len: 0,
+                                originator: Some("198.51.100.102".parse().unwrap()),
+                            },
+                        )
+                    })
+                    .collect(),
+                withdraw: vec![],
+            });
+        }
+        rib
+    }
+
+    #[test]
+    fn losing_a_fabric_path_replaces_the_group_not_the_routes() {
+        let i = Intent::default();
+        let both = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), true);
+        assert_eq!(both.groups.len(), 1);
+        assert!(plan(&both, &converged(&both)).is_empty());
+        let one = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(false), true);
+        let p = plan(&one, &converged(&both));
+        // One group replaced in place, one object gone; no route touched.
+        assert!(p.add_routes.is_empty() && p.remove.is_empty(), "{p:#?}");
+        assert_eq!(p.add_groups.len(), 1);
+        assert!(
+            matches!(&p.add_groups[0], KernelOp::AddGroup { replace: true, members, .. } if members.len() == 1)
+        );
+        assert_eq!(p.remove_nexthops.len(), 1);
+        assert_eq!(p.len(), 2);
+        // And back: the object first, then the group.
+        let p = plan(&both, &converged(&one));
+        assert_eq!(p.add_nexthops.len(), 1);
+        assert_eq!(p.add_groups.len(), 1);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn switching_modes_rewrites_routes_then_sweeps_groups() {
+        let i = Intent::default();
+        let objects = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), true);
+        let multipath = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), false);
+        assert!(multipath.routes.values().all(|a| a.nh_id.is_none()));
+        let p = plan(&multipath, &converged(&objects));
+        assert_eq!(p.add_routes.len(), 100);
+        assert_eq!(p.remove_groups.len(), 1);
+        assert_eq!(p.remove_nexthops.len(), 2);
     }
 }

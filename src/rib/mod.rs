@@ -7,7 +7,7 @@
 //! `reconcile::desired`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -21,6 +21,18 @@ pub struct Path {
     pub uplink: Arc<str>,
     pub local_pref: u32,
     pub as_path_len: usize,
+    /// ORIGINATOR_ID (RFC 4456 §8), added by the route reflector: the
+    /// hypervisor that announced the path, whichever reflector carried it.
+    pub originator: Option<Ipv4Addr>,
+}
+
+impl Path {
+    /// Who stands behind this path: its ORIGINATOR_ID, or its next hop
+    /// when it has none (a path the reflector originated itself). The
+    /// nexthop group of a prefix is keyed by these (reconcile::groups).
+    pub fn origin(&self) -> IpAddr {
+        self.originator.map_or(self.next_hop, IpAddr::V4)
+    }
 }
 
 /// What a session reports to the RIB.
@@ -36,8 +48,33 @@ pub enum RibEvent {
     /// The session went down: all its paths go.
     SessionDown { session: Arc<str> },
     /// The session received End-of-RIB for every family it negotiated: its
-    /// initial table is complete (RFC 4724).
+    /// initial table is complete (RFC 4724). Paths kept stale across the
+    /// peer's restart and not refreshed since go now.
     EndOfRib { session: Arc<str> },
+    /// Graceful restart helper (RFC 4724 §4.2): the session's connection
+    /// ended without a NOTIFICATION and the peer advertised graceful
+    /// restart: its paths stay, marked stale, until it is back and has sent
+    /// End-of-RIB or `SweepStale` of the same generation comes.
+    /// Paths of families the peer does not preserve go at once.
+    SessionStale {
+        session: Arc<str>,
+        generation: u64,
+        keep_v4: bool,
+        keep_v6: bool,
+    },
+    /// The peer's restart time passed: its stale paths go.
+    SweepStale { session: Arc<str>, generation: u64 },
+}
+
+/// A session whose paths are (partly) stale.
+#[derive(Debug, Clone, Default)]
+struct Stale {
+    /// Graceful restart generation.
+    generation: u64,
+    v4: bool,
+    v6: bool,
+    /// (prefix, path id) announced again since.
+    refreshed: BTreeSet<(IpNet, Option<u32>)>,
 }
 
 /// One ECMP member as installed.
@@ -45,6 +82,15 @@ pub enum RibEvent {
 pub struct Hop {
     pub gateway: IpAddr,
     pub uplink: Arc<str>,
+}
+
+/// The ECMP set of a prefix with the origins of its paths.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Selected {
+    /// Sorted, without duplicates.
+    pub hops: Vec<Hop>,
+    /// [`Path::origin`] of every selected path, sorted, without duplicates.
+    pub origins: Vec<IpAddr>,
 }
 
 /// (session, path id): what identifies a path of a prefix.
@@ -58,6 +104,9 @@ type Paths = Vec<(PathKey, Path)>;
 pub struct Rib {
     /// fabric → prefix → paths.
     fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
+    /// Sessions in a graceful restart: the generation, and the paths the
+    /// peer announced again since (the others are stale).
+    stale: BTreeMap<Arc<str>, Stale>,
 }
 
 impl Rib {
@@ -70,6 +119,10 @@ impl Rib {
                 announce,
                 withdraw,
             } => {
+                if let Some(st) = self.stale.get_mut(&session) {
+                    st.refreshed
+                        .extend(announce.iter().map(|(p, id, _)| (*p, *id)));
+                }
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
                 for (prefix, id) in withdraw {
@@ -95,6 +148,10 @@ impl Rib {
                             }
                         }
                         None => {
+                            // Exact growth: a first push would allocate
+                            // room for four paths (~32 MB at 100,000
+                            // prefixes of one or two paths).
+                            paths.reserve_exact(1);
                             paths.push(((session.clone(), id), path));
                             changed = true;
                         }
@@ -102,20 +159,79 @@ impl Rib {
                 }
                 changed
             }
-            RibEvent::EndOfRib { .. } => false,
-            RibEvent::SessionDown { session } => {
-                let mut changed = false;
-                for table in self.fabrics.values_mut() {
-                    table.retain(|_, paths| {
-                        let before = paths.len();
-                        paths.retain(|((s, _), _)| *s != session);
-                        changed |= paths.len() != before;
-                        !paths.is_empty()
-                    });
-                }
+            RibEvent::EndOfRib { session } => self.sweep(&session, None),
+            RibEvent::SessionStale {
+                session,
+                generation,
+                keep_v4,
+                keep_v6,
+            } => {
+                let changed = self.remove_paths(&session, |prefix, _| match prefix {
+                    IpNet::V4(_) => !keep_v4,
+                    IpNet::V6(_) => !keep_v6,
+                });
+                self.stale.insert(
+                    session,
+                    Stale {
+                        generation,
+                        v4: keep_v4,
+                        v6: keep_v6,
+                        refreshed: BTreeSet::new(),
+                    },
+                );
                 changed
             }
+            RibEvent::SweepStale {
+                session,
+                generation,
+            } => self.sweep(&session, Some(generation)),
+            RibEvent::SessionDown { session } => {
+                self.stale.remove(&session);
+                self.remove_paths(&session, |_, _| true)
+            }
         }
+    }
+
+    /// Removes the stale paths of `session` (those not announced again
+    /// since it went stale), if it is stale in `generation` (any).
+    fn sweep(&mut self, session: &Arc<str>, generation: Option<u64>) -> bool {
+        match self.stale.get(session) {
+            Some(st) if generation.is_none_or(|g| g == st.generation) => {}
+            _ => return false,
+        }
+        let Some(st) = self.stale.remove(session) else {
+            return false;
+        };
+        self.remove_paths(session, |prefix, id| {
+            let family = if prefix.addr().is_ipv6() {
+                st.v6
+            } else {
+                st.v4
+            };
+            family && !st.refreshed.contains(&(*prefix, id))
+        })
+    }
+
+    fn remove_paths(
+        &mut self,
+        session: &Arc<str>,
+        doomed: impl Fn(&IpNet, Option<u32>) -> bool,
+    ) -> bool {
+        let mut changed = false;
+        for table in self.fabrics.values_mut() {
+            table.retain(|prefix, paths| {
+                let before = paths.len();
+                paths.retain(|((s, id), _)| !(s == session && doomed(prefix, *id)));
+                changed |= paths.len() != before;
+                !paths.is_empty()
+            });
+        }
+        changed
+    }
+
+    /// Sessions whose paths are kept stale (graceful restart helper).
+    pub fn stale_sessions(&self) -> Vec<Arc<str>> {
+        self.stale.keys().cloned().collect()
     }
 
     /// The ECMP set of every prefix of `fabric`.
@@ -128,6 +244,79 @@ impl Rib {
             let hops = best(paths.iter().map(|(_, p)| p));
             if !hops.is_empty() {
                 out.insert(*prefix, hops);
+            }
+        }
+        out
+    }
+
+    /// The ECMP set of every prefix of `fabric`, with the origins of the
+    /// selected paths (what nexthop groups are keyed by).
+    pub fn selected_with_origins(&self, fabric: &str) -> Vec<(IpNet, Selected)> {
+        let Some(table) = self.fabrics.get(fabric) else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(table.len());
+        for (prefix, paths) in table {
+            let Some(top) = paths
+                .iter()
+                .map(|(_, p)| (p.local_pref, std::cmp::Reverse(p.as_path_len)))
+                .max()
+            else {
+                continue;
+            };
+            // Exact-size sorted vectors: a BTreeSet per prefix allocated
+            // a whole B-tree node (~45 MB at 100,000 prefixes).
+            let tied = paths
+                .iter()
+                .filter(|(_, p)| (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top)
+                .count();
+            let mut s = Selected {
+                hops: Vec::with_capacity(tied),
+                origins: Vec::with_capacity(tied),
+            };
+            for (_, p) in paths {
+                if (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top {
+                    s.hops.push(Hop {
+                        gateway: p.next_hop,
+                        uplink: p.uplink.clone(),
+                    });
+                    s.origins.push(p.origin());
+                }
+            }
+            s.hops.sort_unstable();
+            s.hops.dedup();
+            s.origins.sort_unstable();
+            s.origins.dedup();
+            out.push((*prefix, s));
+        }
+        out
+    }
+
+    /// Every (origin, hop) that some path of `fabric` still has: a scan of
+    /// the paths without building any per-prefix set (the failover fast
+    /// path checks group members against it).
+    pub fn live_hops(&self, fabric: &str) -> BTreeSet<(IpAddr, Hop)> {
+        let mut out: BTreeSet<(IpAddr, Hop)> = BTreeSet::new();
+        let Some(table) = self.fabrics.get(fabric) else {
+            return out;
+        };
+        let mut last: Option<(IpAddr, IpAddr, *const str)> = None;
+        for paths in table.values() {
+            for (_, p) in paths {
+                let key = (p.origin(), p.next_hop, Arc::as_ptr(&p.uplink));
+                // Consecutive paths almost always repeat the same hop.
+                if last == Some(key) {
+                    continue;
+                }
+                last = Some(key);
+                let hop = Hop {
+                    gateway: p.next_hop,
+                    uplink: p.uplink.clone(),
+                };
+                let item = (p.origin(), hop);
+                if !out.contains(&item) {
+                    out.insert(item);
+                }
             }
         }
         out
@@ -177,6 +366,7 @@ mod tests {
             uplink: Arc::from(uplink),
             local_pref: lp,
             as_path_len: 0,
+            originator: None,
         }
     }
 
@@ -246,6 +436,71 @@ mod tests {
         }));
         assert!(rib.selected("public").is_empty());
         assert_eq!(rib.path_count(), 0);
+    }
+
+    #[test]
+    fn graceful_restart_keeps_stale_paths_until_end_of_rib_or_the_timer() {
+        let mut rib = Rib::default();
+        for prefix in ["203.0.113.3/32", "203.0.113.4/32"] {
+            rib.apply(announce(
+                "a",
+                prefix,
+                None,
+                path("198.51.100.102", "a-public", 100),
+            ));
+        }
+        let stale = |g| RibEvent::SessionStale {
+            session: "a".into(),
+            generation: g,
+            keep_v4: true,
+            keep_v6: false,
+        };
+        rib.apply(announce(
+            "a",
+            "2001:db8::3/128",
+            None,
+            path("2001:db8:1::102", "a-public", 100),
+        ));
+        assert!(rib.apply(stale(1)), "the IPv6 path goes");
+        assert_eq!(rib.path_count(), 2, "IPv4 paths kept");
+        // Back: one prefix announced again, then End-of-RIB.
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100),
+        ));
+        assert!(rib.apply(RibEvent::EndOfRib {
+            session: "a".into()
+        }));
+        assert_eq!(rib.path_count(), 1);
+        assert!(rib.stale_sessions().is_empty());
+        // The restart timer of an older generation does nothing; of the
+        // current one, it sweeps.
+        rib.apply(stale(2));
+        assert!(!rib.apply(RibEvent::SweepStale {
+            session: "a".into(),
+            generation: 1
+        }));
+        assert_eq!(rib.path_count(), 1);
+        assert!(rib.apply(RibEvent::SweepStale {
+            session: "a".into(),
+            generation: 2
+        }));
+        assert_eq!(rib.path_count(), 0);
+        // A hard down while stale removes everything at once.
+        rib.apply(announce(
+            "a",
+            "203.0.113.3/32",
+            None,
+            path("198.51.100.102", "a-public", 100),
+        ));
+        rib.apply(stale(3));
+        assert!(rib.apply(RibEvent::SessionDown {
+            session: "a".into()
+        }));
+        assert_eq!(rib.path_count(), 0);
+        assert!(rib.stale_sessions().is_empty());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `sendmsg`/`recvmsg` with the ancillary data the services need and the
 //! standard library does not offer: a chosen source address and output
 //! interface (`IP_PKTINFO`, `IPV6_PKTINFO`) and the received hop limit
-//! (`IPV6_HOPLIMIT`, RFC 4861 §6.1.1). Thin wrappers over libc; all
-//! decisions live in the callers.
+//! (`IPV6_HOPLIMIT`, RFC 4861 §6.1.1) or TTL (`IP_TTL`, GTSM for BFD).
+//! Thin wrappers over libc; all decisions live in the callers.
 
 use std::io;
 use std::mem;
@@ -145,18 +145,80 @@ pub struct Received6 {
 
 /// Receives one datagram without blocking (`MSG_DONTWAIT`).
 pub fn recv_v6(fd: RawFd, buf: &mut [u8]) -> io::Result<Received6> {
-    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
     // SAFETY: an all-zero sockaddr_in6 is valid.
     let mut addr: libc::sockaddr_in6 = unsafe { mem::zeroed() };
+    let (len, truncated, hop_limit) = recv_with(
+        fd,
+        buf,
+        (&mut addr as *mut libc::sockaddr_in6).cast(),
+        mem::size_of::<libc::sockaddr_in6>(),
+        (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT),
+    )?;
+    Ok(Received6 {
+        len,
+        truncated,
+        from: SocketAddrV6::new(
+            Ipv6Addr::from(addr.sin6_addr.s6_addr),
+            u16::from_be(addr.sin6_port),
+            0,
+            addr.sin6_scope_id,
+        ),
+        hop_limit,
+    })
+}
+
+/// One datagram received on an IPv4 socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received4 {
+    pub len: usize,
+    pub truncated: bool,
+    pub from: SocketAddrV4,
+    /// From `IP_TTL` (needs `IP_RECVTTL`).
+    pub ttl: Option<u8>,
+}
+
+/// Receives one datagram without blocking (`MSG_DONTWAIT`).
+pub fn recv_v4(fd: RawFd, buf: &mut [u8]) -> io::Result<Received4> {
+    // SAFETY: an all-zero sockaddr_in is valid.
+    let mut addr: libc::sockaddr_in = unsafe { mem::zeroed() };
+    let (len, truncated, ttl) = recv_with(
+        fd,
+        buf,
+        (&mut addr as *mut libc::sockaddr_in).cast(),
+        mem::size_of::<libc::sockaddr_in>(),
+        (libc::IPPROTO_IP, libc::IP_TTL),
+    )?;
+    Ok(Received4 {
+        len,
+        truncated,
+        from: SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)),
+            u16::from_be(addr.sin_port),
+        ),
+        ttl,
+    })
+}
+
+/// `recvmsg` into `buf`, the source address into `addr` (`addr_len` bytes
+/// of a sockaddr) and the int of control message `want` (level, type) if
+/// present; returns (length, truncated, that int).
+fn recv_with(
+    fd: RawFd,
+    buf: &mut [u8],
+    addr: *mut libc::c_void,
+    addr_len: usize,
+    want: (libc::c_int, libc::c_int),
+) -> io::Result<(usize, bool, Option<u8>)> {
+    let mut cmsg = CmsgBuf([0; CMSG_SPACE]);
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
     // SAFETY: an all-zero msghdr is valid; the pointers set below point
-    // into locals that outlive the call.
+    // into locals (and the caller's sockaddr) that outlive the call.
     let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-    msg.msg_name = (&mut addr as *mut libc::sockaddr_in6).cast();
-    msg.msg_namelen = mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    msg.msg_name = addr;
+    msg.msg_namelen = addr_len as libc::socklen_t;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cmsg.0.as_mut_ptr().cast();
@@ -166,36 +228,51 @@ pub fn recv_v6(fd: RawFd, buf: &mut [u8]) -> io::Result<Received6> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut hop_limit = None;
+    let mut value = None;
     // SAFETY: the kernel filled msg_control/msg_controllen; the CMSG_*
     // macros walk only within it, and we read an int only from a header
     // whose length says it holds one.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
-            if (*c).cmsg_level == libc::IPPROTO_IPV6
-                && (*c).cmsg_type == libc::IPV6_HOPLIMIT
+            if ((*c).cmsg_level, (*c).cmsg_type) == want
                 && (*c).cmsg_len as usize
                     >= libc::CMSG_LEN(mem::size_of::<libc::c_int>() as u32) as usize
             {
                 let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-                hop_limit = u8::try_from(v).ok();
+                value = u8::try_from(v).ok();
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
     let n = n as usize;
-    Ok(Received6 {
-        len: n.min(buf.len()),
-        truncated: n > buf.len() || msg.msg_flags & libc::MSG_TRUNC != 0,
-        from: SocketAddrV6::new(
-            Ipv6Addr::from(addr.sin6_addr.s6_addr),
-            u16::from_be(addr.sin6_port),
-            0,
-            addr.sin6_scope_id,
-        ),
-        hop_limit,
-    })
+    let truncated = n > buf.len() || msg.msg_flags & libc::MSG_TRUNC != 0;
+    Ok((n.min(buf.len()), truncated, value))
+}
+
+/// `setsockopt` of one int.
+pub fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: fd is a socket owned by the caller; value outlives the call
+    // and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &value as *const libc::c_int as *const libc::c_void,
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// The MAC address of interface `name` (from sysfs), if it has one.

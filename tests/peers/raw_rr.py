@@ -3,8 +3,9 @@
 (TTL 255), completes the OPEN exchange as AS 65000, then sends the frames
 named on the command line (hex strings) and reports what came back.
 
-Usage: raw_rr.py ROUTER_ID HEX_FRAME... ; prints one JSON line per message
-received after the frames were sent, and "closed" at EOF."""
+Usage: raw_rr.py ROUTER_ID [--enhanced-refresh] HEX_FRAME... ; prints one
+JSON line per message received after the frames were sent, and "closed" at
+EOF. --enhanced-refresh adds the Enhanced Route Refresh capability (70)."""
 import json
 import socket
 import struct
@@ -15,10 +16,12 @@ def msg(kind, body=b""):
     return b"\xff" * 16 + struct.pack("!HB", 19 + len(body), kind) + body
 
 
-def open_msg(router_id):
+def open_msg(router_id, enhanced_refresh=False):
     caps = bytes([1, 4, 0, 1, 0, 1])  # MP IPv4 unicast
     caps += bytes([1, 4, 0, 2, 0, 1])  # MP IPv6 unicast
     caps += bytes([65, 4]) + struct.pack("!I", 65000)  # 4-octet AS
+    if enhanced_refresh:
+        caps += bytes([2, 0, 70, 0])  # route refresh, enhanced route refresh
     params = bytes([2, len(caps)]) + caps
     body = struct.pack("!BHH", 4, 65000, 9) + socket.inet_aton(router_id)
     return msg(1, body + bytes([len(params)]) + params)
@@ -43,6 +46,9 @@ def read_msg(conn):
 
 def main():
     router_id, frames = sys.argv[1], sys.argv[2:]
+    enhanced_refresh = bool(frames) and frames[0] == "--enhanced-refresh"
+    if enhanced_refresh:
+        frames = frames[1:]
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
@@ -52,7 +58,7 @@ def main():
     conn, _ = srv.accept()
     conn.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
     conn.settimeout(15)
-    conn.sendall(open_msg(router_id))
+    conn.sendall(open_msg(router_id, enhanced_refresh))
     got = read_msg(conn)  # their OPEN
     assert got and got[0] == 1, got
     conn.sendall(msg(4))
@@ -70,6 +76,8 @@ def main():
             out = {"type": kind}
             if kind == 3:
                 out["code"], out["subcode"] = body[0], body[1]
+            if kind == 5 and len(body) == 4:
+                out["afi"], out["subtype"] = body[1], body[2]
             print(json.dumps(out), flush=True)
             if kind == 3:
                 return

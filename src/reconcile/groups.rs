@@ -1,0 +1,355 @@
+//! PURE: learned ECMP sets → kernel nexthop objects and groups (the
+//! `kernel.nexthop_objects` mode), and the choice of what a group *is*.
+//!
+//! Called by `desired` (every pass) and by the agent's failover fast path
+//! ([`shrink`]). It never talks to the kernel.
+//!
+//! # Group identity
+//!
+//! One object per (gateway, uplink); one group per distinct ECMP set; each
+//! learned route points at its group (RTA_NH_ID). What makes two prefixes
+//! "the same set" decides what a fabric failure costs:
+//!
+//! - Keyed by the member hops themselves, losing fabric path B changes the
+//!   key of every prefix: each route moves to a new group, one
+//!   RTM_NEWROUTE per route, O(routes) (100,000 messages at 100k routes).
+//! - Keyed by the **origins** of the paths (chosen): the BGP ORIGINATOR_ID
+//!   the reflectors add (RFC 4456 §8), i.e. the hypervisor that announced
+//!   the prefix, falling back to the next hop for a path without one. Both
+//!   fabric paths of a prefix from hv2 carry originator hv2, so losing path
+//!   B leaves the key `{hv2}` intact: the routes keep their group id and the
+//!   group is replaced in place (RTM_NEWNEXTHOP + NLM_F_REPLACE) without its
+//!   B member, O(groups). Members = the union of the live hops of the
+//!   prefixes sharing the key, i.e. the live (gateway, uplink) hops of
+//!   those originators.
+//!
+//! Trade-off: all prefixes of one originator set share one hop set, as in
+//! BGP PIC. If hv2 announced a prefix over path A only (policy on one
+//! reflector) while others come over A and B, that prefix is still hashed
+//! onto B too. The next hop is hv2 itself (next-hop-self on every path), so
+//! it still forwards correctly; l3hv does not model per-prefix hop
+//! restrictions from the same originator. A path without ORIGINATOR_ID
+//! (originated by the reflector itself) is keyed by its next hop: losing it
+//! then does change the key of its prefixes (O(those prefixes)), as it
+//! should, since that is a real change of who forwards. The same holds when
+//! an originator disappears altogether (hv3 of an anycast set {hv2, hv3}
+//! dies): its prefixes move to the group `{hv2}`.
+//!
+//! # Ids
+//!
+//! Derived from the key, not adopted from the kernel: an FNV-1a hash of
+//! the key placed in l3hv's range ([`NEXTHOP_IDS`], [`GROUP_IDS`]), with
+//! linear probing in key order on a collision. A restarted agent computes
+//! the same ids from the same RIB, so it finds the kernel already right and
+//! rewrites nothing; adopting from the dump could not tell groups apart
+//! while the sessions are still relearning (members differ, the key is not
+//! in the kernel). Costs: an id in l3hv's range held by a foreign object
+//! is refused (create is exclusive), reported, never overwritten; two keys
+//! colliding (about 1 in 2,000 at 1,000 groups) depend on which came first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::ops::Range;
+
+use ipnet::IpNet;
+
+use super::model::{DesiredKernel, GroupKey, NextHopSpec};
+use crate::rib::{Hop, Rib, Selected};
+
+/// Ids of l3hv's nexthop objects (below 2^31: some tools print ids signed).
+pub const NEXTHOP_IDS: Range<u32> = 0x4000_0000..0x6000_0000;
+/// Ids of l3hv's nexthop groups.
+pub const GROUP_IDS: Range<u32> = 0x6000_0000..0x8000_0000;
+
+fn fnv1a(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The id for `name` in `range`, probing past `used`.
+fn place(range: &Range<u32>, name: &str, used: &impl Fn(u32) -> bool) -> u32 {
+    let span = u64::from(range.end - range.start);
+    let mut offset = fnv1a(name) % span;
+    loop {
+        let id = range.start + offset as u32;
+        if !used(id) {
+            return id;
+        }
+        offset = (offset + 1) % span;
+    }
+}
+
+fn spec(h: &Hop) -> NextHopSpec {
+    NextHopSpec {
+        gateway: h.gateway,
+        oif: h.uplink.to_string(),
+        onlink: true,
+    }
+}
+
+/// Adds the objects and groups of `fabric`'s `selected` prefixes to `d`;
+/// returns the group id of each prefix, in order (`None`: no next hop of
+/// the prefix's family).
+pub fn build(
+    fabric: &str,
+    selected: &[(IpNet, Selected)],
+    d: &mut DesiredKernel,
+) -> Vec<Option<u32>> {
+    // Intern the keys: (v6, origins) → index, members unioned.
+    let mut index: BTreeMap<(bool, &[IpAddr]), usize> = BTreeMap::new();
+    let mut members: Vec<BTreeSet<&Hop>> = Vec::new();
+    let mut of_prefix: Vec<Option<usize>> = Vec::with_capacity(selected.len());
+    for (dst, s) in selected {
+        let v6 = dst.addr().is_ipv6();
+        let mut hops = s
+            .hops
+            .iter()
+            .filter(|h| h.gateway.is_ipv6() == v6)
+            .peekable();
+        if hops.peek().is_none() {
+            of_prefix.push(None);
+            continue;
+        }
+        let i = *index.entry((v6, s.origins.as_slice())).or_insert_with(|| {
+            members.push(BTreeSet::new());
+            members.len() - 1
+        });
+        members[i].extend(hops);
+        of_prefix.push(Some(i));
+    }
+
+    // Objects, in hop order (deterministic probing).
+    let mut by_spec: BTreeMap<NextHopSpec, u32> =
+        d.nexthops.iter().map(|(id, s)| (s.clone(), *id)).collect();
+    let all: BTreeSet<&Hop> = members.iter().flatten().copied().collect();
+    for h in all {
+        let s = spec(h);
+        if by_spec.contains_key(&s) {
+            continue;
+        }
+        let id = place(
+            &NEXTHOP_IDS,
+            &format!("{}|{}", h.gateway, h.uplink),
+            &|id| d.nexthops.contains_key(&id),
+        );
+        d.nexthops.insert(id, s.clone());
+        by_spec.insert(s, id);
+    }
+
+    // Groups, in key order.
+    let mut keys: Vec<(GroupKey, usize)> = index
+        .iter()
+        .map(|((v6, origins), i)| {
+            (
+                GroupKey {
+                    fabric: fabric.to_string(),
+                    v6: *v6,
+                    origins: origins.to_vec(),
+                },
+                *i,
+            )
+        })
+        .collect();
+    keys.sort();
+    let mut group_of: Vec<u32> = vec![0; members.len()];
+    for (key, i) in keys {
+        let name = format!(
+            "{}|{}|{}",
+            key.fabric,
+            if key.v6 { 6 } else { 4 },
+            key.origins
+                .iter()
+                .map(|o| o.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let id = place(&GROUP_IDS, &name, &|id| d.groups.contains_key(&id));
+        let ids = members[i].iter().map(|h| by_spec[&spec(h)]).collect();
+        d.groups.insert(id, ids);
+        d.group_keys.insert(id, key);
+        group_of[i] = id;
+    }
+    of_prefix
+        .into_iter()
+        .map(|i| i.map(|i| group_of[i]))
+        .collect()
+}
+
+/// The failover fast path: the groups of the last pass (`desired`) with
+/// every member whose (origin, hop) no longer has a path in `rib` taken
+/// out. Returns only the groups that changed and keep a member, for an
+/// in-place replace before the full recompute; an emptied group is left
+/// to that recompute (its routes go). O(paths) of scanning, no per-route
+/// allocation; the kernel work is O(groups).
+pub fn shrink(desired: &DesiredKernel, rib: &Rib) -> Vec<(u32, BTreeSet<u32>)> {
+    let fabrics: BTreeSet<&str> = desired
+        .group_keys
+        .values()
+        .map(|k| k.fabric.as_str())
+        .collect();
+    let live: BTreeMap<&str, BTreeSet<(IpAddr, Hop)>> =
+        fabrics.into_iter().map(|f| (f, rib.live_hops(f))).collect();
+    let mut out = Vec::new();
+    for (id, members) in &desired.groups {
+        let Some(key) = desired.group_keys.get(id) else {
+            continue;
+        };
+        let live = &live[key.fabric.as_str()];
+        let kept: BTreeSet<u32> = members
+            .iter()
+            .copied()
+            .filter(|m| {
+                desired.nexthops.get(m).is_some_and(|s| {
+                    let hop = Hop {
+                        gateway: s.gateway,
+                        uplink: s.oif.as_str().into(),
+                    };
+                    key.origins
+                        .iter()
+                        .any(|o| live.contains(&(*o, hop.clone())))
+                })
+            })
+            .collect();
+        if !kept.is_empty() && kept != *members {
+            out.push((*id, kept));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rib::{Path, RibEvent};
+    use std::sync::Arc;
+
+    fn path(nh: &str, uplink: &str, originator: Option<&str>) -> Path {
+        Path {
+            next_hop: nh.parse().unwrap(),
+            uplink: Arc::from(uplink),
+            local_pref: 100,
+            as_path_len: 0,
+            originator: originator.map(|o| o.parse().unwrap()),
+        }
+    }
+
+    fn announce(rib: &mut Rib, session: &str, prefix: &str, p: Path) {
+        rib.apply(RibEvent::Update {
+            session: session.into(),
+            fabric: "public".into(),
+            announce: vec![(prefix.parse().unwrap(), None, p)],
+            withdraw: vec![],
+        });
+    }
+
+    /// hv2 (originator 10.0.0.2) announces `n` prefixes over both paths.
+    fn rib(n: u32) -> Rib {
+        let mut rib = Rib::default();
+        for i in 0..n {
+            let prefix = format!("203.0.113.{i}/32");
+            announce(
+                &mut rib,
+                "a",
+                &prefix,
+                path("198.51.100.102", "a-public", Some("10.0.0.2")),
+            );
+            announce(
+                &mut rib,
+                "b",
+                &prefix,
+                path("198.51.100.202", "b-public", Some("10.0.0.2")),
+            );
+        }
+        rib
+    }
+
+    fn groups_of(rib: &Rib) -> (DesiredKernel, Vec<Option<u32>>) {
+        let mut d = DesiredKernel::default();
+        let sel = rib.selected_with_origins("public");
+        let ids = build("public", &sel, &mut d);
+        (d, ids)
+    }
+
+    #[test]
+    fn one_group_per_originator_set_with_both_paths() {
+        let (d, ids) = groups_of(&rib(3));
+        assert_eq!(d.nexthops.len(), 2);
+        assert_eq!(d.groups.len(), 1);
+        let gid = ids[0].unwrap();
+        assert!(ids.iter().all(|i| *i == Some(gid)));
+        assert!(GROUP_IDS.contains(&gid));
+        assert_eq!(d.groups[&gid].len(), 2);
+        assert!(d.nexthops.keys().all(|id| NEXTHOP_IDS.contains(id)));
+    }
+
+    #[test]
+    fn losing_a_path_keeps_the_group_id_and_shrinks_it() {
+        let mut r = rib(3);
+        let (before, ids_before) = groups_of(&r);
+        r.apply(RibEvent::SessionDown {
+            session: "b".into(),
+        });
+        // The fast path sees the same group lose its B member...
+        let shrunk = shrink(&before, &r);
+        assert_eq!(shrunk.len(), 1);
+        let (gid, kept) = &shrunk[0];
+        assert_eq!(Some(*gid), ids_before[0]);
+        assert_eq!(kept.len(), 1);
+        // ...and the full recompute agrees: same ids, one member.
+        let (after, ids_after) = groups_of(&r);
+        assert_eq!(ids_after, ids_before);
+        assert_eq!(after.groups[gid], *kept);
+        assert_eq!(after.nexthops.len(), 1);
+    }
+
+    #[test]
+    fn ids_are_deterministic_and_keyed_by_origin_not_hops() {
+        let (a, ia) = groups_of(&rib(2));
+        let (b, ib) = groups_of(&rib(2));
+        assert_eq!(a, b);
+        assert_eq!(ia, ib);
+        // Another originator set: another group.
+        let mut r = rib(2);
+        announce(
+            &mut r,
+            "a",
+            "203.0.113.10/32",
+            path("198.51.100.103", "a-public", Some("10.0.0.3")),
+        );
+        let (c, ic) = groups_of(&r);
+        assert_eq!(c.groups.len(), 2);
+        assert_ne!(ic[0], ic.last().copied().flatten());
+    }
+
+    #[test]
+    fn without_originator_the_next_hop_is_the_key() {
+        let mut r = Rib::default();
+        announce(
+            &mut r,
+            "a",
+            "0.0.0.0/0",
+            path("198.51.100.1", "a-public", None),
+        );
+        announce(
+            &mut r,
+            "b",
+            "0.0.0.0/0",
+            path("198.51.100.129", "b-public", None),
+        );
+        let (d, _) = groups_of(&r);
+        let key = d.group_keys.values().next().unwrap();
+        assert_eq!(key.origins.len(), 2);
+    }
+
+    #[test]
+    fn probing_resolves_collisions() {
+        let used: BTreeSet<u32> = [0x6000_0000 + (fnv1a("x") % 0x2000_0000) as u32].into();
+        let id = place(&GROUP_IDS, "x", &|i| used.contains(&i));
+        assert!(!used.contains(&id));
+        assert!(GROUP_IDS.contains(&id));
+    }
+}
