@@ -119,9 +119,13 @@ BIRD_RETRY="connect delay time 1; connect retry time $BGP_RETRY; error wait time
 BGP_WAIT=30
 
 # VMs: a namespace each, eth0 on a veth whose hypervisor end is named after
-# the VM (adopted by l3hvd). VM_V6 is the address configured in the VM;
-# VM_V6_PREFIX, when set, is routed to the VM as a /64 of its own (IPv6 mode
-# 1, "ipv6_prefixes"), otherwise the address alone is (mode 2, "ipv6").
+# the VM (adopted by l3hvd). VM_V4 and VM_V6 are the addresses the VM ends
+# up with: by default it gets them from the agent (DHCPv4; DHCPv6 on the
+# shared /64, SLAAC in a /64 of its own), with `lab/up --static` lab/up
+# configures them. VM_V6_PREFIX, when set, is routed to the VM as a /64 of
+# its own (IPv6 mode 1, "ipv6_prefixes"; the VM's address is then its
+# SLAAC EUI-64 address, from its MAC), otherwise the address alone is
+# (mode 2, "ipv6": the RAs say A=0 M=1 and DHCPv6 hands it out).
 VMS=(vm1 vm2 vm3 vm4)
 declare -A VM_HV=([vm1]=hv1 [vm2]=hv1 [vm3]=hv2 [vm4]=hv3)
 declare -A VM_FABRIC=([vm1]=public [vm2]=public [vm3]=public [vm4]=public)
@@ -135,9 +139,18 @@ declare -A VM_V4=(
 )
 declare -A VM_V6=(
     [vm1]=2001:db8:cb00:7100::1/64 [vm2]=2001:db8:cb00:7100::2/64
-    [vm3]=2001:db8:cb00:7100::3/64 [vm4]=2001:db8:cb00:7104::4/64
+    [vm3]=2001:db8:cb00:7100::3/64 [vm4]=2001:db8:cb00:7104:5054:33ff:fe00:4/64
 )
 declare -A VM_V6_PREFIX=([vm4]=2001:db8:cb00:7104::/64)
+# Per-VM IPv6 sysctls of eth0 (set before the link comes up), as in the
+# seed: vm3 has temporary addresses and a random stable-privacy interface
+# id (addr_gen_mode 3), and must still be reachable on its intended
+# address (DHCPv6: the RAs of the shared /64 say A=0, so no SLAAC address
+# at all). vm4 forms its SLAAC address from its MAC (EUI-64, mode 0).
+declare -A VM_SYSCTLS=(
+    [vm3]="use_tempaddr=2 addr_gen_mode=3"
+    [vm4]="addr_gen_mode=0"
+)
 # Anycast: on the VM's lo, routed via the VM's own address.
 ANYCAST_V4=203.0.113.10
 ANYCAST_V6=2001:db8:cb00:7100:5254:33ff:fe00:100
@@ -147,6 +160,12 @@ declare -A VM_ANYCAST=([vm1]=1 [vm3]=1)
 # a missing feature to fail. Flip these as the features land.
 HAVE_BGP=1        # cross-hypervisor and internet routes (issue 5)
 HAVE_NDP_PROXY=1  # NTF_PROXY entries for the shared /64 (DESIGN.md "IPv6 neighbour proxy")
+# lab/up --qemu only: IPv6 to a QEMU guest on the shared /64 needs the
+# agent's DHCPv6 replies and solicited RAs to reach the guest's link-local
+# on the tap l3hvd creates (managed='no', addrgenmode none): the tap's
+# fe80::1/64 gives the kernel its fe80::/64 route there (was fe80::1/128:
+# ENETUNREACH, counter dhcpv6.send_failed).
+HAVE_TAP_LL_ROUTE=1
 
 # ================================================================= helpers ==
 
@@ -187,13 +206,21 @@ pid_in_ns() {
     ip netns identify "$pid" 2>/dev/null | grep -qx -- "$ns"
 }
 
+# True while PID runs (a zombie does not: this machine's init reaps the
+# lab's orphaned daemons only every 2 s or so).
+pid_alive() {
+    local state
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
+    [[ -n $state && $state != Z ]]
+}
+
 # SIGTERM, then SIGKILL after 3 s. Only ever called on PIDs the lab started
 # (its PID files) or found inside its own namespaces.
 stop_pid() {
     local pid=$1 i
     kill -TERM "$pid" 2>/dev/null || return 0
     for ((i = 0; i < 30; i++)); do
-        kill -0 "$pid" 2>/dev/null || return 0
+        pid_alive "$pid" || return 0
         sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
@@ -322,6 +349,7 @@ plug() { # HOST PATH NETWORK
 build_topology() {
     local ns p net rr a
     for ns in "${LAB_NAMESPACES[@]}"; do
+        ! is_qemu_vm "$ns" || continue
         ip netns add "$ns"
         ip -n "$ns" link set lo up
     done
@@ -422,6 +450,13 @@ format = "human"
 # Short, so that a silent path fault (lab/test fabric-down) is detected in
 # seconds without BFD; the reflectors use the same.
 hold_time = "${BGP_HOLD}s"
+
+[dbus]
+# The hypervisor's own system bus (a dbus-daemon lab/up starts in $hv):
+# the libvirt hook (l3hv hook, run by lab/up as libvirt would) reads this
+# and calls the agent over D-Bus.
+enabled = true
+bus = "$(bus_address "$hv")"
 EOF
         for net in "${NETWORKS[@]}"; do
             echo
@@ -445,6 +480,60 @@ EOF
     } >"$dir/l3hv.toml"
     "$L3HVD" --check-config "$dir/l3hv.toml" >/dev/null ||
         die "$dir/l3hv.toml: refused by l3hvd --check-config (see above)"
+}
+
+# ------------------------------------------------------------ D-Bus --
+
+# Each hypervisor has its own system bus: a dbus-daemon in its namespace,
+# configured like the machine's system bus (EXTERNAL authentication, deny
+# by default) plus l3hv's own policy file, packaging/dbus/net.l3hv.Agent1.conf
+# (root owns net.l3hv.Agent1 and calls SetVm / RemoveVm: the agent and the
+# hook both run as root).
+bus_address() { # HV
+    echo "unix:path=$LAB_RUN/$1/bus"
+}
+
+start_bus() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 i pid
+    mkdir -p "$dir"
+    cat >"$dir/dbus.conf" <<EOF
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<!-- Generated by lab/up: $hv's system bus. -->
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$dir/bus</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <include>$LAB_REPO/packaging/dbus/net.l3hv.Agent1.conf</include>
+</busconfig>
+EOF
+    rm -f "$dir/bus"
+    setsid ip netns exec "$hv" dbus-daemon --nofork --nopidfile --config-file="$dir/dbus.conf" \
+        </dev/null >>"$dir/dbus.log" 2>&1 &
+    pid=$!
+    echo "$pid" >"$dir/dbus.pid"
+    for ((i = 0; i < 100; i++)); do
+        [[ -S $dir/bus ]] && return 0
+        pid_alive "$pid" || break
+        sleep 0.1
+    done
+    die "$hv: dbus-daemon did not start (log: $dir/dbus.log)"
 }
 
 # --------------------------------------------------------------- agents --
@@ -756,6 +845,11 @@ protocol bgp $rr {
     ttl security on;
     hold time $BGP_HOLD;
     $BIRD_RETRY
+    # No graceful restart: FRR's bgpd announces it with its forwarding
+    # state preserved, and BIRD then keeps a dead reflector's paths as
+    # stale routes (its restart time, 120 s) when the hold timer expires:
+    # the return traffic of a silently dead fabric stays in it.
+    graceful restart off;
     ipv4 { import all; export where source = RTS_STATIC; next hop self; add paths rx; };
     # The IPv6 next hop set in the filter, not by "next hop self": that
     # would add the interface's link-local address (a 32-byte next hop),
@@ -914,54 +1008,514 @@ wait_bgp() {
 
 # ------------------------------------------------------------------ VMs --
 
-vm_intent() { # VM -> JSON intent for `l3hv vm set`
-    local vm=$1
-    local v4 v6 v4s="" v6s="" prefixes="" routed=""
-    v4=$(addr_of "${VM_V4[$vm]}")
-    v6=$(addr_of "${VM_V6[$vm]}")
-    v4s="\"$v4\""
-    if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
-        prefixes="\"${VM_V6_PREFIX[$vm]}\""
-    else
-        v6s="\"$v6\""
-    fi
-    if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
-        routed="{\"prefix\":\"$ANYCAST_V4/32\",\"via\":\"$v4\"}"
-        routed+=",{\"prefix\":\"$ANYCAST_V6/128\",\"via\":\"$v6\"}"
-    fi
-    printf '{"name":"%s","interfaces":[{"name":"%s","mac":"%s","fabric":"%s","link":"adopt",' \
-        "$vm" "$vm" "${VM_MAC[$vm]}" "${VM_FABRIC[$vm]}"
-    printf '"ipv4":[%s],"ipv6":[%s],"ipv6_prefixes":[%s],"routed":[%s]}]}\n' \
-        "$v4s" "$v6s" "$prefixes" "$routed"
-}
+# How the VMs get their addresses: "agent" (default: DHCPv4 from the
+# agent, IPv6 from its RAs, plus DHCPv6 on the shared /64) or "static"
+# (lab/up --static: lab/up configures VM_V4 / VM_V6 and the default
+# routes itself). lab/up keeps the choice in $LAB_RUN/addressing.
+ADDRESSING=${ADDRESSING:-agent}
 
-add_vm() { # VM
-    local vm=$1 hv=${VM_HV[$1]}
-    local gw4=${FABRIC_GATEWAY_V4[${VM_FABRIC[$1]}]}
+# The VM "hardware": its namespace's eth0 on a veth whose other end, in the
+# hypervisor, is named after the VM (the agent adopts it, as it adopts a
+# libvirt-managed tap); the per-VM IPv6 sysctls; the anycast on its lo (a
+# guest's own configuration: the agent only routes it via the VM).
+create_vm() { # VM
+    local vm=$1 hv=${VM_HV[$1]} kv
+    mkdir -p "$LAB_RUN/$vm"
     ip -n "$hv" link add "$vm" type veth peer name eth0 netns "$vm"
-    # The guest's own link-local is usable at once (no DAD wait).
-    nsx "$vm" sysctl -qw net.ipv6.conf.eth0.accept_dad=0
     ip -n "$vm" link set eth0 address "${VM_MAC[$vm]}"
-    ip -n "$vm" link set eth0 up
-    ip -n "$hv" link set "$vm" up
-
-    # TODO(dhcp, ra): static for now. These will come from the agent: the
-    # IPv4 address, mask and router from its DHCPv4 server; the IPv6
-    # address from DHCPv6 (shared /64, A=0) or SLAAC in the VM's own /64,
-    # and the default route from its router advertisements.
-    ip -n "$vm" addr add "${VM_V4[$vm]}" dev eth0
-    ip -n "$vm" route add default via "$gw4"
-    ip -n "$vm" -6 addr add "${VM_V6[$vm]}" dev eth0 nodad
-    ip -n "$vm" -6 route add default via "$GATEWAY_V6" dev eth0
+    # The guest's link-local is usable at once (no DAD wait): router
+    # solicitations and DHCPv6 go out immediately.
+    nsx "$vm" sysctl -qw net.ipv6.conf.eth0.accept_dad=0
+    for kv in ${VM_SYSCTLS[$vm]:-}; do
+        nsx "$vm" sysctl -qw "net.ipv6.conf.eth0.$kv"
+    done
     if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
         ip -n "$vm" addr add "$ANYCAST_V4/32" dev lo
         ip -n "$vm" -6 addr add "$ANYCAST_V6/128" dev lo nodad
     fi
+    ip -n "$vm" link set eth0 up
+    ip -n "$hv" link set "$vm" up
+}
 
-    local file=$LAB_RUN/$hv/vm-$vm.json out
-    vm_intent "$vm" >"$file"
-    out=$("$L3HV" --config "$(hv_config "$hv")" vm set "$file" 2>&1) ||
-        die "$hv: l3hv vm set $file: $out"
+# The domain XML libvirt would hand the qemu hook for VM: one
+# type='ethernet' NIC whose target is the VM's veth in the hypervisor
+# (managed='yes': "libvirt" created it, the agent adopts it), and l3hv's
+# metadata (hooks/README.md): the fabric, the addresses (an IPv6 address
+# on the shared /64, or the VM's own /64 as a prefix), the anycast routed
+# via the VM. Kept in $LAB_RUN/<hv>/domain-<vm>.xml.
+domain_xml() { # VM
+    local vm=$1 v4 v6 i
+    v4=$(addr_of "${VM_V4[$vm]}")
+    v6=$(addr_of "${VM_V6[$vm]}")
+    for i in "${!VMS[@]}"; do
+        [[ ${VMS[$i]} != "$vm" ]] || break
+    done
+    cat <<EOF
+<!-- Generated by lab/up from lab/lib.sh: what libvirt gives the hook. -->
+<domain type='qemu'>
+  <name>$vm</name>
+  <uuid>$(printf '6c3f1b2e-7d1a-4c55-9a0e-13a1b1e0c%03x' "$((i + 1))")</uuid>
+  <metadata>
+    <l3hv:vm xmlns:l3hv="https://l3hv.net/xmlns/domain/1">
+      <l3hv:interface mac="${VM_MAC[$vm]}" fabric="${VM_FABRIC[$vm]}">
+        <l3hv:ip address="$v4"/>
+EOF
+    if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+        echo "        <l3hv:prefix address=\"${VM_V6_PREFIX[$vm]}\"/>"
+    else
+        echo "        <l3hv:ip address=\"$v6\"/>"
+    fi
+    if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
+        echo "        <l3hv:route prefix=\"$ANYCAST_V4/32\" via=\"$v4\"/>"
+        echo "        <l3hv:route prefix=\"$ANYCAST_V6/128\" via=\"$v6\"/>"
+    fi
+    cat <<EOF
+      </l3hv:interface>
+    </l3hv:vm>
+  </metadata>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+  </os>
+  <devices>
+    <interface type='ethernet'>
+      <mac address='${VM_MAC[$vm]}'/>
+      <target dev='$vm' managed='yes'/>
+      <model type='virtio'/>
+    </interface>
+  </devices>
+</domain>
+EOF
+}
+
+# Runs the hook as libvirt does: `l3hv hook <guest> <op> <subop> <extra>`,
+# the domain XML on stdin, the agent found from the configuration (D-Bus).
+# Every call and its stderr go to $LAB_RUN/<hv>/hook.log; exit status the
+# hook's.
+hook() { # VM OP SUBOP EXTRA
+    local vm=$1 hv=${VM_HV[$1]} rc=0 out
+    shift
+    out=$("$L3HV" --config "$(hv_config "$hv")" hook "$vm" "$@" \
+        <"$LAB_RUN/$hv/domain-$vm.xml" 2>&1) || rc=$?
+    printf '[%(%H:%M:%S)T] %s %s: exit %s%s\n' -1 "$vm" "$*" "$rc" "${out:+: $out}" >>"$LAB_RUN/$hv/hook.log"
+    [[ -z $out ]] || echo "$out" >&2
+    return "$rc"
+}
+
+# Starts VM as `virsh start` would call the hook: prepare, start, started
+# (each "begin -"). A failing prepare or start would stop the domain.
+start_vm() { # VM
+    local vm=$1 op
+    domain_xml "$vm" >"$LAB_RUN/${VM_HV[$vm]}/domain-$vm.xml"
+    for op in prepare start started; do
+        hook "$vm" "$op" begin - || {
+            echo "$vm: hook $op failed (exit $?, see $LAB_RUN/${VM_HV[$vm]}/hook.log)" >&2
+            return 1
+        }
+    done
+}
+
+# Stops VM as libvirt does when the domain ends (destroy, shutdown):
+# stopped, then release (each "end -"). They never fail.
+stop_vm() { # VM
+    hook "$1" stopped end - && hook "$1" release end -
+}
+
+# ---------------------------------------------------- VM addressing --
+
+# True when every VM interface of HV has its DHCP and RA sockets open.
+services_ready() { # HV
+    local hv=$1 vm n=0
+    local -a want=()
+    for vm in "${VMS[@]}"; do
+        [[ ${VM_HV[$vm]} != "$hv" ]] || want+=("$vm")
+    done
+    ((${#want[@]})) || return 0
+    n=$("$L3HV" --config "$(hv_config "$hv")" --timeout 2 status --json 2>/dev/null |
+        jq --argjson want "$(printf '%s\n' "${want[@]}" | jq -R . | jq -s -c .)" \
+            '[.services.interfaces[]? | select(.interface as $i | $want | index($i))
+              | select(.dhcp_listening and .ra_listening)] | length' 2>/dev/null || echo 0)
+    ((n == ${#want[@]}))
+}
+
+wait_services() {
+    local hv i
+    for hv in "${HVS[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            services_ready "$hv" && break
+            sleep 0.1
+        done
+        services_ready "$hv" || log "$hv: DHCP/RA not listening on every VM interface after 10 s"
+    done
+}
+
+# The clients' event scripts, in VM's directory: they configure exactly
+# what the lease says on eth0 (never /etc/resolv.conf or anything else
+# outside the namespace, which dhclient-script would touch) and record the
+# lease.
+write_vm_scripts() { # VM
+    local dir=$LAB_RUN/$1
+    cat >"$dir/udhcpc.sh" <<EOF
+#!/bin/sh
+# udhcpc event script (lab/up): the lease on \$interface, default route.
+case \$1 in
+    deconfig) ip -4 addr flush dev "\$interface" ;;
+    bound | renew)
+        ip -4 addr replace "\$ip/\${mask:-\$subnet}" dev "\$interface"
+        [ -z "\$router" ] || ip -4 route replace default via "\${router%% *}" dev "\$interface"
+        for v in ip mask subnet router serverid lease hostname dns domain mtu; do
+            eval "echo \$v=\\\$\$v"
+        done >"$dir/dhcp4.lease"
+        ;;
+esac
+exit 0
+EOF
+    cat >"$dir/dhclient6.sh" <<EOF
+#!/bin/sh
+# dhclient -6 event script (lab/up): the leased address on \$interface.
+case \$reason in
+    BOUND6 | RENEW6 | REBIND6 | REBOOT6)
+        [ -z "\$new_ip6_address" ] || {
+            ip -6 addr replace "\$new_ip6_address/\${new_ip6_prefixlen:-128}" dev "\$interface" nodad
+            env | grep -E '^(new_ip6|new_dhcp6|new_max_life|new_preferred_life)' | sort >"$dir/dhcp6.lease"
+        }
+        ;;
+    EXPIRE6 | RELEASE6 | STOP6)
+        [ -z "\$old_ip6_address" ] ||
+            ip -6 addr del "\$old_ip6_address/\${old_ip6_prefixlen:-128}" dev "\$interface" 2>/dev/null
+        ;;
+esac
+exit 0
+EOF
+    chmod 755 "$dir/udhcpc.sh" "$dir/dhclient6.sh"
+}
+
+# True when VM has ADDRESS (without length) on eth0, not tentative.
+vm_has_addr() { # VM ADDRESS
+    ip -n "$1" -o addr show dev eth0 2>/dev/null | grep -v tentative |
+        grep -qE "inet6? $2/"
+}
+
+vm_has_ra_default() { # VM
+    ip -n "$1" -6 route show default 2>/dev/null | grep -q "via $GATEWAY_V6 dev eth0 proto ra"
+}
+
+# The guest's boot-time network configuration, as a DHCP/SLAAC guest does
+# it: IPv4 by DHCP (busybox udhcpc, one lease, exits), IPv6 from the RA
+# (default route; SLAAC in a /64 of its own) and, on the shared /64 (RA
+# M=1, A=0), DHCPv6 (dhclient -6, which stays to renew; PID in
+# $LAB_RUN/<vm>/dhclient6.pid). One line on stdout: what it got, or
+# "FAILED: ..." (and exit 1).
+vm_dhcp() { # VM
+    local vm=$1 dir=$LAB_RUN/$1 i v4 v6 bad=() got
+    v4=$(addr_of "${VM_V4[$vm]}")
+    v6=$(addr_of "${VM_V6[$vm]}")
+    write_vm_scripts "$vm"
+    nsx "$vm" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$dir/udhcpc.sh" \
+        >"$dir/udhcpc.log" 2>&1 || bad+=("no DHCPv4 lease (see $dir/udhcpc.log)")
+    vm_has_addr "$vm" "$v4" || bad+=("not $v4 by DHCPv4: $(paste -sd ' ' "$dir/dhcp4.lease" 2>/dev/null)")
+    for ((i = 0; i < 100; i++)); do
+        vm_has_ra_default "$vm" && break
+        # A solicitation of our own (the kernel's RS went out before the
+        # agent listened; its next one backs off): the kernel takes the
+        # answer too.
+        ((i % 20 != 10)) || nsx "$vm" rdisc6 -1 -r 1 -w 300 eth0 >/dev/null 2>&1 || true
+        sleep 0.1
+    done
+    vm_has_ra_default "$vm" || bad+=("no IPv6 default route from an RA after 10 s")
+    if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+        for ((i = 0; i < 100; i++)); do
+            vm_has_addr "$vm" "$v6" && break
+            sleep 0.1
+        done
+        vm_has_addr "$vm" "$v6" || bad+=("no SLAAC address $v6 after 10 s")
+        got="SLAAC"
+    else
+        # -1: one try; forks into the background with its lease.
+        nsx "$vm" dhclient -6 -1 -v -sf "$dir/dhclient6.sh" -lf "$dir/dhclient6.leases" \
+            -pf "$dir/dhclient6.pid" eth0 >"$dir/dhclient6.log" 2>&1 ||
+            bad+=("no DHCPv6 lease (see $dir/dhclient6.log)")
+        vm_has_addr "$vm" "$v6" || bad+=("not $v6 by DHCPv6: $(paste -sd ' ' "$dir/dhcp6.lease" 2>/dev/null)")
+        got="DHCPv6"
+    fi
+    if ((${#bad[@]})); then
+        echo "FAILED: ${bad[*]}"
+        return 1
+    fi
+    echo "$v4 (DHCPv4), $v6 ($got), default routes via $(ip -n "$vm" -4 route show default | awk '{print $3}') (DHCP) and $GATEWAY_V6 (RA);" \
+        "global IPv6 on eth0: $(ip -n "$vm" -6 -o addr show dev eth0 scope global | awk '{print $4}' | paste -sd ' ' -)"
+}
+
+# lab/up --static: what lab/up did before the agent had DHCP and RAs.
+vm_static() { # VM
+    local vm=$1
+    ip -n "$vm" addr replace "${VM_V4[$vm]}" dev eth0
+    ip -n "$vm" route replace default via "${FABRIC_GATEWAY_V4[${VM_FABRIC[$vm]}]}"
+    ip -n "$vm" -6 addr replace "${VM_V6[$vm]}" dev eth0 nodad
+    ip -n "$vm" -6 route replace default via "$GATEWAY_V6" dev eth0
+    echo "${VM_V4[$vm]} ${VM_V6[$vm]} (static)"
+}
+
+# Configures the VMs' addresses (ADDRESSING), all VMs in parallel; one log
+# line per VM. Returns 1 when a VM did not get what it should (the matrix
+# will show it).
+configure_vms() { # [VM...] (default: all)
+    local vm rc=0
+    local -a vms=("$@") pids=()
+    ((${#vms[@]})) || vms=("${VMS[@]}")
+    if [[ $ADDRESSING == static ]]; then
+        for vm in "${vms[@]}"; do
+            log "$vm: $(vm_static "$vm")"
+        done
+        return 0
+    fi
+    wait_services
+    for vm in "${vms[@]}"; do
+        vm_dhcp "$vm" >"$LAB_RUN/$vm/addressing" 2>&1 &
+        pids+=("$!")
+    done
+    local i
+    for i in "${!vms[@]}"; do
+        wait "${pids[$i]}" || rc=1
+        log "${vms[$i]}: $(<"$LAB_RUN/${vms[$i]}/addressing")"
+    done
+    return "$rc"
+}
+
+# Stops VM's DHCP client(s) and removes what they configured: the guest
+# is off. (lab/test vm-stop-start)
+vm_unconfigure() { # VM
+    local vm=$1 pid
+    pid=$(head -n 1 "$LAB_RUN/$vm/dhclient6.pid" 2>/dev/null || true)
+    if pid_in_ns "$pid" "$vm"; then
+        stop_pid "$pid"
+    fi
+    rm -f "$LAB_RUN/$vm/dhclient6.pid" "$LAB_RUN/$vm/dhcp4.lease" "$LAB_RUN/$vm/dhcp6.lease"
+    ip -n "$vm" -4 addr flush dev eth0
+    ip -n "$vm" -6 addr flush dev eth0 scope global
+    ip -n "$vm" -6 route flush dev eth0 proto ra 2>/dev/null || true
+}
+
+# ----------------------------------------------------------------- QEMU --
+
+# lab/up --qemu: the VMs of QEMU_VMS are real QEMU guests (TCG: KVM is
+# unusable here) started by a real libvirtd in their hypervisor's
+# namespace, through l3hv's hook installed in that libvirtd's own copy of
+# /etc/libvirt. lab/up keeps the list in $LAB_RUN/qemu. Their namespaces
+# are not created: the matrix probes them as destinations only.
+QEMU_VMS=()
+QEMU_CANDIDATES=(vm1)
+
+is_qemu_vm() { # VM
+    local v
+    for v in "${QEMU_VMS[@]}"; do
+        [[ $v != "$1" ]] || return 0
+    done
+    return 1
+}
+
+# The guest kernel (the newest Debian kernel in /boot) and its release.
+guest_kernel() {
+    local k
+    k=$(find /boot -maxdepth 1 -name 'vmlinuz-*-amd64' 2>/dev/null | sort -V | tail -n 1)
+    [[ -n $k ]] || die "--qemu: no Debian kernel in /boot (apt-get install linux-image-amd64)"
+    echo "$k ${k#/boot/vmlinuz-}"
+}
+
+GUEST_MODULES="kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko
+kernel/drivers/virtio/virtio_pci.ko kernel/net/core/failover.ko kernel/drivers/net/net_failover.ko
+kernel/drivers/net/virtio_net.ko"
+
+# A busybox initramfs for VM: virtio-net, the anycast on lo, then what a
+# DHCP guest does at boot: udhcpc (IPv4 lease and default route), the RA
+# (IPv6 default route), dhclient -6 (copied in with its libc) on the
+# shared /64. Everything it got is printed on the serial console.
+build_initramfs() { # VM RELEASE OUT
+    local vm=$1 release=$2 out=$3 root m lib f
+    root=$(dirname "$out")/initramfs
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,sbin,lib,lib64,proc,sys,dev,run,tmp,etc/dhcp,var/lib/dhcp}
+    cp /bin/busybox "$root/bin/busybox"
+    for m in $GUEST_MODULES; do
+        cp "/lib/modules/$release/$m" "$root/lib/" || die "--qemu: /lib/modules/$release/$m missing"
+    done
+    cp /usr/sbin/dhclient "$root/sbin/dhclient"
+    for lib in $(ldd /usr/sbin/dhclient | grep -o '/[^ ]*'); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    touch "$root/etc/dhcp/dhclient.conf"
+    cat >"$root/udhcpc.sh" <<'EOF'
+#!/bin/sh
+case $1 in
+    deconfig) ip -4 addr flush dev "$interface" ;;
+    bound | renew)
+        ip -4 addr replace "$ip/${mask:-$subnet}" dev "$interface"
+        [ -z "$router" ] || ip -4 route replace default via "${router%% *}" dev "$interface"
+        echo "L3HV-GUEST-DHCPV4 ip=$ip mask=$mask router=$router lease=$lease" >/dev/console
+        ;;
+esac
+exit 0
+EOF
+    cat >"$root/dhclient6.sh" <<'EOF'
+#!/bin/sh
+case $reason in
+    BOUND6 | RENEW6 | REBIND6 | REBOOT6)
+        [ -z "$new_ip6_address" ] || {
+            ip -6 addr replace "$new_ip6_address/${new_ip6_prefixlen:-128}" dev "$interface"
+            echo "L3HV-GUEST-DHCPV6 $new_ip6_address/$new_ip6_prefixlen" >/dev/console
+        } ;;
+esac
+exit 0
+EOF
+    # shellcheck disable=SC2016 # the guest's /init: expanded in the guest
+    {
+        echo '#!/bin/busybox sh'
+        echo '/bin/busybox --install -s /bin'
+        echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
+        for m in $GUEST_MODULES; do
+            echo "insmod /lib/${m##*/}"
+        done
+        echo 'sysctl -qw net.ipv6.conf.eth0.accept_dad=0'
+        echo 'ip link set lo up'
+        if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
+            echo "ip addr add $ANYCAST_V4/32 dev lo"
+            # (busybox ip has no nodad; lo does no DAD anyway)
+            echo "ip -6 addr add $ANYCAST_V6/128 dev lo"
+        fi
+        echo 'ip link set eth0 up'
+        echo 'udhcpc -i eth0 -q -n -f -t 10 -T 1 -s /udhcpc.sh 2>&1'
+        echo 'i=0; while [ $i -lt 100 ] && ! ip -6 route show default | grep -q "via fe80::1"; do sleep 0.1; i=$((i+1)); done'
+        echo 'echo "L3HV-GUEST-RA $(ip -6 route show default)"'
+        if [[ -z ${VM_V6_PREFIX[$vm]:-} ]]; then
+            # -nw: in the background at once, soliciting until it binds
+            # (as a guest's dhclient does); 20 s for the console report.
+            echo 'dhclient -6 -nw -sf /dhclient6.sh -lf /var/lib/dhcp/dhclient6.leases -pf /run/dhclient6.pid eth0'
+            echo 'i=0; while [ $i -lt 200 ] && ! ip -6 addr show dev eth0 scope global | grep -q inet6; do sleep 0.1; i=$((i+1)); done'
+            echo 'ip -6 addr show dev eth0 scope global | grep -q inet6 || echo "L3HV-GUEST-DHCPV6 none after 20 s (dhclient keeps trying)"'
+        fi
+        echo 'ip -o addr show; ip route; ip -6 route'
+        echo 'echo L3HV-GUEST-UP'
+        echo 'while true; do sleep 60; done'
+    } >"$root/init"
+    chmod 755 "$root/init" "$root/udhcpc.sh" "$root/dhclient6.sh"
+    (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1 >"$out")
+}
+
+libvirt_dir() { # HV
+    echo "$LAB_RUN/$1/libvirt"
+}
+
+libvirt_uri() { # HV
+    echo "qemu+unix:///system?socket=$(libvirt_dir "$1")/sock/libvirt-sock"
+}
+
+lab_virsh() { # HV ARGS...
+    local hv=$1
+    shift
+    virsh -q -c "$(libvirt_uri "$hv")" "$@"
+}
+
+# libvirtd and virtlogd in HV, in a private mount namespace: /run, the
+# libvirt state and logs are tmpfs there, /etc/libvirt a copy with the
+# hook installed (a wrapper running `l3hv --config <hv's l3hv.toml> hook`,
+# as hooks/qemu.d/50-l3hv does with the default configuration), and
+# $LAB_RUN moved back under the new /run (the hook's configuration, the
+# agent's bus). Root QEMU, no security driver, no auth on the socket.
+start_libvirt() { # HV
+    local hv=$1 dir etc out i
+    dir=$(libvirt_dir "$hv")
+    etc=$dir/etc-libvirt
+    for i in libvirtd virtlogd virsh qemu-system-x86_64 cpio; do
+        command -v "$i" >/dev/null 2>&1 ||
+            die "--qemu: $i missing (apt-get install libvirt-daemon-system libvirt-clients qemu-system-x86 cpio)"
+    done
+    rm -rf "$dir"
+    mkdir -p "$dir/sock"
+    cp -a /etc/libvirt "$etc"
+    printf '\nuser = "root"\ngroup = "root"\nsecurity_driver = "none"\n' >>"$etc/qemu.conf"
+    printf '\nunix_sock_dir = "%s"\nauth_unix_rw = "none"\nauth_unix_ro = "none"\n' "$dir/sock" >>"$etc/libvirtd.conf"
+    mkdir -p "$etc/hooks/qemu.d"
+    cat >"$etc/hooks/qemu.d/50-l3hv" <<EOF
+#!/bin/sh
+# hooks/qemu.d/50-l3hv with the lab's binary and $hv's configuration.
+echo "\$(date +%T) \$*" >>$dir/hook-calls.log
+exec $L3HV --config $(hv_config "$hv") hook "\$@"
+EOF
+    chmod 755 "$etc/hooks/qemu.d/50-l3hv"
+    out=$(ip netns exec "$hv" unshare -m --propagation private sh -ec "
+mount --bind $LAB_RUN /mnt
+mount -t tmpfs l3hv-lab-run /run
+mkdir -p $LAB_RUN
+mount --move /mnt $LAB_RUN
+mount --bind $etc /etc/libvirt
+mount -t tmpfs l3hv-lab-lib /var/lib/libvirt
+mount -t tmpfs l3hv-lab-cache /var/cache/libvirt
+mount -t tmpfs l3hv-lab-log /var/log/libvirt
+virtlogd -d -p $LAB_RUN/$hv/virtlogd.pid
+libvirtd -d -p $LAB_RUN/$hv/libvirtd.pid
+" 2>&1) || die "$hv: libvirtd did not start: $out"
+    for ((i = 0; i < 240; i++)); do
+        lab_virsh "$hv" version >/dev/null 2>&1 && return 0
+        sleep 0.25
+    done
+    die "$hv: libvirtd does not answer after 60 s"
+}
+
+# The domain XML of a QEMU guest: as domain_xml, with a tap the agent
+# creates at prepare (managed='no'), direct kernel boot of the initramfs,
+# the serial console in a file.
+qemu_domain_xml() { # VM KERNEL INITRD CONSOLE
+    local vm=$1
+    domain_xml "$vm" | sed -e "s|<target dev='$vm' managed='yes'/>|<target dev='$vm' managed='no'/>|" \
+        -e "s|<type arch='x86_64' machine='pc'>hvm</type>|&\n    <kernel>$2</kernel>\n    <initrd>$3</initrd>\n    <cmdline>console=ttyS0 quiet</cmdline>|" \
+        -e "s|  </devices>|    <serial type='file'>\n      <source path='$4'/>\n      <target port='0'/>\n    </serial>\n    <memballoon model='none'/>\n  </devices>|" \
+        -e "s|^  <devices>|  <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff>\n  <devices>|"
+}
+
+# Defines and starts VM in its hypervisor's libvirtd (`virsh start`: the
+# hook's prepare creates the tap and routes it, start, started).
+qemu_start_vm() { # VM
+    local vm=$1 hv=${VM_HV[$1]} dir kernel release out
+    dir=$(libvirt_dir "$hv")
+    read -r kernel release <<<"$(guest_kernel)"
+    build_initramfs "$vm" "$release" "$dir/$vm-initrd.img"
+    qemu_domain_xml "$vm" "$kernel" "$dir/$vm-initrd.img" "$dir/$vm-console.log" >"$LAB_RUN/$hv/domain-$vm.xml"
+    out=$(lab_virsh "$hv" define "$LAB_RUN/$hv/domain-$vm.xml" 2>&1) || die "$hv: virsh define $vm: $out"
+    out=$(lab_virsh "$hv" start "$vm" 2>&1) ||
+        die "$hv: virsh start $vm: $out (hook calls: $(paste -sd ';' "$dir/hook-calls.log" 2>/dev/null))"
+}
+
+# Waits (up to 120 s) for VM's guest to have booted and configured itself
+# (its console says so) and to answer a ping from its hypervisor.
+qemu_wait_vm() { # VM
+    local vm=$1 hv=${VM_HV[$1]} console i start=$SECONDS
+    console=$(libvirt_dir "$hv")/$vm-console.log
+    for ((i = 0; i < 240; i++)); do
+        if grep -q L3HV-GUEST-UP "$console" 2>/dev/null &&
+            nsx "$hv" ping -c1 -W1 -q "$(addr_of "${VM_V4[$vm]}")" >/dev/null 2>&1; then
+            log "$vm: QEMU guest up after $((SECONDS - start)) s: $(grep -ao 'L3HV-GUEST-[A-Z0-9]* .*' "$console" | tr -d '\r' | paste -sd ';' -)"
+            return 0
+        fi
+        sleep 0.5
+    done
+    log "$vm: the QEMU guest is not up after 120 s; console: $console"
+    return 1
+}
+
+# Destroys the lab's QEMU guests (lab/down, before it kills the daemons):
+# libvirt then runs the hook's stopped and release.
+qemu_destroy_all() {
+    local sock hv vm
+    for sock in "$LAB_RUN"/*/libvirt/sock/libvirt-sock; do
+        [[ -S $sock ]] || continue
+        hv=$(basename "$(dirname "$(dirname "$(dirname "$sock")")")")
+        for vm in $(timeout 10 virsh -q -c "$(libvirt_uri "$hv")" list --name 2>/dev/null); do
+            timeout 20 virsh -q -c "$(libvirt_uri "$hv")" destroy "$vm" >/dev/null 2>&1 || true
+        done
+    done
 }
 
 # --------------------------------------------------------------- matrix --
@@ -999,6 +1553,11 @@ needs_of() { # FAMILY SRC COLUMN
     # so another address of that /64 needs a proxy NA from the hypervisor.
     local shared_src=0
     [[ -n ${VM_V6_PREFIX[$src]:-} ]] || shared_src=1
+    # A QEMU guest (lab/up --qemu) is probed as a destination only.
+    ! is_qemu_vm "$src" || {
+        echo -
+        return 0
+    }
     case $col in
         "$src") echo - && return 0 ;;
         gateway) ;;
@@ -1016,11 +1575,30 @@ needs_of() { # FAMILY SRC COLUMN
             [[ $fam == ipv6 ]] && ((shared_src)) && [[ -z ${VM_V6_PREFIX[$col]:-} ]] && ndp=1
             ;;
     esac
+    # IPv6 to a QEMU guest's DHCPv6 address (or an anycast it may hold).
+    local tap6=0
+    if [[ $fam == ipv6 ]] && ((${#QEMU_VMS[@]})); then
+        case $col in
+            anycast)
+                for h in $(anycast_holders); do
+                    if is_qemu_vm "$h" && [[ -z ${VM_V6_PREFIX[$h]:-} && $h != "$src" ]]; then
+                        tap6=1
+                    fi
+                done
+                # A holder of its own reaches itself.
+                [[ -z ${VM_ANYCAST[$src]:-} ]] || tap6=0
+                ;;
+            gateway | internet) ;;
+            *) if is_qemu_vm "$col" && [[ -z ${VM_V6_PREFIX[$col]:-} ]]; then tap6=1; fi ;;
+        esac
+    fi
     ((HAVE_BGP)) && bgp=0
     ((HAVE_NDP_PROXY)) && ndp=0
+    ((HAVE_TAP_LL_ROUTE)) && tap6=0
     local -a why=()
     ((bgp)) && why+=(bgp)
     ((ndp)) && why+=(ndp)
+    ((tap6)) && why+=(tap6)
     local IFS=,
     echo "${why[*]}"
 }
