@@ -144,6 +144,35 @@ type Sessions = Arc<std::sync::Mutex<HashMap<IpAddr, mpsc::Sender<Rx>>>>;
 pub struct Bfd {
     store: Arc<Store>,
     receivers: BTreeMap<IpAddr, Sessions>,
+    /// BFD's own thread: its timers must not wait behind the agent's
+    /// passes or a burst of BGP updates on the main runtime (at 100 ms x 3
+    /// that caused false failures of healthy paths under load).
+    runtime: tokio::runtime::Handle,
+}
+
+/// Starts the thread BFD runs on (a single-threaded tokio runtime).
+fn bfd_runtime() -> tokio::runtime::Handle {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("l3hv-bfd".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    warn!(error = %e, "no runtime for bfd; sharing the agent's");
+                    return;
+                }
+            };
+            let _ = tx.send(rt.handle().clone());
+            rt.block_on(std::future::pending::<()>());
+        });
+    match spawned.ok().and_then(|_| rx.recv().ok()) {
+        Some(h) => h,
+        None => tokio::runtime::Handle::current(),
+    }
 }
 
 /// One running BFD session: its status, and what stops or retimes it.
@@ -171,6 +200,7 @@ impl Bfd {
         Self {
             store: Arc::new(Store::load(&config.hypervisor.state_dir)),
             receivers: BTreeMap::new(),
+            runtime: bfd_runtime(),
         }
     }
 
@@ -178,9 +208,10 @@ impl Bfd {
     /// left it Up).
     pub fn add(&mut self, cfg: &BfdConfig, peer: BfdPeer) -> BfdSession {
         let (tx, rx) = mpsc::channel(64);
+        let runtime = &self.runtime;
         let sessions = self.receivers.entry(peer.local).or_insert_with(|| {
             let sessions: Sessions = Arc::default();
-            tokio::spawn(receive(peer.local, sessions.clone()));
+            runtime.spawn(receive(peer.local, sessions.clone()));
             sessions
         });
         if let Ok(mut m) = sessions.lock() {
@@ -200,7 +231,7 @@ impl Bfd {
         };
         let (status_tx, status_rx) = watch::channel(status_of(&peer, &fsm, cfg));
         let (config_tx, config_rx) = watch::channel(cfg.clone());
-        let task = tokio::spawn(run_session(
+        let task = self.runtime.spawn(run_session(
             peer.clone(),
             fsm,
             rx,

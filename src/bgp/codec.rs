@@ -744,21 +744,28 @@ pub fn withdraw(codec: &Codec, prefixes: &[IpNet]) -> Result<Vec<Vec<u8>>, Codec
 }
 
 /// End-of-RIB markers for IPv4 and IPv6 unicast (RFC 4724 §2).
-pub fn end_of_rib() -> Result<Vec<Vec<u8>>, CodecError> {
-    let v4 = write(&BgpMessage::Update(BgpUpdateMessage::new(
-        vec![],
-        vec![],
-        vec![],
-    )))?;
-    let mp = PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast {
-        nlri: Vec::new().into(),
-    });
-    let v6 = write(&BgpMessage::Update(BgpUpdateMessage::new(
-        vec![],
-        vec![attr(true, false, mp)?],
-        vec![],
-    )))?;
-    Ok(vec![v4, v6])
+/// End-of-RIB (RFC 4724 §2) for each negotiated family: an empty UPDATE
+/// for IPv4, an empty MP_UNREACH for IPv6.
+pub fn end_of_rib(ipv4: bool, ipv6: bool) -> Result<Vec<Vec<u8>>, CodecError> {
+    let mut out = Vec::new();
+    if ipv4 {
+        out.push(write(&BgpMessage::Update(BgpUpdateMessage::new(
+            vec![],
+            vec![],
+            vec![],
+        )))?);
+    }
+    if ipv6 {
+        let mp = PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast {
+            nlri: Vec::new().into(),
+        });
+        out.push(write(&BgpMessage::Update(BgpUpdateMessage::new(
+            vec![],
+            vec![attr(true, false, mp)?],
+            vec![],
+        )))?);
+    }
+    Ok(out)
 }
 
 fn attr(
@@ -939,7 +946,12 @@ mod tests {
     #[test]
     fn end_of_rib_is_recognised() {
         let codec = Codec::default();
-        let e = end_of_rib().unwrap();
+        assert_eq!(
+            end_of_rib(true, false).unwrap().len(),
+            1,
+            "only what was negotiated"
+        );
+        let e = end_of_rib(true, true).unwrap();
         let Message::Update(u) = codec.decode(&e[0]).unwrap() else {
             panic!()
         };

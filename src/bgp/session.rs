@@ -254,12 +254,17 @@ impl Session {
             let started = Instant::now();
             // Active open, unless the peer connects to us first (then its
             // connection is used).
+            // A connect started while the path was down may sit in SYN
+            // retransmission: BFD coming Up restarts it at once.
+            let (_, ups) = self.bfd_counts();
+            let mut bfd_up = self.bfd.clone();
             let stream = match pending.take() {
                 Some(s) => Ok(s),
                 None => tokio::select! {
                     r = self.connect() => r.map_err(SessionEnd::Connect),
                     Some(s) = incoming.recv() => Ok(s),
                     _ = stopped(&mut stop) => continue,
+                    _ = bfd_came_up(&mut bfd_up, ups) => continue,
                 },
             };
             let end = match stream {
@@ -576,7 +581,7 @@ impl Session {
         self.advertise(&mut stream, &codec, &negotiated, &initial, &[])
             .await?;
         let mut eor = Vec::new();
-        for m in codec::end_of_rib()? {
+        for m in codec::end_of_rib(negotiated.ipv4, negotiated.ipv6)? {
             eor.extend(m);
         }
         stream.write_all(&eor).await?;
