@@ -528,6 +528,7 @@ class Monitor:
         self.buf = ""
         self.lost = 0
         self.resynced = 0
+        self.resync_at = None
         self.events = 0
         self.last_ts = None
         self.last_read = time.time()
@@ -570,6 +571,7 @@ class Monitor:
         the very last ones were lost)."""
         if self.lost > self.resynced and time.time() - self.last_read > quiet:
             self.resynced = self.lost
+            self.resync_at = time.time()   # an upper bound for what changed unseen
             self.model.load(self.hv)
             on_change(self.last_ts or time.time(), self.model.watched)
 
@@ -743,6 +745,8 @@ def one_rep(spk, work, n, rep, tag):
             row[f"{hv}_last"] = ts[-1] - t0 if len(ts) == n else None
             row[f"{hv}_events"] = mons[hv].events
             row[f"{hv}_lost"] = mons[hv].lost
+            if mons[hv].resync_at and len(ts) == n:
+                row[f"{hv}_last_upper"] = max(ts[-1], mons[hv].resync_at) - t0
         # detection instants
         if spk.name == "l3hv":
             tl = l3hv_timeline(spk.logs["hv1"], offs["hv1"], "198.51.100.126",
