@@ -11,17 +11,6 @@ fn s(v: &Value) -> String {
     }
 }
 
-fn ago(at: Option<u64>) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    match at {
-        Some(t) if t <= now => format!("{}s ago", now - t),
-        Some(t) => format!("at {t}"),
-        None => "-".into(),
-    }
-}
-
 /// `l3hv status` as text.
 pub fn render_status(v: &Value) -> String {
     let mut out = String::new();
@@ -50,7 +39,7 @@ pub fn render_status(v: &Value) -> String {
     } else {
         out.push_str(&format!(
             "last reconcile: {} took {} ms, {} changes planned, {} applied, {} failed{}\n",
-            ago(r["at_unix"].as_u64()),
+            ago(r["at_unix"].as_u64(), now_unix()),
             s(&r["duration_ms"]),
             s(&r["planned"]),
             s(&r["applied"]),
@@ -148,7 +137,7 @@ pub fn render_status(v: &Value) -> String {
             "{:<15} {:<11} {:<12} {:<9} {:<9} {}\n",
             s(&i["interface"]),
             s(&i["dhcp_served"]),
-            s(&i["dhcp_last_lease_unix"]),
+            ago(i["dhcp_last_lease_unix"].as_u64(), now_unix()),
             s(&i["ra_sent"]),
             s(&i["rs_answered"]),
             if dropped.is_empty() {
@@ -159,6 +148,26 @@ pub fn render_status(v: &Value) -> String {
         ));
     }
     out
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// PURE: a Unix time as an age for a table cell ("-" when absent).
+pub fn ago(unix: Option<u64>, now: u64) -> String {
+    let Some(t) = unix else {
+        return "-".into();
+    };
+    let d = now.saturating_sub(t);
+    match d {
+        0..=119 => format!("{d}s ago"),
+        120..=7199 => format!("{}m ago", d / 60),
+        7200..=172_799 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86_400),
+    }
 }
 
 /// `l3hv peers` as text.
@@ -249,6 +258,17 @@ pub fn render_vms(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn lease_ages_read_as_ages() {
+        assert_eq!(ago(None, 100), "-");
+        assert_eq!(ago(Some(100), 112), "12s ago");
+        assert_eq!(ago(Some(0), 600), "10m ago");
+        assert_eq!(ago(Some(0), 3 * 3600), "3h ago");
+        assert_eq!(ago(Some(0), 5 * 86_400), "5d ago");
+        assert_eq!(ago(Some(200), 100), "0s ago", "clock skew");
+    }
+
     use super::*;
 
     #[test]
