@@ -772,6 +772,10 @@ fn an_adopted_interface_created_after_its_intent_is_configured_at_once() {
             .code()
             != Some(0)
     );
+    // Its routes wait for it, and say so.
+    let st = agent.status_json();
+    assert!(st["routes_pending"].as_u64().unwrap_or(0) > 0, "{st}");
+    assert_eq!(st["routes_programmed"], 0, "{st}");
     let vm = vm_ns(
         &w.hv,
         &unique("vm9"),
@@ -789,4 +793,7 @@ fn an_adopted_interface_created_after_its_intent_is_configured_at_once() {
     );
     assert_eq!(w.hv.sysctl("net.ipv4.conf.vm9e0.proxy_arp"), "1");
     assert!(vm.ping("203.0.113.254"));
+    let st = agent.status_json();
+    assert_eq!(st["routes_pending"], 0, "{st}");
+    assert!(st["routes_programmed"].as_u64().unwrap_or(0) > 0, "{st}");
 }

@@ -201,6 +201,10 @@ fn metrics_match_status() {
         Some(f(&status["routes_failed"]))
     );
     assert_eq!(
+        sample(&text, "l3hv_routes_pending", ""),
+        Some(f(&status["routes_pending"]))
+    );
+    assert_eq!(
         sample(&text, "l3hv_rib_paths", ""),
         Some(f(&status["rib_paths"]))
     );

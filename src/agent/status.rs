@@ -84,6 +84,8 @@ pub struct Status {
     pub uplinks: Vec<UplinkStatus>,
     pub interfaces: Vec<InterfaceStatus>,
     pub routes_programmed: usize,
+    /// VM routes waiting for their interface to exist.
+    pub routes_pending: usize,
     pub routes_failed: usize,
     /// Learned paths in the RIB, and prefixes with a selected route.
     pub rib_paths: usize,
@@ -224,17 +226,21 @@ pub fn build(
         .unwrap_or_default();
     let mut interfaces = Vec::new();
     let mut programmed = 0;
+    let mut pending = 0;
     for (vm, i) in intent.interfaces() {
         let link = desired.links.get(&i.name);
+        // An interface that does not exist yet (a libvirt-managed tap
+        // before QEMU opens it) has its routes pending, not installed.
+        let present = crate::netlink::tap::ifindex(&i.name).is_some();
         let routes: Vec<RouteStatus> = desired
             .routes
             .iter()
             .filter(|(_, a)| a.oif.as_deref() == Some(i.name.as_str()))
             .map(|(id, a)| {
-                let state = failed_routes
-                    .iter()
-                    .find(|(f, _)| *f == id)
-                    .map_or("installed".to_string(), |(_, e)| e.to_string());
+                let state = failed_routes.iter().find(|(f, _)| *f == id).map_or_else(
+                    || if present { "installed" } else { "pending" }.to_string(),
+                    |(_, e)| e.to_string(),
+                );
                 RouteStatus {
                     table: id.table,
                     dst: id.dst.to_string(),
@@ -244,6 +250,7 @@ pub fn build(
             })
             .collect();
         programmed += routes.iter().filter(|r| r.state == "installed").count();
+        pending += routes.iter().filter(|r| r.state == "pending").count();
         let errors: Vec<String> = last
             .map(|r| {
                 r.failed
@@ -262,7 +269,7 @@ pub fn build(
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default(),
-            present: crate::netlink::tap::ifindex(&i.name).is_some(),
+            present,
             addresses: i
                 .host_prefixes()
                 .map(|p| p.to_string())
@@ -297,6 +304,7 @@ pub fn build(
             .collect(),
         interfaces,
         routes_programmed: programmed,
+        routes_pending: pending,
         routes_failed: failed_names.len(),
         rib_paths: rib.path_count(),
         rib_prefixes: rib.prefix_count(),

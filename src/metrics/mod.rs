@@ -153,6 +153,11 @@ pub fn encode(
         gauge(status.routes_programmed),
     );
     r.register(
+        "routes_pending",
+        "VM routes waiting for their interface to exist (a tap QEMU has not opened yet)",
+        gauge(status.routes_pending),
+    );
+    r.register(
         "routes_failed",
         "VM routes the kernel refused in the last reconcile",
         gauge(status.routes_failed),
@@ -504,6 +509,7 @@ mod tests {
             uplinks: vec![],
             interfaces: vec![],
             routes_programmed: 5,
+            routes_pending: 0,
             routes_failed: 1,
             rib_paths: 7,
             rib_prefixes: 4,
