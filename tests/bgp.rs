@@ -890,6 +890,22 @@ fn learned_routes_point_at_a_group_of_both_paths() {
     assert_eq!(st["nexthops"]["groups"], 1);
     assert_eq!(st["nexthops"]["objects"], 2);
     assert!(lab.vm1.ping("203.0.113.3"));
+    // `l3hv routes`: both paths selected, the route installed on the group.
+    let out = lab.a1.cli(&["routes", "--json", "203.0.113.3/32"]);
+    assert!(out.status.success(), "{out:?}");
+    let routes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &routes[0];
+    assert_eq!(routes.as_array().unwrap().len(), 1, "{routes}");
+    assert_eq!(r["prefix"], "203.0.113.3/32", "{r}");
+    let paths = r["paths"].as_array().unwrap();
+    assert_eq!(paths.len(), 2, "{r}");
+    assert!(paths.iter().all(|p| p["selected"] == true), "{r}");
+    assert_eq!(r["kernel"][0]["state"], "installed", "{r}");
+    assert_eq!(r["kernel"][0]["nh_id"], nhid.unwrap(), "{r}");
+    let text = lab.a1.cli(&["routes"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("public 203.0.113.3/32"), "{text}");
+    assert!(text.contains(": installed"), "{text}");
 }
 
 #[test]

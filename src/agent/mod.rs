@@ -18,6 +18,7 @@
 //! between a command and the kernel.
 
 pub mod reload;
+pub mod routes;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -100,6 +101,11 @@ pub enum Command {
     },
     Status {
         reply: oneshot::Sender<Status>,
+    },
+    /// The learned routes (`l3hv routes`), within `filter` if given.
+    Routes {
+        filter: Option<ipnet::IpNet>,
+        reply: oneshot::Sender<Vec<routes::RouteView>>,
     },
     /// Reconcile now and report.
     Reconcile {
@@ -473,6 +479,9 @@ impl Agent {
                 }
                 Command::Status { reply } => {
                     let _ = reply.send(self.status());
+                }
+                Command::Routes { filter, reply } => {
+                    let _ = reply.send(self.routes(filter).await);
                 }
                 Command::Reconcile { reply } => {
                     let _ = reply.send(self.last.clone().unwrap_or_default());
@@ -906,6 +915,37 @@ impl Agent {
         if let Some(until) = self.learned_hold {
             self.next_reconcile = self.next_reconcile.min(until);
         }
+    }
+
+    async fn routes(&mut self, filter: Option<ipnet::IpNet>) -> Vec<routes::RouteView> {
+        let desired = reconcile::desired_with(
+            &self.config,
+            &self.intent,
+            &self.rib,
+            self.nexthop_objects(),
+        );
+        let dumped;
+        let observed = match &self.cache {
+            Some(c) => c,
+            None => {
+                dumped = self
+                    .kernel
+                    .dump(&self.uplink_names())
+                    .await
+                    .unwrap_or_default();
+                &dumped
+            }
+        };
+        let failed: BTreeMap<reconcile::RouteId, String> = self
+            .last
+            .iter()
+            .flat_map(|r| r.failed.iter())
+            .filter_map(|f| match &f.op {
+                KernelOp::AddRoute { id, .. } => Some((*id, f.error.clone())),
+                _ => None,
+            })
+            .collect();
+        routes::build(&self.config, &self.rib, &desired, observed, &failed, filter)
     }
 
     fn status(&self) -> Status {

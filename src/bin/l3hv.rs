@@ -44,6 +44,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Learned routes: the RIB's paths per prefix, the selected ECMP set,
+    /// and each route's kernel state (installed, pending, failed, shadowed).
+    Routes {
+        /// Only this prefix and what it contains (or is contained in).
+        prefix: Option<ipnet::IpNet>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Reconcile the kernel now and print the report.
     Reconcile {
         #[arg(long)]
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
         Cmd::Status { json } => (Request::Status, *json),
         Cmd::Reconcile { json } => (Request::Reconcile, *json),
         Cmd::Peers { json } => (Request::Peers, *json),
+        Cmd::Routes { prefix, json } => (Request::Routes { prefix: *prefix }, *json),
         Cmd::Vm {
             command: VmCmd::List { json },
         } => (Request::ListVms, *json),
@@ -147,6 +156,7 @@ fn main() -> ExitCode {
                         command: VmCmd::List { .. },
                     } => print!("{}", cli::render_vms(&v)),
                     Cmd::Peers { .. } => print!("{}", cli::render_peers(&v)),
+                    Cmd::Routes { .. } => print!("{}", cli::render_routes(&v)),
                     Cmd::Reconcile { .. } => {
                         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
                     }

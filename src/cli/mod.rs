@@ -170,6 +170,43 @@ pub fn ago(unix: Option<u64>, now: u64) -> String {
     }
 }
 
+/// `l3hv routes` as text: one block per prefix, its paths (`*` selected)
+/// and its kernel routes.
+pub fn render_routes(v: &Value) -> String {
+    let mut out = String::new();
+    for r in v.as_array().into_iter().flatten() {
+        out.push_str(&format!("{} {}\n", s(&r["fabric"]), s(&r["prefix"])));
+        for p in r["paths"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  {} via {} dev {}  session {}{}  originator {}  local-pref {}\n",
+                if p["selected"] == true { "*" } else { " " },
+                s(&p["next_hop"]),
+                s(&p["uplink"]),
+                s(&p["session"]),
+                p["path_id"]
+                    .as_u64()
+                    .map(|i| format!(" path-id {i}"))
+                    .unwrap_or_default(),
+                s(&p["originator"]),
+                s(&p["local_pref"]),
+            ));
+        }
+        for k in r["kernel"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  table {} metric {}{}: {}\n",
+                s(&k["table"]),
+                s(&k["metric"]),
+                k["nh_id"]
+                    .as_u64()
+                    .map(|i| format!(" nhid {i}"))
+                    .unwrap_or_default(),
+                s(&k["state"]),
+            ));
+        }
+    }
+    out
+}
+
 /// `l3hv peers` as text.
 pub fn render_peers(v: &Value) -> String {
     let mut out = format!(

@@ -24,10 +24,19 @@ pub const MAX_REQUEST: usize = 1 << 20;
 pub enum Request {
     Status,
     ListVms,
-    SetVm { vm: VmIntent },
-    RemoveVm { name: String },
+    SetVm {
+        vm: VmIntent,
+    },
+    RemoveVm {
+        name: String,
+    },
     Reconcile,
     Peers,
+    /// Learned routes, within `prefix` if given.
+    Routes {
+        #[serde(default)]
+        prefix: Option<ipnet::IpNet>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -147,6 +156,13 @@ async fn handle(req: Request, agent: &AgentHandle, bgp: &BgpHandle) -> Response 
                 Response::Ok(v)
             }),
         Request::Peers => Ok(value(bgp.peers())),
+        Request::Routes { prefix } => agent
+            .call(|reply| Command::Routes {
+                filter: prefix,
+                reply,
+            })
+            .await
+            .map(value),
         Request::ListVms => agent
             .call(|reply| Command::ListVms { reply })
             .await

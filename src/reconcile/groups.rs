@@ -19,16 +19,22 @@
 //!   fabric paths of a prefix from hv2 carry originator hv2, so losing path
 //!   B leaves the key `{hv2}` intact: the routes keep their group id and the
 //!   group is replaced in place (RTM_NEWNEXTHOP + NLM_F_REPLACE) without its
-//!   B member, O(groups). Members = the union of the live hops of the
-//!   prefixes sharing the key, i.e. the live (gateway, uplink) hops of
-//!   those originators.
+//!   B member, O(groups). Members = the hops that every prefix sharing the
+//!   key has (their intersection; the union if they have none in common).
+//!
+//! Why the intersection: on a remote hypervisor, a failed path of hv1 shows
+//! as the reflector withdrawing hv1's 100,000 prefixes over that path, in
+//! many UPDATEs. With the intersection the first withdrawal already takes
+//! the member out of `{hv1}`'s group (the hypervisor's prefixes share its
+//! fate on a fabric path), instead of the last one, seconds later.
 //!
 //! Trade-off: all prefixes of one originator set share one hop set, as in
 //! BGP PIC. If hv2 announced a prefix over path A only (policy on one
-//! reflector) while others come over A and B, that prefix is still hashed
-//! onto B too. The next hop is hv2 itself (next-hop-self on every path), so
-//! it still forwards correctly; l3hv does not model per-prefix hop
-//! restrictions from the same originator. A path without ORIGINATOR_ID
+//! reflector) while others come over A and B, all of hv2's prefixes use A
+//! only; while hv2's prefixes are first learned, the group grows to both
+//! paths when the last of them has both. It always forwards correctly
+//! (the next hop is hv2 itself, next-hop-self on every path); l3hv does not
+//! model per-prefix hop restrictions from the same originator. A path without ORIGINATOR_ID
 //! (originated by the reflector itself) is keyed by its next hop: losing it
 //! then does change the key of its prefixes (O(those prefixes)), as it
 //! should, since that is a real change of who forwards. The same holds when
@@ -101,7 +107,10 @@ pub fn build(
 ) -> Vec<Option<u32>> {
     // Intern the keys: (v6, origins) → index, members unioned.
     let mut index: BTreeMap<(bool, &[IpAddr]), usize> = BTreeMap::new();
+    // Per key: the hops every prefix has (what the group gets), and the
+    // union (the fallback when the prefixes have no hop in common).
     let mut members: Vec<BTreeSet<&Hop>> = Vec::new();
+    let mut union: Vec<BTreeSet<&Hop>> = Vec::new();
     let mut of_prefix: Vec<Option<usize>> = Vec::with_capacity(selected.len());
     for (dst, s) in selected {
         let v6 = dst.addr().is_ipv6();
@@ -116,12 +125,26 @@ pub fn build(
             of_prefix.push(None);
             continue;
         }
+        let mut fresh = false;
         let i = *index.entry((v6, s.origins.as_slice())).or_insert_with(|| {
             members.push(BTreeSet::new());
+            union.push(BTreeSet::new());
+            fresh = true;
             members.len() - 1
         });
-        members[i].extend(hops);
+        let hops: BTreeSet<&Hop> = hops.collect();
+        if fresh {
+            members[i] = hops.clone();
+        } else {
+            members[i].retain(|h| hops.contains(h));
+        }
+        union[i].extend(hops);
         of_prefix.push(Some(i));
+    }
+    for (m, u) in members.iter_mut().zip(union) {
+        if m.is_empty() {
+            *m = u;
+        }
     }
 
     // Objects, in hop order (deterministic probing).
@@ -286,6 +309,40 @@ mod tests {
         assert!(GROUP_IDS.contains(&gid));
         assert_eq!(d.groups[&gid].len(), 2);
         assert!(d.nexthops.keys().all(|id| NEXTHOP_IDS.contains(id)));
+    }
+
+    #[test]
+    fn the_first_withdrawal_of_a_path_takes_it_out_of_the_originators_group() {
+        let mut r = rib(3);
+        let (_, ids) = groups_of(&r);
+        // The reflector of path B withdraws hv2's first prefix only (the
+        // rest of its UPDATEs still on the way).
+        r.apply(RibEvent::Update {
+            session: "b".into(),
+            fabric: "public".into(),
+            announce: vec![],
+            withdraw: vec![("203.0.113.0/32".parse().unwrap(), None)],
+        });
+        let (d, ids_after) = groups_of(&r);
+        assert_eq!(ids, ids_after, "same group, routes untouched");
+        let gid = ids[0].unwrap();
+        assert_eq!(d.groups[&gid].len(), 1, "B already out");
+        // Prefixes of one originator with no hop in common: the union.
+        let mut r = Rib::default();
+        announce(
+            &mut r,
+            "a",
+            "203.0.113.1/32",
+            path("198.51.100.102", "a-public", Some("10.0.0.2")),
+        );
+        announce(
+            &mut r,
+            "b",
+            "203.0.113.2/32",
+            path("198.51.100.202", "b-public", Some("10.0.0.2")),
+        );
+        let (d, ids) = groups_of(&r);
+        assert_eq!(d.groups[&ids[0].unwrap()].len(), 2);
     }
 
     #[test]

@@ -322,6 +322,24 @@ impl Rib {
         out
     }
 
+    /// The prefixes of `fabric` with their paths as (session, path id,
+    /// path), for `l3hv routes`.
+    pub fn table(
+        &self,
+        fabric: &str,
+    ) -> impl Iterator<
+        Item = (
+            &IpNet,
+            impl Iterator<Item = (&Arc<str>, Option<u32>, &Path)>,
+        ),
+    > {
+        self.fabrics
+            .get(fabric)
+            .into_iter()
+            .flat_map(|t| t.iter())
+            .map(|(prefix, paths)| (prefix, paths.iter().map(|((s, id), p)| (s, *id, p))))
+    }
+
     pub fn path_count(&self) -> usize {
         self.fabrics
             .values()
