@@ -33,6 +33,7 @@ BFD down -> session down -> reconcile pass (planned ops, duration).
     options: --big N  --reps-small R  --reps-big R  --bfd 500,100
              --impl l3hv,bird  --out DIR
     sudo python3 benches/bfd_failover.py --report DIR [DIR...]   # summary only
+    L3HV_KERNEL_EXTRA='nexthop_compat_mode = 0' ...   # extra [kernel] lines for l3hvd
 
 Results: DIR (default /tmp/bfdb-results-<time>)/results.json, summary.md
 and the daemons' logs and monitor captures. A speaker/timer combination
@@ -247,6 +248,7 @@ level = "info,l3hv::bgp::session=debug"
 format = "json"
 [kernel]
 reconcile_interval = "1h"
+{os.environ.get("L3HV_KERNEL_EXTRA", "")}
 [bfd]
 min_tx = "{bfd_ms}ms"
 min_rx = "{bfd_ms}ms"
