@@ -941,7 +941,7 @@ fn session_down_shrinks_the_group_and_leaves_the_routes_alone() {
     assert!(
         lab.a1
             .log()
-            .contains("session down: nexthop groups replaced in place"),
+            .contains("path lost: nexthop groups replaced in place"),
         "{}",
         lab.a1.log()
     );

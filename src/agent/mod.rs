@@ -373,6 +373,9 @@ impl Agent {
         let mut changed = false;
         let mut rib_changed = false;
         let mut session_down = false;
+        // (origin, hop) pairs a reflector withdrew for some prefixes while
+        // they keep other paths: a remote fabric path failing.
+        let mut lost_hops: Vec<(std::net::IpAddr, crate::rib::Hop)> = Vec::new();
         let mut waiting: Vec<(Option<String>, Reply)> = Vec::new();
         let mut later = Vec::new();
         for cmd in batch {
@@ -413,6 +416,9 @@ impl Agent {
                         RibEvent::Update {
                             announce, withdraw, ..
                         } => {
+                            if !withdraw.is_empty() && self.nexthop_objects() {
+                                lost_hops.extend(self.rib.partially_withdrawn(&event));
+                            }
                             if self.learned_hold.is_some() {
                                 self.relearned.extend(announce.iter().map(|(p, _, _)| *p));
                                 self.relearned.extend(withdraw.iter().map(|(p, _)| *p));
@@ -447,10 +453,10 @@ impl Agent {
         let asked = later
             .iter()
             .any(|c| matches!(c, Command::Reconcile { .. } | Command::LinksChanged));
-        if rib_changed && session_down {
+        if rib_changed && (session_down || !lost_hops.is_empty()) {
             // Forwarding first: the groups lose their dead members in place
             // (O(groups)) before the full recompute (O(routes)).
-            self.failover_fast_path().await;
+            self.failover_fast_path(session_down, &lost_hops).await;
         }
         if changed || asked {
             self.reconcile().await;
@@ -507,12 +513,31 @@ impl Agent {
     /// that lost members, from the last pass's groups and the RIB alone
     /// (no desired/plan over every route, no dump). The full pass that
     /// follows finds the groups right and only sweeps the dead objects.
-    async fn failover_fast_path(&mut self) {
+    async fn failover_fast_path(
+        &mut self,
+        session_down: bool,
+        lost: &[(std::net::IpAddr, crate::rib::Hop)],
+    ) {
         if !self.nexthop_objects() || self.learned_hold.is_some() || self.cache.is_none() {
             return;
         }
         let t = Instant::now();
-        let shrunk = reconcile::groups::shrink(&self.last_groups, &self.rib);
+        let mut shrunk = if session_down {
+            reconcile::groups::shrink(&self.last_groups, &self.rib)
+        } else {
+            Vec::new()
+        };
+        if !lost.is_empty() {
+            // After a session-down shrink, of what is left.
+            let mut base = self.last_groups.clone();
+            for (id, m) in &shrunk {
+                base.groups.insert(*id, m.clone());
+            }
+            for (id, m) in reconcile::groups::shrink_hops(&base, lost) {
+                shrunk.retain(|(i, _)| *i != id);
+                shrunk.push((id, m));
+            }
+        }
         if shrunk.is_empty() {
             return;
         }
@@ -547,7 +572,7 @@ impl Agent {
             groups = shrunk.len(),
             compute_ms = computed.as_secs_f64() * 1e3,
             duration_ms = t.elapsed().as_secs_f64() * 1e3,
-            "session down: nexthop groups replaced in place"
+            "path lost: nexthop groups replaced in place"
         );
         self.fast_path = Some((shrunk.len(), t.elapsed()));
     }

@@ -246,6 +246,37 @@ pub fn shrink(desired: &DesiredKernel, rib: &Rib) -> Vec<(u32, BTreeSet<u32>)> {
     out
 }
 
+/// The fast path for a partial withdrawal (`Rib::partially_withdrawn`):
+/// the groups of the last pass without the members those (origin, hop)
+/// pairs name, for groups keyed by that origin. Same contract as
+/// [`shrink`].
+pub fn shrink_hops(desired: &DesiredKernel, lost: &[(IpAddr, Hop)]) -> Vec<(u32, BTreeSet<u32>)> {
+    let mut out = Vec::new();
+    for (id, members) in &desired.groups {
+        let Some(key) = desired.group_keys.get(id) else {
+            continue;
+        };
+        let kept: BTreeSet<u32> = members
+            .iter()
+            .copied()
+            .filter(|m| {
+                let Some(s) = desired.nexthops.get(m) else {
+                    return true;
+                };
+                !lost.iter().any(|(origin, hop)| {
+                    key.origins.contains(origin)
+                        && hop.gateway == s.gateway
+                        && &*hop.uplink == s.oif.as_str()
+                })
+            })
+            .collect();
+        if !kept.is_empty() && kept != *members {
+            out.push((*id, kept));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +374,35 @@ mod tests {
         );
         let (d, ids) = groups_of(&r);
         assert_eq!(d.groups[&ids[0].unwrap()].len(), 2);
+    }
+
+    #[test]
+    fn a_partial_withdrawal_shrinks_the_group_at_once_a_whole_one_does_not() {
+        let mut r = rib(3);
+        let (before, ids) = groups_of(&r);
+        let gid = ids[0].unwrap();
+        // Path B of one prefix withdrawn: B leaves hv2's group.
+        let partial = RibEvent::Update {
+            session: "b".into(),
+            fabric: "public".into(),
+            announce: vec![],
+            withdraw: vec![("203.0.113.1/32".parse().unwrap(), None)],
+        };
+        let lost = r.partially_withdrawn(&partial);
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        let shrunk = shrink_hops(&before, &lost);
+        assert_eq!(shrunk.len(), 1);
+        assert_eq!(shrunk[0].0, gid);
+        assert_eq!(shrunk[0].1.len(), 1);
+        // A prefix withdrawn on its only remaining path is a VM going.
+        r.apply(partial);
+        let whole = RibEvent::Update {
+            session: "a".into(),
+            fabric: "public".into(),
+            announce: vec![],
+            withdraw: vec![("203.0.113.1/32".parse().unwrap(), None)],
+        };
+        assert!(r.partially_withdrawn(&whole).is_empty());
     }
 
     #[test]

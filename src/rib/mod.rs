@@ -340,6 +340,49 @@ impl Rib {
             .map(|(prefix, paths)| (prefix, paths.iter().map(|((s, id), p)| (s, *id, p))))
     }
 
+    /// The (origin, hop) of each path an UPDATE withdraws whose prefix
+    /// keeps other paths: a partial withdrawal, the sign of a fabric path
+    /// failing for that origin (a whole prefix withdrawn is a VM going,
+    /// not a path). Call before applying the event.
+    pub fn partially_withdrawn(&self, event: &RibEvent) -> Vec<(IpAddr, Hop)> {
+        let RibEvent::Update {
+            session,
+            fabric,
+            withdraw,
+            ..
+        } = event
+        else {
+            return Vec::new();
+        };
+        let Some(table) = self.fabrics.get(fabric) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(IpAddr, Hop)> = Vec::new();
+        for (prefix, id) in withdraw {
+            let Some(paths) = table.get(prefix) else {
+                continue;
+            };
+            let gone = paths
+                .iter()
+                .find(|((s, i), _)| s == session && i == id)
+                .map(|(_, p)| p);
+            let Some(p) = gone else { continue };
+            let hop = Hop {
+                gateway: p.next_hop,
+                uplink: p.uplink.clone(),
+            };
+            // Another path of the same origin survives this UPDATE.
+            let survivors = paths.iter().any(|((s, i), q)| {
+                q.origin() == p.origin()
+                    && !(s == session && withdraw.iter().any(|(wp, wi)| wp == prefix && wi == i))
+            });
+            if survivors && !out.iter().any(|(o, h)| *o == p.origin() && *h == hop) {
+                out.push((p.origin(), hop));
+            }
+        }
+        out
+    }
+
     pub fn path_count(&self) -> usize {
         self.fabrics
             .values()
