@@ -632,13 +632,10 @@ impl Session {
                 }
                 _ = bfd_failed(&mut bfd, bfd_failures) => {
                     // The data path is gone: Cease / BFD Down (RFC 9384).
-                    // The write may well not arrive; it must not block.
+                    // It may well not arrive; it never delays the failover
+                    // (a non-blocking write into the socket buffer).
                     let n = Notification::new(6, 10, vec![]);
-                    let _ = tokio::time::timeout(
-                        Duration::from_millis(10),
-                        stream.write_all(&codec::notification(&n)),
-                    )
-                    .await;
+                    let _ = stream.try_write(&codec::notification(&n));
                     self.status.send_modify(|s| s.counters.notifications_out += 1);
                     return Err(SessionEnd::Sent(n));
                 }
