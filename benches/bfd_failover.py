@@ -30,7 +30,7 @@ BFD down -> session down -> reconcile pass (planned ops, duration).
 
     sudo python3 benches/bfd_failover.py --quick     # 10k routes, 2/1 reps
     sudo python3 benches/bfd_failover.py             # 100k routes, 5/3 reps
-    options: --big N  --reps-small R  --reps-big R  --bfd 500,100
+    options: --big N  --reps-small R  --reps-big R  --bfd 500,100  --load N
              --impl l3hv,bird  --out DIR
     sudo python3 benches/bfd_failover.py --report DIR [DIR...]   # summary only
     L3HV_KERNEL_EXTRA='nexthop_compat_mode = 0' ...   # extra [kernel] lines for l3hvd
@@ -996,6 +996,8 @@ def main():
     ap.add_argument("--bfd", default="500,100")
     ap.add_argument("--impl", default="l3hv,bird")
     ap.add_argument("--out")
+    ap.add_argument("--load", type=int, default=0,
+                    help="N busy-loop processes (nice 0) for the whole run: BFD under CPU contention")
     ap.add_argument("--report", nargs="+", metavar="DIR",
                     help="only print the summary of earlier runs' results.json (merged)")
     a = ap.parse_args()
@@ -1033,6 +1035,12 @@ def main():
                        f"kernel {os.uname().release}, {(bird_v.stdout + bird_v.stderr).strip()}")
     sizes = [(a.small, rs), (big, rb)]
     results = []
+    # CPU contention (the false BFD failures seen with builds running): N
+    # busy loops in the root namespace, killed by PID at exit.
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(a.load)]
+    atexit.register(lambda: [b.kill() for b in burners])
+    meta["load_processes"] = a.load
     t = time.time()
     for bfd in [int(x) for x in a.bfd.split(",")]:
         for impl in a.impl.split(","):

@@ -150,12 +150,29 @@ pub struct Bfd {
     runtime: tokio::runtime::Handle,
 }
 
+/// Gives the calling thread (BFD's) a nice value of -10: its packets are
+/// due every few tens of milliseconds and must not queue behind the
+/// agent's passes or the VMs. Needs CAP_SYS_NICE (root without the
+/// unit's bounding set, or `Nice=` on the service); without it the thread
+/// keeps the process's priority.
+fn raise_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -10)
+    };
+    if r != 0 {
+        debug!(error = %std::io::Error::last_os_error(), "bfd thread keeps the process priority");
+    }
+}
+
 /// Starts the thread BFD runs on (a single-threaded tokio runtime).
 fn bfd_runtime() -> tokio::runtime::Handle {
     let (tx, rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("l3hv-bfd".into())
         .spawn(move || {
+            raise_priority();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
