@@ -12,47 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-struct Topo {
-    sw: Netns,
-    rr1: Netns,
-    rr2: Netns,
-    hv1: Netns,
-    hv2: Netns,
-}
-
-fn topo() -> Topo {
-    require_root();
-    let sw = Netns::new(&unique("bsw"));
-    for br in ["brA", "brB"] {
-        sw.ip(&["link", "add", br, "type", "bridge"]);
-        sw.ip(&["link", "set", br, "up"]);
-    }
-    let rr1 = Netns::new(&unique("brr1"));
-    let rr2 = Netns::new(&unique("brr2"));
-    let hv1 = Netns::new(&unique("bhv1"));
-    let hv2 = Netns::new(&unique("bhv2"));
-    for (ns, ifname, port, br) in [
-        (&rr1, "eth0", "p-rr1", "brA"),
-        (&rr2, "eth0", "p-rr2", "brB"),
-        (&hv1, "a-public", "p-hv1a", "brA"),
-        (&hv1, "b-public", "p-hv1b", "brB"),
-        (&hv2, "a-public", "p-hv2a", "brA"),
-        (&hv2, "b-public", "p-hv2b", "brB"),
-    ] {
-        veth(&sw, port, ns, ifname);
-        sw.ip(&["link", "set", port, "master", br]);
-    }
-    rr1.ip(&["addr", "add", "198.51.100.126/25", "dev", "eth0"]);
-    rr2.ip(&["addr", "add", "198.51.100.226/25", "dev", "eth0"]);
-    Topo {
-        sw,
-        rr1,
-        rr2,
-        hv1,
-        hv2,
-    }
-}
-
 /// A daemon tree started by the test, killed by PID on drop.
 struct Daemons {
     pid_files: Vec<std::path::PathBuf>,
@@ -129,6 +88,43 @@ protocol bgp hv2 from rrc {{ neighbor {} as 65000; }}
         pid_files: vec![pid],
         dir,
     }
+}
+
+/// BIRD on both reflectors (`auth`: BFD authentication lines, `bgp_extra`:
+/// lines for the BGP protocols).
+fn bird_pair(t: &TwoPaths, auth: &str, bgp_extra: &str) -> (Daemons, Daemons) {
+    (
+        bird(
+            &t.rr1,
+            "198.51.100.126",
+            ["198.51.100.101", "198.51.100.102"],
+            auth,
+            bgp_extra,
+        ),
+        bird(
+            &t.rr2,
+            "198.51.100.226",
+            ["198.51.100.201", "198.51.100.202"],
+            auth,
+            bgp_extra,
+        ),
+    )
+}
+
+/// FRR (zebra, bfdd, bgpd) on both reflectors.
+fn frr_pair(t: &TwoPaths) -> (Daemons, Daemons) {
+    (
+        frr(
+            &t.rr1,
+            "198.51.100.126",
+            ["198.51.100.101", "198.51.100.102"],
+        ),
+        frr(
+            &t.rr2,
+            "198.51.100.226",
+            ["198.51.100.201", "198.51.100.202"],
+        ),
+    )
 }
 
 fn birdc(rr: &Netns, d: &Daemons, cmd: &str) -> String {
@@ -265,7 +261,7 @@ reflectors = ["198.51.100.226"]
 }
 
 /// VM1 (203.0.113.1) behind hv1 and VM3 (203.0.113.3) behind hv2.
-fn two_vms(t: &Topo, a1: &Agent, a2: &Agent) -> (Netns, Netns) {
+fn two_vms(t: &TwoPaths, a1: &Agent, a2: &Agent) -> (Netns, Netns) {
     let vms = [(&t.hv1, a1, "1"), (&t.hv2, a2, "3")].map(|(hv, a, n)| {
         let vm = vm_ns(
             hv,
@@ -365,7 +361,7 @@ fn ping_loss(log: &std::path::Path) -> (u32, u32) {
 /// down with Cease/BFD Down, the route keeps only the other path and a
 /// continuous ping loses no more than the detection window; the fault
 /// removed, BFD and BGP come back and the route has both paths again.
-fn fault_scenario(t: &Topo, bfd_state_on_rr: &dyn Fn() -> String) {
+fn fault_scenario(t: &TwoPaths, bfd_state_on_rr: &dyn Fn() -> String) {
     let a1 = Agent::start(&t.hv1, &config(1, ""));
     let a2 = Agent::start(&t.hv2, &config(2, ""));
     let (vm1, _vm3) = two_vms(t, &a1, &a2);
@@ -490,37 +486,15 @@ fn fault_scenario(t: &Topo, bfd_state_on_rr: &dyn Fn() -> String) {
 
 #[test]
 fn bird_bfd_fault_is_detected_and_the_other_path_carries_on() {
-    let t = topo();
-    let r1 = bird(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-        "",
-        "",
-    );
-    let _r2 = bird(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-        "",
-        "",
-    );
+    let t = two_paths();
+    let (r1, _r2) = bird_pair(&t, "", "");
     fault_scenario(&t, &|| birdc(&t.rr1, &r1, "show bfd sessions"));
 }
 
 #[test]
 fn frr_bfdd_fault_is_detected_and_the_other_path_carries_on() {
-    let t = topo();
-    let r1 = frr(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-    );
-    let _r2 = frr(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-    );
+    let t = two_paths();
+    let (r1, _r2) = frr_pair(&t);
     fault_scenario(&t, &|| vtysh(&t.rr1, &r1, "show bfd peers brief"));
 }
 
@@ -528,22 +502,9 @@ fn frr_bfdd_fault_is_detected_and_the_other_path_carries_on() {
 /// and a BFD session that never came up never takes BGP down.
 #[test]
 fn sha1_authentication_with_bird_and_a_wrong_key_never_tears_bgp_down() {
-    let t = topo();
+    let t = two_paths();
     let auth = r#"authentication meticulous keyed sha1; password "s3cret" { id 5; };"#;
-    let _r1 = bird(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-        auth,
-        "",
-    );
-    let _r2 = bird(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-        auth,
-        "",
-    );
+    let (_r1, _r2) = bird_pair(&t, auth, "");
     let good = Agent::start(
         &t.hv1,
         &config(
@@ -586,17 +547,8 @@ fn sha1_authentication_with_bird_and_a_wrong_key_never_tears_bgp_down() {
 /// (docs/bfd-and-graceful-restart.md).
 #[test]
 fn a_fast_agent_restart_resumes_bfd_without_frr_noticing() {
-    let t = topo();
-    let r1 = frr(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-    );
-    let _r2 = frr(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-    );
+    let t = two_paths();
+    let (r1, _r2) = frr_pair(&t);
     // A generous detection time (1 s x 5 on our side, as the reflector
     // sees it) so that the restart of a debug build fits in it.
     let slow = "[bfd]\nmin_tx = \"1s\"\nmin_rx = \"1s\"\nmultiplier = 5\n";
@@ -644,22 +596,9 @@ fn a_fast_agent_restart_resumes_bfd_without_frr_noticing() {
 /// paths stale, and the restarted agent refreshes them.
 #[test]
 fn bird_keeps_paths_across_an_agent_kill_with_graceful_restart() {
-    let t = topo();
+    let t = two_paths();
     let gr = "graceful restart on; bfd graceful;";
-    let _r1 = bird(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-        "",
-        gr,
-    );
-    let _r2 = bird(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-        "",
-        gr,
-    );
+    let (_r1, _r2) = bird_pair(&t, "", gr);
     let with_gr = |n| {
         config(n, "").replace(
             "connect_retry = \"200ms\"",
@@ -714,7 +653,7 @@ fn bird_keeps_paths_across_an_agent_kill_with_graceful_restart() {
 /// hard down by design.
 #[test]
 fn a_restarting_reflector_keeps_its_paths_stale_until_end_of_rib_or_its_restart_time() {
-    let t = topo();
+    let t = two_paths();
     let gr = "graceful restart on; graceful restart time 5;";
     let rr1 = |extra| {
         bird(
@@ -813,21 +752,8 @@ fn a_restarting_reflector_keeps_its_paths_stale_until_end_of_rib_or_its_restart_
 /// session stops (Cease / Peer De-configured) and its paths go.
 #[test]
 fn reload_adds_retimes_restarts_and_removes_sessions_live() {
-    let t = topo();
-    let _r1 = bird(
-        &t.rr1,
-        "198.51.100.126",
-        ["198.51.100.101", "198.51.100.102"],
-        "",
-        "",
-    );
-    let r2 = bird(
-        &t.rr2,
-        "198.51.100.226",
-        ["198.51.100.201", "198.51.100.202"],
-        "",
-        "",
-    );
+    let t = two_paths();
+    let (_r1, r2) = bird_pair(&t, "", "");
     let full = config(1, "");
     let a_only = full.replace("reflectors = [\"198.51.100.226\"]", "reflectors = []");
     assert_ne!(full, a_only);

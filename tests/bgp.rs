@@ -643,49 +643,6 @@ fn vms_on_two_hypervisors_reach_each_other_through_learned_routes() {
     );
 }
 
-/// Two fabric paths: bridge A (rr1 198.51.100.126) and bridge B (rr2
-/// 198.51.100.226), each hypervisor with one uplink on each.
-struct TwoPaths {
-    _sw: Netns,
-    rr1: Netns,
-    rr2: Netns,
-    hv1: Netns,
-    hv2: Netns,
-}
-
-fn two_paths() -> TwoPaths {
-    require_root();
-    let sw = Netns::new(&unique("sw2"));
-    for br in ["brA", "brB"] {
-        sw.ip(&["link", "add", br, "type", "bridge"]);
-        sw.ip(&["link", "set", br, "up"]);
-    }
-    let rr1 = Netns::new(&unique("rr1"));
-    let rr2 = Netns::new(&unique("rr2"));
-    let hv1 = Netns::new(&unique("hv1"));
-    let hv2 = Netns::new(&unique("hv2"));
-    for (ns, ifname, port, br) in [
-        (&rr1, "eth0", "p-rr1", "brA"),
-        (&rr2, "eth0", "p-rr2", "brB"),
-        (&hv1, "a-public", "p-hv1a", "brA"),
-        (&hv1, "b-public", "p-hv1b", "brB"),
-        (&hv2, "a-public", "p-hv2a", "brA"),
-        (&hv2, "b-public", "p-hv2b", "brB"),
-    ] {
-        veth(&sw, port, ns, ifname);
-        sw.ip(&["link", "set", port, "master", br]);
-    }
-    rr1.ip(&["addr", "add", "198.51.100.126/25", "dev", "eth0"]);
-    rr2.ip(&["addr", "add", "198.51.100.226/25", "dev", "eth0"]);
-    TwoPaths {
-        _sw: sw,
-        rr1,
-        rr2,
-        hv1,
-        hv2,
-    }
-}
-
 fn bird_at(rr: &Netns, me: &str, clients: [&str; 2]) -> Reflector {
     start_bird(
         rr,

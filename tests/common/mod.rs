@@ -554,3 +554,47 @@ impl Drop for DbusDaemon {
 pub fn config_with_dbus(bus: &str) -> String {
     format!("{HV_CONFIG}\n[dbus]\nenabled = true\nbus = \"{bus}\"\n")
 }
+
+/// Two fabric paths: bridges A and B in a switch namespace; rr1 on A
+/// (198.51.100.126), rr2 on B (198.51.100.226); hv1 and hv2 with one
+/// uplink on each (`a-public`, `b-public`), switch ports `p-hv<N><a|b>`.
+pub struct TwoPaths {
+    pub sw: Netns,
+    pub rr1: Netns,
+    pub rr2: Netns,
+    pub hv1: Netns,
+    pub hv2: Netns,
+}
+
+pub fn two_paths() -> TwoPaths {
+    require_root();
+    let sw = Netns::new(&unique("sw2"));
+    for br in ["brA", "brB"] {
+        sw.ip(&["link", "add", br, "type", "bridge"]);
+        sw.ip(&["link", "set", br, "up"]);
+    }
+    let rr1 = Netns::new(&unique("rr1"));
+    let rr2 = Netns::new(&unique("rr2"));
+    let hv1 = Netns::new(&unique("hv1"));
+    let hv2 = Netns::new(&unique("hv2"));
+    for (ns, ifname, port, br) in [
+        (&rr1, "eth0", "p-rr1", "brA"),
+        (&rr2, "eth0", "p-rr2", "brB"),
+        (&hv1, "a-public", "p-hv1a", "brA"),
+        (&hv1, "b-public", "p-hv1b", "brB"),
+        (&hv2, "a-public", "p-hv2a", "brA"),
+        (&hv2, "b-public", "p-hv2b", "brB"),
+    ] {
+        veth(&sw, port, ns, ifname);
+        sw.ip(&["link", "set", port, "master", br]);
+    }
+    rr1.ip(&["addr", "add", "198.51.100.126/25", "dev", "eth0"]);
+    rr2.ip(&["addr", "add", "198.51.100.226/25", "dev", "eth0"]);
+    TwoPaths {
+        sw,
+        rr1,
+        rr2,
+        hv1,
+        hv2,
+    }
+}
