@@ -357,6 +357,9 @@ impl Rib {
         let Some(table) = self.fabrics.get(fabric) else {
             return Vec::new();
         };
+        // Looked up once per path, not by scanning the list (an UPDATE may
+        // withdraw thousands of prefixes).
+        let withdrawn: BTreeSet<(IpNet, Option<u32>)> = withdraw.iter().copied().collect();
         let mut out: Vec<(IpAddr, Hop)> = Vec::new();
         for (prefix, id) in withdraw {
             let Some(paths) = table.get(prefix) else {
@@ -373,8 +376,7 @@ impl Rib {
             };
             // Another path of the same origin survives this UPDATE.
             let survivors = paths.iter().any(|((s, i), q)| {
-                q.origin() == p.origin()
-                    && !(s == session && withdraw.iter().any(|(wp, wi)| wp == prefix && wi == i))
+                q.origin() == p.origin() && !(s == session && withdrawn.contains(&(*prefix, *i)))
             });
             if survivors && !out.iter().any(|(o, h)| *o == p.origin() && *h == hop) {
                 out.push((p.origin(), hop));
