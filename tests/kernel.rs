@@ -797,3 +797,104 @@ fn an_adopted_interface_created_after_its_intent_is_configured_at_once() {
     assert_eq!(st["routes_pending"], 0, "{st}");
     assert!(st["routes_programmed"].as_u64().unwrap_or(0) > 0, "{st}");
 }
+
+/// `busybox arping` from `vm` for `target`: the MAC that answered, if any.
+fn arp_answer(vm: &Netns, target: &str) -> Option<String> {
+    let out = vm.try_exec(&[
+        "busybox", "arping", "-c", "1", "-w", "1", "-I", "eth0", target,
+    ]);
+    // "Unicast reply from 203.0.113.77 [92:8c:...]  0.05ms"
+    let out = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let line = out.lines().find(|l| l.contains("reply from"))?;
+    Some(line.split(['[', ']']).nth(1)?.to_string())
+}
+
+fn sink_tx_dropped(hv: &Netns) -> u64 {
+    hv.sh("cat /sys/class/net/l3hv-sink/statistics/tx_dropped")
+        .trim()
+        .parse()
+        .expect("l3hv-sink tx_dropped")
+}
+
+fn lo_tx_packets(hv: &Netns) -> u64 {
+    hv.sh("cat /sys/class/net/lo/statistics/tx_packets")
+        .trim()
+        .parse()
+        .expect("lo tx_packets")
+}
+
+#[test]
+fn proxy_arp_answers_the_whole_shared_subnet_and_drops_what_is_not_routed() {
+    let w = world();
+    let (_agent, vm1, _vm2) = two_vms(&w);
+    // Routed nowhere (yet): answered at once with the tap's MAC, so a VM
+    // that ARPs before the route arrives does not wait a second to retry.
+    let tap = w.hv.ip(&["link", "show", "vm1e0"]);
+    for target in ["203.0.113.77", "203.0.113.2"] {
+        let mac = arp_answer(&vm1, target).unwrap_or_else(|| panic!("{target}: no answer"));
+        assert!(
+            tap.contains(&mac),
+            "{target}: {mac} is not the tap's\n{tap}"
+        );
+    }
+    // What the catch-all route takes is dropped by l3hv's sink (a tun
+    // nobody opens), once per packet: no loop (`lo` would loop it).
+    let lo_before = lo_tx_packets(&w.hv);
+    let before = sink_tx_dropped(&w.hv);
+    assert!(
+        !vm1.ping("203.0.113.77"),
+        "nothing answers an unrouted address"
+    );
+    let dropped = sink_tx_dropped(&w.hv) - before;
+    assert!((1..=3).contains(&dropped), "{dropped} dropped by the sink");
+    assert!(lo_tx_packets(&w.hv) - lo_before <= 3, "looped through lo");
+    let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.0/24"]);
+    assert!(t90.contains("dev l3hv-sink proto 203"), "{t90}");
+    let sink = w.hv.ip(&["-d", "link", "show", "l3hv-sink"]);
+    assert!(
+        sink.contains("tun") && sink.contains("alias l3hv:sink"),
+        "{sink}"
+    );
+    assert!(vm1.ping("203.0.113.2"), "vm1 -> vm2 still");
+}
+
+#[test]
+fn without_arp_whole_subnet_only_routed_addresses_are_answered() {
+    let w = world();
+    let config = HV_CONFIG
+        .replace(
+            "gateway_v4 = \"203.0.113.254\"",
+            "gateway_v4 = \"203.0.113.254\"\narp_whole_subnet = false",
+        )
+        .replace(
+            "gateway_v4 = \"172.22.2.254\"",
+            "gateway_v4 = \"172.22.2.254\"\narp_whole_subnet = false",
+        );
+    assert_eq!(config.matches("arp_whole_subnet = false").count(), 2);
+    let agent = Agent::start(&w.hv, &config);
+    let vm1 = vm_ns(
+        &w.hv,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    agent.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        None,
+    ));
+    assert!(vm1.ping("203.0.113.254"), "vm1 -> gateway");
+    assert_eq!(
+        arp_answer(&vm1, "203.0.113.77"),
+        None,
+        "the seed's behaviour"
+    );
+    let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.0/24"]);
+    assert!(t90.trim().is_empty(), "{t90}");
+    let sink = w.hv.try_exec(&["ip", "link", "show", "l3hv-sink"]);
+    assert!(!sink.status.success(), "no fabric needs the sink");
+}

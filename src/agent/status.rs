@@ -115,6 +115,7 @@ pub struct NexthopStatus {
 pub fn op_interface(op: &KernelOp) -> Option<&str> {
     match op {
         KernelOp::CreateTap { name, .. }
+        | KernelOp::CreateSink { name }
         | KernelOp::SetAlias { name, .. }
         | KernelOp::SetUp { name }
         | KernelOp::DeleteLink { name } => Some(name),
@@ -142,6 +143,7 @@ pub fn describe(op: &KernelOp) -> String {
                 if *multi_queue { " multi_queue" } else { "" }
             )
         }
+        KernelOp::CreateSink { name } => format!("tuntap add {name} mode tun"),
         KernelOp::SetAlias { name, alias } => format!("link set {name} alias {alias:?}"),
         KernelOp::SetUp { name } => format!("link set {name} up"),
         KernelOp::DeleteLink { name } => format!("link del {name}"),

@@ -392,6 +392,14 @@ pub struct KernelConfig {
     /// O(groups) in the kernel too, and `ip route` shows only `nhid`.
     #[serde(default)]
     pub nexthop_compat_mode: Option<u8>,
+    /// The packet sink l3hv creates (a layer-3 tun nobody opens) under the
+    /// whole-subnet proxy ARP routes of `arp_whole_subnet` fabrics.
+    #[serde(default = "default_sink_interface")]
+    pub sink_interface: String,
+}
+
+fn default_sink_interface() -> String {
+    "l3hv-sink".into()
 }
 
 impl Default for KernelConfig {
@@ -409,6 +417,7 @@ impl Default for KernelConfig {
             reconcile_interval: default_reconcile_interval(),
             nexthop_objects: NexthopObjects::Auto,
             nexthop_compat_mode: None,
+            sink_interface: default_sink_interface(),
         }
     }
 }
@@ -513,6 +522,15 @@ pub struct FabricConfig {
     pub ipv6_mode: Ipv6Mode,
     #[serde(default)]
     pub default_route: DefaultRoute,
+    /// Shared-subnet IPv4 mode: proxy ARP answers for every address of the
+    /// fabric's IPv4 subnets at once, not only for the routed ones (a
+    /// catch-all route for each subnet in the fabric's table, `dev lo`, under
+    /// every real route; what it catches is dropped by local-out's
+    /// blackhole). Without it a VM that ARPs for an address before the
+    /// address's route reaches this hypervisor gets no answer and retries
+    /// only after a second (the seed's first-ping stall).
+    #[serde(default = "default_true")]
+    pub arp_whole_subnet: bool,
     /// Path name (`a`, `b`) → uplink of this fabric on that path.
     #[serde(default)]
     pub paths: BTreeMap<String, PathConfig>,
@@ -909,6 +927,17 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
     let mut tables: BTreeMap<u32, String> = BTreeMap::new();
     tables.insert(c.kernel.local_out_table, "kernel.local_out_table".into());
     let mut ifnames: BTreeMap<&str, String> = BTreeMap::new();
+    if valid_ifname(&c.kernel.sink_interface) {
+        ifnames.insert(&c.kernel.sink_interface, "kernel.sink_interface".into());
+    } else {
+        err(
+            root.key("kernel").key("sink_interface"),
+            format!(
+                "`{}` is not a valid interface name",
+                c.kernel.sink_interface
+            ),
+        );
+    }
     let mut subnets: Vec<(IpNet, String)> = Vec::new();
     for (name, f) in &c.fabrics {
         let fp = fabrics.key(name);
@@ -1289,6 +1318,15 @@ gateway_v4 = "203.0.113.254"
         let text = format!("{MIN}\n[dbus]\nbus = \"unix:path=/tmp/bus\"\ngroup = \"l3hv\"\n");
         let c = parse("t.toml", &text).unwrap();
         assert_eq!(c.dbus.group.as_deref(), Some("l3hv"));
+    }
+
+    #[test]
+    fn sink_interface_must_be_a_free_valid_name() {
+        let i = issues(&format!("{MIN}\n[kernel]\nsink_interface = \"a/b\"\n"));
+        assert_eq!(i[0].field, "kernel.sink_interface");
+        let ok = parse("t.toml", MIN).unwrap();
+        assert_eq!(ok.kernel.sink_interface, "l3hv-sink");
+        assert!(ok.fabrics.values().all(|f| f.arp_whole_subnet));
     }
 
     #[test]

@@ -80,9 +80,15 @@ impl Kernel {
             }
             // Sysctls and tap ioctls are synchronous file/ioctl calls: run
             // them together off the async threads.
-            let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) = phase
-                .into_iter()
-                .partition(|op| matches!(op, KernelOp::Sysctl { .. } | KernelOp::CreateTap { .. }));
+            let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) =
+                phase.into_iter().partition(|op| {
+                    matches!(
+                        op,
+                        KernelOp::Sysctl { .. }
+                            | KernelOp::CreateTap { .. }
+                            | KernelOp::CreateSink { .. }
+                    )
+                });
             if !blocking.is_empty() {
                 let ops: Vec<KernelOp> = blocking.into_iter().cloned().collect();
                 let results = tokio::task::spawn_blocking(move || {
@@ -93,6 +99,7 @@ impl Kernel {
                                 KernelOp::CreateTap { name, multi_queue } => {
                                     tap::create(name, *multi_queue)
                                 }
+                                KernelOp::CreateSink { name } => tap::create_sink(name),
                                 _ => Ok(()),
                             };
                             (op, r)
@@ -365,6 +372,7 @@ impl Kernel {
             }
             KernelOp::Sysctl { path, value } => sysctl::write(path, value)?,
             KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue)?,
+            KernelOp::CreateSink { name } => tap::create_sink(name)?,
             // Sent by apply_nexthops.
             KernelOp::AddNexthop { .. }
             | KernelOp::AddGroup { .. }

@@ -12,6 +12,24 @@ use std::io;
 
 /// Creates `name` as a persistent tap and closes our fd, so QEMU can attach.
 pub fn create(name: &str, multi_queue: bool) -> io::Result<()> {
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
+    create_with(name, flags)
+}
+
+/// Creates `name` as a persistent layer-3 tun that nobody ever opens: a
+/// device whose every transmitted packet is dropped (counted in its
+/// tx_dropped), with no ARP. Routes through it are what proxy ARP needs to
+/// answer for a whole subnet (`FabricConfig::arp_whole_subnet`); `lo`
+/// cannot be used, since a packet routed out of `lo` keeps its route and
+/// loops until its TTL runs out. (The kernel here has no dummy module.)
+pub fn create_sink(name: &str) -> io::Result<()> {
+    create_with(name, libc::IFF_TUN | libc::IFF_NO_PI)
+}
+
+fn create_with(name: &str, flags: libc::c_int) -> io::Result<()> {
     let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if cname.as_bytes().len() >= libc::IFNAMSIZ {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
@@ -25,10 +43,6 @@ pub fn create(name: &str, multi_queue: bool) -> io::Result<()> {
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in ifr.ifr_name.iter_mut().zip(cname.as_bytes()) {
         *dst = *src as libc::c_char;
-    }
-    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
-    if multi_queue {
-        flags |= libc::IFF_MULTI_QUEUE;
     }
     ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
     // SAFETY: fd is an open tun fd and ifr lives across the calls; the

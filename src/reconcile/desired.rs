@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 
 use super::model::*;
-use crate::config::{Config, DefaultRoute, Ipv6Forwarding, Ipv6Mode};
+use crate::config::{Config, DefaultRoute, Ipv4Mode, Ipv6Forwarding, Ipv6Mode};
 use crate::intent::{Intent, LinkMode};
 use crate::rib::Rib;
 
@@ -180,6 +180,50 @@ pub fn desired_with(
                 );
             }
         }
+    }
+
+    // Shared-subnet fabrics: proxy ARP for the whole subnet (see
+    // `FabricConfig::arp_whole_subnet`). The kernel answers ARP by proxy
+    // only for a target with a unicast route out another device, so each
+    // subnet gets one route under every real one, out of l3hv's sink (a tun
+    // nobody opens, which drops what it is given). Not `lo`: a packet
+    // routed out of `lo` keeps its route and loops until its TTL runs out.
+    let mut sink_used = false;
+    for f in config.fabrics.values() {
+        if f.ipv4_mode != Ipv4Mode::SharedSubnet || !f.arp_whole_subnet {
+            continue;
+        }
+        for net in f.subnets.iter().filter(|n| n.addr().is_ipv4()) {
+            sink_used = true;
+            d.routes.insert(
+                RouteId {
+                    table: f.table,
+                    dst: net.trunc(),
+                    metric: u32::MAX,
+                },
+                RouteAttrs {
+                    kind: RouteKind::Unicast,
+                    oif: Some(k.sink_interface.clone()),
+                    gateway: None,
+                    onlink: false,
+                    pref_src: None,
+                    multipath: Vec::new(),
+                    nh_id: None,
+                },
+            );
+        }
+    }
+    if sink_used {
+        d.links.insert(
+            k.sink_interface.clone(),
+            DesiredLink {
+                name: k.sink_interface.clone(),
+                vm: String::new(),
+                ownership: Ownership::Sink,
+                addresses: BTreeSet::new(),
+                sysctls: BTreeMap::new(),
+            },
+        );
     }
 
     // Rules: a constant number whatever the VM count.
@@ -530,10 +574,20 @@ mod tests {
     #[test]
     fn empty_intent_has_rules_and_defaults_only() {
         let d = desired(&cfg(), &Intent::default(), &Rib::default());
-        assert!(d.links.is_empty());
-        // 3 tables (90, 20, 100) × 2 families.
-        assert_eq!(d.routes.len(), 6);
-        assert!(d.routes.values().all(|a| a.kind == RouteKind::Blackhole));
+        assert_eq!(d.links.keys().collect::<Vec<_>>(), ["l3hv-sink"]);
+        // 3 tables (90, 20, 100) × 2 families, then the whole-subnet proxy
+        // ARP routes of the two shared IPv4 subnets (to l3hv's sink).
+        assert_eq!(d.routes.len(), 6 + 2);
+        let (bottom, sinks): (Vec<_>, Vec<_>) = d
+            .routes
+            .iter()
+            .partition(|(id, _)| id.dst.prefix_len() == 0);
+        assert!(bottom.iter().all(|(_, a)| a.kind == RouteKind::Blackhole));
+        assert!(
+            sinks
+                .iter()
+                .all(|(_, a)| a.oif.as_deref() == Some("l3hv-sink"))
+        );
         // v4: main, local-out, 2 private uplinks, 1 private subnet, catch-all.
         assert_eq!(d.rules.iter().filter(|r| !r.v6).count(), 6);
         // v6: no private v6 subnet.
@@ -551,6 +605,43 @@ mod tests {
             .collect();
         assert_eq!(uplinks.len(), 2);
         assert!(uplinks.iter().all(|r| r.table == 20));
+    }
+
+    #[test]
+    fn shared_ipv4_subnets_get_a_route_to_the_sink() {
+        let d = desired(&cfg(), &intent(), &Rib::default());
+        let id = |table, dst: &str| RouteId {
+            table,
+            dst: dst.parse().unwrap(),
+            metric: u32::MAX,
+        };
+        for (table, dst) in [(90, "203.0.113.0/24"), (20, "172.22.2.0/24")] {
+            let sink = &d.routes[&id(table, dst)];
+            assert_eq!(sink.kind, RouteKind::Unicast);
+            assert_eq!(sink.oif.as_deref(), Some("l3hv-sink"));
+            assert_eq!(sink.gateway, None);
+        }
+        assert_eq!(d.links["l3hv-sink"].ownership, Ownership::Sink);
+        assert_eq!(d.links["l3hv-sink"].alias(), "l3hv:sink");
+        assert!(d.links["l3hv-sink"].addresses.is_empty());
+        // Not in local-out (the hypervisor's own traffic), not for IPv6.
+        assert!(
+            !d.routes
+                .keys()
+                .any(|r| r.table == 100 && r.metric == u32::MAX && r.dst.prefix_len() > 0)
+        );
+        assert!(!d.routes.contains_key(&id(90, "2001:db8:cb00:7100::/64")));
+        // Neither sink nor routes for point-to-point fabrics or when off.
+        let mut c = cfg();
+        c.fabrics.get_mut("public").unwrap().arp_whole_subnet = false;
+        c.fabrics.get_mut("private").unwrap().ipv4_mode = crate::config::Ipv4Mode::PointToPoint;
+        let d = desired(&c, &intent(), &Rib::default());
+        assert!(!d.links.contains_key("l3hv-sink"));
+        assert!(
+            d.routes
+                .values()
+                .all(|a| a.oif.as_deref() != Some("l3hv-sink"))
+        );
     }
 
     #[test]
@@ -573,7 +664,11 @@ mod tests {
         assert!(l.addresses.contains(&"fe80::1/64".parse().unwrap()));
         assert_eq!(l.sysctls[&PROXY_ARP], "1");
         assert_eq!(l.sysctls[&PROXY_NDP], "1"); // public is shared-dhcpv6
-        let vm_routes: Vec<_> = d.routes.iter().filter(|(_, a)| a.oif.is_some()).collect();
+        let vm_routes: Vec<_> = d
+            .routes
+            .iter()
+            .filter(|(_, a)| a.oif.as_deref() == Some("tap1"))
+            .collect();
         // (v4, v6, routed) × (public, local-out)
         assert_eq!(vm_routes.len(), 6);
         let anycast = d

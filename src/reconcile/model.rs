@@ -79,6 +79,9 @@ pub enum Ownership {
     Created { multi_queue: bool },
     /// Created by someone else; l3hv only configures it.
     Adopted,
+    /// l3hv's own packet sink (a layer-3 tun nobody opens), under the
+    /// whole-subnet proxy ARP routes; deleted when no fabric needs it.
+    Sink,
 }
 
 /// The alias l3hv writes on every VM interface it manages: its ownership
@@ -87,11 +90,13 @@ pub fn alias_for(ownership: Ownership, vm: &str) -> String {
     match ownership {
         Ownership::Created { .. } => format!("{ALIAS_CREATED}{vm}"),
         Ownership::Adopted => format!("{ALIAS_ADOPTED}{vm}"),
+        Ownership::Sink => ALIAS_SINK.to_string(),
     }
 }
 
 pub const ALIAS_CREATED: &str = "l3hv:tap:";
 pub const ALIAS_ADOPTED: &str = "l3hv:adopt:";
+pub const ALIAS_SINK: &str = "l3hv:sink";
 
 /// One per-interface sysctl: `net/<dir>/<ifname>/<key>` with its default
 /// under `net/<dir>/default/<key>`.
@@ -173,6 +178,8 @@ impl ObservedLink {
         let alias = self.alias.as_deref()?;
         if alias.starts_with(ALIAS_CREATED) {
             Some(Ownership::Created { multi_queue: false })
+        } else if alias == ALIAS_SINK {
+            Some(Ownership::Sink)
         } else if alias.starts_with(ALIAS_ADOPTED) {
             Some(Ownership::Adopted)
         } else {

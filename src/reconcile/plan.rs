@@ -22,6 +22,10 @@ pub enum KernelOp {
         name: String,
         multi_queue: bool,
     },
+    /// The packet sink under the whole-subnet proxy ARP routes.
+    CreateSink {
+        name: String,
+    },
     SetAlias {
         name: String,
         alias: String,
@@ -199,11 +203,17 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     for (name, l) in &desired.links {
         let observed_link = observed.links.get(name);
         let created_now = observed_link.is_none();
-        if let (None, Ownership::Created { multi_queue }) = (observed_link, l.ownership) {
-            p.create_links.push(KernelOp::CreateTap {
-                name: name.clone(),
-                multi_queue,
-            });
+        match (observed_link, l.ownership) {
+            (None, Ownership::Created { multi_queue }) => {
+                p.create_links.push(KernelOp::CreateTap {
+                    name: name.clone(),
+                    multi_queue,
+                })
+            }
+            (None, Ownership::Sink) => p
+                .create_links
+                .push(KernelOp::CreateSink { name: name.clone() }),
+            _ => {}
         }
         if created_now && l.ownership == Ownership::Adopted {
             // Nothing to configure yet: the interface does not exist. The
@@ -253,7 +263,7 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
             continue;
         }
         match o.ownership() {
-            Some(Ownership::Created { .. }) => p
+            Some(Ownership::Created { .. } | Ownership::Sink) => p
                 .delete_links
                 .push(KernelOp::DeleteLink { name: name.clone() }),
             Some(Ownership::Adopted) => {
@@ -489,12 +499,17 @@ mod tests {
         let p = plan(&d, &ObservedKernel::default());
         assert_eq!(
             p.create_links,
-            vec![KernelOp::CreateTap {
-                name: "tap1".into(),
-                multi_queue: false
-            }]
+            vec![
+                KernelOp::CreateSink {
+                    name: "l3hv-sink".into()
+                },
+                KernelOp::CreateTap {
+                    name: "tap1".into(),
+                    multi_queue: false
+                }
+            ]
         );
-        assert_eq!(p.set_up.len(), 1);
+        assert_eq!(p.set_up.len(), 2);
         // Both gateway addresses; uplinks are absent so get none.
         assert_eq!(p.add_addresses.len(), 2);
         let routes = p
@@ -507,6 +522,34 @@ mod tests {
         assert!(p.configure_links.iter().any(
             |o| matches!(o, KernelOp::Sysctl { path, value } if path == "net/ipv4/conf/tap1/proxy_arp" && value == "1")
         ));
+    }
+
+    #[test]
+    fn the_sink_goes_when_no_fabric_needs_it() {
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
+        let o = converged(&d);
+        let mut c = cfg();
+        for f in c.fabrics.values_mut() {
+            f.arp_whole_subnet = false;
+        }
+        let p = plan(
+            &desired(&c, &intent(LinkMode::Tap), &crate::rib::Rib::default()),
+            &o,
+        );
+        assert_eq!(
+            p.delete_links,
+            vec![KernelOp::DeleteLink {
+                name: "l3hv-sink".into()
+            }]
+        );
+        // Its routes go first (the kernel would flush them anyway).
+        assert_eq!(
+            p.remove
+                .iter()
+                .filter(|op| matches!(op, KernelOp::DelRoute { attrs, .. } if attrs.oif.as_deref() == Some("l3hv-sink")))
+                .count(),
+            2
+        );
     }
 
     #[test]
