@@ -16,6 +16,7 @@ pub mod intent;
 pub mod libvirt;
 pub mod logging;
 pub mod metrics;
+pub mod nd;
 pub mod netlink;
 pub mod ra;
 pub mod reconcile;

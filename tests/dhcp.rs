@@ -621,3 +621,130 @@ fn stable_privacy_guest_gets_exactly_its_address_by_dhcpv6_on_a_shared_64() {
     let addrs = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
     assert_eq!(addrs.matches("2001:db8:cb00:7200:").count(), 1, "{addrs}");
 }
+
+fn wait_link_local(vm: &Netns) {
+    wait_for(
+        "a usable link-local address",
+        Duration::from_secs(15),
+        || {
+            let a = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "link"]);
+            a.contains("inet6 fe80:") && !a.contains("tentative")
+        },
+    );
+}
+
+/// What `vm`'s kernel resolved `target` to after one ping (the ping
+/// itself may fail: only neighbour resolution matters).
+fn resolve(vm: &Netns, target: &str) -> Option<String> {
+    vm.try_exec(&["ping", "-c", "1", "-W", "1", target]);
+    let n = vm
+        .ip(&["-6", "neigh", "show", target, "dev", "eth0"])
+        .to_lowercase();
+    Some(
+        n.split_whitespace()
+            .skip_while(|t| *t != "lladdr")
+            .nth(1)?
+            .to_string(),
+    )
+}
+
+/// Sends a raw Ethernet frame `n` times out of `vm`'s eth0 (python3,
+/// AF_PACKET).
+fn send_frames(vm: &Netns, hex: &str, n: usize) {
+    vm.exec(&[
+        "python3",
+        "-c",
+        &format!(
+            "import socket\ns = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+             s.bind(('eth0', 0))\nf = bytes.fromhex('{hex}')\n\
+             for _ in range({n}): s.send(f)\n"
+        ),
+    ]);
+}
+
+#[test]
+fn neighbour_solicitations_are_answered_for_the_whole_shared_64_but_the_vms_own_addresses() {
+    require_root();
+    let hv = Netns::new(&unique("hv"));
+    let agent = Agent::start(&hv, CONFIG);
+    let vm = vm_ns_bare(&hv, &unique("vm"), "vm8", "52:54:00:71:00:08");
+    agent.set_vm(&intent(
+        "vm8",
+        "vm8",
+        "52:54:00:71:00:08",
+        "p2p",
+        "198.18.0.8",
+        &["2001:db8:cb00:7200::8"],
+    ));
+    wait_for("nd responder", Duration::from_secs(10), || {
+        counters(&agent, "vm8")["nd_listening"] == true
+    });
+    wait_link_local(&vm);
+    // The VM's own address goes through duplicate address detection
+    // unanswered (a solicitation from :: is never answered).
+    vm.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:cb00:7200::8/64",
+        "dev",
+        "eth0",
+    ]);
+    wait_for(
+        "DAD of the VM's own address",
+        Duration::from_secs(10),
+        || {
+            let a = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
+            a.contains("2001:db8:cb00:7200::8/64") && !a.contains("tentative")
+        },
+    );
+    let a = vm.ip(&["-6", "addr", "show", "dev", "eth0", "scope", "global"]);
+    assert!(!a.contains("dadfailed"), "{a}");
+    let tap = hv.ip(&["link", "show", "vm8"]).to_lowercase();
+    // Routed nowhere and without a kernel proxy entry: resolved at once to
+    // the tap's MAC by l3hv's responder.
+    assert!(hv.ip(&["-6", "neigh", "show", "proxy"]).trim().is_empty());
+    let mac = resolve(&vm, "2001:db8:cb00:7200::77").unwrap_or_else(|| {
+        panic!(
+            "::77 unresolved\n{}",
+            serde_json::to_string_pretty(&counters(&agent, "vm8")).unwrap_or_default()
+        )
+    });
+    assert!(tap.contains(&mac), "{mac} is not the tap's\n{tap}");
+    assert!(counters(&agent, "vm8")["nd_answered"].as_u64() >= Some(1));
+    // A guest on the prefix-per-vm fabric gets no such answers.
+    let other = vm_ns_bare(&hv, &unique("vm"), "vm7", "52:54:00:71:00:07");
+    agent.set_vm(&intent(
+        "vm7",
+        "vm7",
+        "52:54:00:71:00:07",
+        "public",
+        "203.0.113.7",
+        &["2001:db8:cb00:7100::7"],
+    ));
+    wait_listening(&agent, "vm7");
+    wait_link_local(&other);
+    other.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:cb00:7100::7/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    assert_eq!(resolve(&other, "2001:db8:cb00:7100::77"), None);
+    assert_ne!(counters(&agent, "vm7")["nd_listening"], true);
+    // Malformed solicitations are counted and dropped; the next valid one
+    // is answered at once.
+    let truncated = "3333ff00007752540071000886dd6000000000203aff\
+        20010db8cb0072000000000000000008ff0200000000000000000001ff000077\
+        87000000000000002001"; // 32 bytes announced, 6 sent
+    send_frames(&vm, truncated, 100);
+    wait_for(
+        "truncated solicitations counted",
+        Duration::from_secs(5),
+        || counters(&agent, "vm8")["dropped"]["nd.truncated"].as_u64() >= Some(100),
+    );
+    assert!(resolve(&vm, "2001:db8:cb00:7200::78").is_some());
+}

@@ -122,8 +122,8 @@ pub fn render_status(v: &Value) -> String {
     let services = v["services"]["interfaces"].as_array();
     if services.is_some_and(|a| !a.is_empty()) {
         out.push_str(&format!(
-            "\n{:<15} {:<11} {:<12} {:<9} {:<9} {}\n",
-            "INTERFACE", "DHCP SERVED", "LAST LEASE", "RA SENT", "RS ANSW", "DROPPED"
+            "\n{:<15} {:<11} {:<12} {:<9} {:<9} {:<9} {}\n",
+            "INTERFACE", "DHCP SERVED", "LAST LEASE", "RA SENT", "RS ANSW", "NS ANSW", "DROPPED"
         ));
     }
     for i in services.into_iter().flatten() {
@@ -134,12 +134,13 @@ pub fn render_status(v: &Value) -> String {
             .map(|(k, n)| format!("{k}={n}"))
             .collect();
         out.push_str(&format!(
-            "{:<15} {:<11} {:<12} {:<9} {:<9} {}\n",
+            "{:<15} {:<11} {:<12} {:<9} {:<9} {:<9} {}\n",
             s(&i["interface"]),
             s(&i["dhcp_served"]),
             ago(i["dhcp_last_lease_unix"].as_u64(), now_unix()),
             s(&i["ra_sent"]),
             s(&i["rs_answered"]),
+            s(&i["nd_answered"]),
             if dropped.is_empty() {
                 "-".to_string()
             } else {

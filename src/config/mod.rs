@@ -531,6 +531,13 @@ pub struct FabricConfig {
     /// only after a second (the seed's first-ping stall).
     #[serde(default = "default_true")]
     pub arp_whole_subnet: bool,
+    /// `shared-dhcpv6` IPv6 mode: the same for neighbour solicitations.
+    /// Linux has no proxy entry for a prefix, so l3hv answers them itself
+    /// (one AF_PACKET socket per VM interface, a BPF filter passing only
+    /// solicitations) for every address of the shared subnets but the VM's
+    /// own; the kernel's per-address proxy entries stay as they are.
+    #[serde(default = "default_true")]
+    pub nd_whole_subnet: bool,
     /// Path name (`a`, `b`) → uplink of this fabric on that path.
     #[serde(default)]
     pub paths: BTreeMap<String, PathConfig>,

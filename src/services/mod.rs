@@ -41,6 +41,10 @@ pub struct InterfaceCounters {
     pub dhcpv6_served: u64,
     /// When the last DHCPv6 REPLY with an address went out (Unix seconds).
     pub dhcpv6_last_lease_unix: Option<u64>,
+    /// A neighbour solicitation responder runs (`nd_whole_subnet`).
+    pub nd_listening: bool,
+    /// Neighbour solicitations answered for the shared subnet.
+    pub nd_answered: u64,
     /// Packets dropped, by `protocol.reason` (`dhcp.malformed`, `ra.hop_limit`…).
     pub dropped: BTreeMap<String, u64>,
 }
@@ -82,7 +86,7 @@ impl Registry {
         lock(&self.inner).retain(|name, c| {
             keep(name) || {
                 let c = lock(&c.inner);
-                c.dhcp_listening || c.ra_listening
+                c.dhcp_listening || c.ra_listening || c.nd_listening
             }
         });
     }
@@ -141,10 +145,16 @@ pub async fn wait_for_interface<T>(ifname: &str, rx: &mut watch::Receiver<T>) ->
     }
 }
 
-/// Starts the DHCPv4 and RA (with DHCPv6) supervisors. They follow
+/// Starts the DHCPv4, RA (with DHCPv6) and neighbour solicitation
+/// responder supervisors. They follow
 /// `intent` until it closes (the agent stopped).
 pub fn spawn(config: Arc<Config>, intent: watch::Receiver<Arc<Intent>>, registry: Registry) {
     tokio::spawn(crate::dhcp::supervise(
+        config.clone(),
+        intent.clone(),
+        registry.clone(),
+    ));
+    tokio::spawn(crate::nd::supervise(
         config.clone(),
         intent.clone(),
         registry.clone(),
