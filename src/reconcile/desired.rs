@@ -439,7 +439,8 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
     for (name, fabric) in &config.fabrics {
         let selected = rib.selected_with_origins(name);
         let group_ids = if nexthop_objects {
-            super::groups::build(name, &selected, d)
+            let returning = rib.syncing_hops(name, std::time::Instant::now());
+            super::groups::build(name, &selected, &returning, d)
         } else {
             Vec::new()
         };

@@ -28,6 +28,15 @@
 //! the member out of `{hv1}`'s group (the hypervisor's prefixes share its
 //! fate on a fabric path), instead of the last one, seconds later.
 //!
+//! The way back is the mirror image: a session that comes back (it went
+//! down or stale while the agent ran) relearns its table in many UPDATEs,
+//! and the intersection would give the path back only with the last
+//! prefix (1.0-1.3 s at 100,000). While such a session relearns (until its
+//! End-of-RIB, at most `rib::SYNC_WINDOW`), the hops it announces join the
+//! groups of their origins at once (`Rib::syncing_hops`): a path whose
+//! session is Established again, next-hop-self, forwards to the origin for
+//! all of its prefixes.
+//!
 //! Trade-off: all prefixes of one originator set share one hop set, as in
 //! BGP PIC. If hv2 announced a prefix over path A only (policy on one
 //! reflector) while others come over A and B, all of hv2's prefixes use A
@@ -99,10 +108,13 @@ fn spec(h: &Hop) -> NextHopSpec {
 
 /// Adds the objects and groups of `fabric`'s `selected` prefixes to `d`;
 /// returns the group id of each prefix, in order (`None`: no next hop of
-/// the prefix's family).
+/// the prefix's family). `returning`: (origin, hop) pairs of sessions
+/// relearning their table after coming back (`Rib::syncing_hops`); a
+/// group takes such a hop as soon as one of its prefixes has it again.
 pub fn build(
     fabric: &str,
     selected: &[(IpNet, Selected)],
+    returning: &BTreeSet<(IpAddr, Hop)>,
     d: &mut DesiredKernel,
 ) -> Vec<Option<u32>> {
     // Intern the keys: (v6, origins) → index, members unioned.
@@ -140,6 +152,29 @@ pub fn build(
         }
         union[i].extend(hops);
         of_prefix.push(Some(i));
+    }
+    // A fabric path that came back (its session relearning) rejoins the
+    // groups of its origins at its first re-announcement: the intersection
+    // alone would wait for the last of an origin's prefixes (over a second
+    // at 100,000 prefixes). Failing paths still leave at once: their
+    // session is down, or the withdrawals come over a session that is not
+    // relearning.
+    let returning_keys: BTreeMap<(bool, &[IpAddr]), usize> = if returning.is_empty() {
+        BTreeMap::new()
+    } else {
+        index.clone()
+    };
+    for ((_, origins), i) in returning_keys {
+        let back: Vec<&Hop> = union[i]
+            .iter()
+            .copied()
+            .filter(|h| {
+                origins
+                    .iter()
+                    .any(|o| returning.contains(&(*o, (*h).clone())))
+            })
+            .collect();
+        members[i].extend(back);
     }
     for (m, u) in members.iter_mut().zip(union) {
         if m.is_empty() {
@@ -326,7 +361,8 @@ mod tests {
     fn groups_of(rib: &Rib) -> (DesiredKernel, Vec<Option<u32>>) {
         let mut d = DesiredKernel::default();
         let sel = rib.selected_with_origins("public");
-        let ids = build("public", &sel, &mut d);
+        let returning = rib.syncing_hops("public", std::time::Instant::now());
+        let ids = build("public", &sel, &returning, &mut d);
         (d, ids)
     }
 
@@ -423,6 +459,46 @@ mod tests {
         assert_eq!(ids_after, ids_before);
         assert_eq!(after.groups[gid], *kept);
         assert_eq!(after.nexthops.len(), 1);
+    }
+
+    #[test]
+    fn a_path_that_comes_back_rejoins_at_its_first_reannouncement() {
+        let mut r = rib(3);
+        let (_, ids) = groups_of(&r);
+        let gid = ids[0].unwrap();
+        r.apply(RibEvent::SessionDown {
+            session: "b".into(),
+        });
+        assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
+        // Session b is back: its first UPDATE carries one of hv2's three
+        // prefixes. The group has B again at once, for all three.
+        announce(
+            &mut r,
+            "b",
+            "203.0.113.0/32",
+            path("198.51.100.202", "b-public", Some("10.0.0.2")),
+        );
+        let (d, ids_back) = groups_of(&r);
+        assert_eq!(ids_back, ids, "routes untouched");
+        assert_eq!(d.groups[&gid].len(), 2, "B back before the last prefix");
+        // The window ends with End-of-RIB (or SYNC_WINDOW): then the
+        // intersection rules again (here hv2's other prefixes lack B).
+        let later =
+            std::time::Instant::now() + crate::rib::SYNC_WINDOW + std::time::Duration::from_secs(1);
+        assert!(r.syncing_hops("public", later).is_empty());
+        r.apply(RibEvent::EndOfRib {
+            session: "b".into(),
+        });
+        assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
+        // A session that never went down is never "returning": the first
+        // withdrawal over it still shrinks at once (see above), and its
+        // first announcements at start follow the intersection.
+        let fresh = rib(3);
+        assert!(
+            fresh
+                .syncing_hops("public", std::time::Instant::now())
+                .is_empty()
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -100,6 +101,10 @@ type PathKey = (Arc<str>, Option<u32>);
 /// BTreeMap per prefix cost ~1 KiB each at 100,000 prefixes).
 type Paths = Vec<(PathKey, Path)>;
 
+/// How long a session that came back counts as relearning its table when
+/// it sends no End-of-RIB (FRR without graceful restart sends none).
+pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Default)]
 pub struct Rib {
     /// fabric → prefix → paths.
@@ -107,6 +112,12 @@ pub struct Rib {
     /// Sessions in a graceful restart: the generation, and the paths the
     /// peer announced again since (the others are stale).
     stale: BTreeMap<Arc<str>, Stale>,
+    /// Sessions that went down (or stale) while the RIB ran and have not
+    /// announced anything since.
+    recovering: BTreeSet<Arc<str>>,
+    /// Sessions that came back and are relearning their table: until
+    /// End-of-RIB, or until the instant given.
+    syncing: BTreeMap<Arc<str>, Instant>,
 }
 
 impl Rib {
@@ -122,6 +133,10 @@ impl Rib {
                 if let Some(st) = self.stale.get_mut(&session) {
                     st.refreshed
                         .extend(announce.iter().map(|(p, id, _)| (*p, *id)));
+                }
+                if !announce.is_empty() && self.recovering.remove(&session) {
+                    self.syncing
+                        .insert(session.clone(), Instant::now() + SYNC_WINDOW);
                 }
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
@@ -159,13 +174,19 @@ impl Rib {
                 }
                 changed
             }
-            RibEvent::EndOfRib { session } => self.sweep(&session, None),
+            RibEvent::EndOfRib { session } => {
+                self.recovering.remove(&session);
+                self.syncing.remove(&session);
+                self.sweep(&session, None)
+            }
             RibEvent::SessionStale {
                 session,
                 generation,
                 keep_v4,
                 keep_v6,
             } => {
+                self.syncing.remove(&session);
+                self.recovering.insert(session.clone());
                 let changed = self.remove_paths(&session, |prefix, _| match prefix {
                     IpNet::V4(_) => !keep_v4,
                     IpNet::V6(_) => !keep_v6,
@@ -187,6 +208,8 @@ impl Rib {
             } => self.sweep(&session, Some(generation)),
             RibEvent::SessionDown { session } => {
                 self.stale.remove(&session);
+                self.syncing.remove(&session);
+                self.recovering.insert(session.clone());
                 self.remove_paths(&session, |_, _| true)
             }
         }
@@ -316,6 +339,45 @@ impl Rib {
                 let item = (p.origin(), hop);
                 if !out.contains(&item) {
                     out.insert(item);
+                }
+            }
+        }
+        out
+    }
+
+    /// Every (origin, hop) that a path of `fabric` from a session still
+    /// relearning its table at `now` has (see `SYNC_WINDOW`): a fabric path
+    /// that came back. Nexthop groups take such a hop at its first
+    /// re-announcement instead of when the last of the origin's prefixes
+    /// has it again (reconcile::groups). Empty, without a scan, when no
+    /// session is relearning.
+    pub fn syncing_hops(&self, fabric: &str, now: Instant) -> BTreeSet<(IpAddr, Hop)> {
+        let mut out = BTreeSet::new();
+        let live: BTreeSet<&Arc<str>> = self
+            .syncing
+            .iter()
+            .filter(|(_, until)| now < **until)
+            .map(|(s, _)| s)
+            .collect();
+        if live.is_empty() {
+            return out;
+        }
+        let Some(table) = self.fabrics.get(fabric) else {
+            return out;
+        };
+        for paths in table.values() {
+            for ((s, _), p) in paths {
+                if live.contains(s) {
+                    let item = (
+                        p.origin(),
+                        Hop {
+                            gateway: p.next_hop,
+                            uplink: p.uplink.clone(),
+                        },
+                    );
+                    if !out.contains(&item) {
+                        out.insert(item);
+                    }
                 }
             }
         }
