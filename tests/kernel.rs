@@ -898,3 +898,42 @@ fn without_arp_whole_subnet_only_routed_addresses_are_answered() {
     let sink = w.hv.try_exec(&["ip", "link", "show", "l3hv-sink"]);
     assert!(!sink.status.success(), "no fabric needs the sink");
 }
+
+#[test]
+fn an_intent_that_cannot_be_written_is_refused_and_undone_in_the_kernel() {
+    let w = world();
+    let agent = Agent::start(&w.hv, HV_CONFIG);
+    let _vm1 = vm_ns(
+        &w.hv,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    // A directory where the store writes its temporary file: the write
+    // fails even for root. The kernel pass runs beside the write, so the
+    // VM's state reaches the kernel first and must be taken out again.
+    let tmp = agent.state_file().with_extension("json.tmp");
+    fs::create_dir_all(&tmp).expect("blocking directory");
+    let json = vm_json("vm1", "vm1e0", "adopt", "public", "203.0.113.1", None);
+    let path = agent.dir.join("vm1.json");
+    fs::write(&path, &json).expect("vm json");
+    let out = agent.cli(&["vm", "set", path.to_str().expect("utf-8")]);
+    assert!(
+        !out.status.success(),
+        "the agent accepted an unwritten intent"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("intent"), "{err}");
+    let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.1"]);
+    assert!(t90.trim().is_empty(), "route left behind: {t90}");
+    let link = w.hv.ip(&["link", "show", "vm1e0"]);
+    assert!(!link.contains("alias"), "interface still claimed: {link}");
+    let list = agent.cli(&["vm", "list"]);
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("vm1"));
+    // Once the disk takes it, the same call works.
+    fs::remove_dir(&tmp).expect("unblock");
+    agent.set_vm(&json);
+    let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.1"]);
+    assert!(t90.contains("dev vm1e0"), "{t90}");
+}

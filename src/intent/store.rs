@@ -58,7 +58,7 @@ struct OnDisk {
 }
 
 /// The intent file of one state directory.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
 }
