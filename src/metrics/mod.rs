@@ -188,7 +188,7 @@ pub fn encode(
         uplinks,
     );
 
-    // DHCP, DHCPv6 and RA, per VM interface.
+    // DHCP, DHCPv6, RA and the NS responder, per VM interface.
     if let Some(services) = &status.services {
         let answers = Family::<ServiceLabels, Counter>::default();
         let dropped = Family::<DropLabels, Counter>::default();
@@ -198,6 +198,7 @@ pub fn encode(
                 ("dhcpv6", i.dhcpv6_served),
                 ("ra", i.ra_sent),
                 ("rs", i.rs_answered),
+                ("ns", i.nd_answered),
             ] {
                 answers
                     .get_or_create(&ServiceLabels {
@@ -217,7 +218,7 @@ pub fn encode(
         }
         r.register(
             "vm_service_answers",
-            "DHCP/DHCPv6 replies, RAs sent and RSs answered per VM interface",
+            "DHCP/DHCPv6 replies, RAs sent, RSs and NSs answered per VM interface",
             answers,
         );
         r.register(
@@ -567,6 +568,7 @@ mod tests {
                 interface: "tap1".into(),
                 dhcp_served: 2,
                 ra_sent: 5,
+                nd_answered: 7,
                 dropped,
                 ..Default::default()
             }],
@@ -575,6 +577,7 @@ mod tests {
         for line in [
             "l3hv_vm_service_answers_total{interface=\"tap1\",service=\"dhcp\"} 2",
             "l3hv_vm_service_answers_total{interface=\"tap1\",service=\"ra\"} 5",
+            "l3hv_vm_service_answers_total{interface=\"tap1\",service=\"ns\"} 7",
             "l3hv_vm_packets_dropped_total{interface=\"tap1\",reason=\"dhcp.malformed\"} 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
