@@ -937,3 +937,82 @@ fn an_intent_that_cannot_be_written_is_refused_and_undone_in_the_kernel() {
     let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.1"]);
     assert!(t90.contains("dev vm1e0"), "{t90}");
 }
+
+#[test]
+fn a_notification_overrun_is_survived_and_later_link_events_still_reconcile() {
+    let w = world();
+    let agent = Agent::start(&w.hv, HV_CONFIG);
+    // A burst of link notifications beyond the agent's socket buffer:
+    // 500 veth pairs created and deleted in two `ip -batch` runs.
+    let mut add = String::new();
+    let mut del = String::new();
+    for i in 0..500 {
+        add.push_str(&format!("link add st{i}a type veth peer name st{i}b\n"));
+        del.push_str(&format!("link del st{i}a\n"));
+    }
+    // The agent is stopped meanwhile, so its socket cannot keep up.
+    let batch = agent.dir.join("storm.batch");
+    let _vm1 = vm_ns(
+        &w.hv,
+        &unique("vm1"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    agent.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        None,
+    ));
+    agent.signal(libc::SIGSTOP);
+    // Meanwhile the kernel loses one of the agent's routes (no link event
+    // says so): the pass after the overrun finds it.
+    w.hv.ip(&["route", "del", "203.0.113.1/32", "table", "90"]);
+    fs::write(&batch, &add).expect("batch");
+    w.hv.exec(&["ip", "-batch", batch.to_str().expect("utf-8")]);
+    fs::write(&batch, &del).expect("batch");
+    w.hv.exec(&["ip", "-batch", batch.to_str().expect("utf-8")]);
+    agent.signal(libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("overran") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no overrun reported:\n{}",
+            agent
+                .log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("panick"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for("the lost route restored", Duration::from_secs(5), || {
+        w.hv.ip(&["route", "show", "table", "90", "203.0.113.1"])
+            .contains("dev vm1e0")
+    });
+    // Link events still reach the agent: an adopted interface created after
+    // its intent is configured at once, without the periodic pass (1 h).
+    agent.set_vm(&vm_json(
+        "late",
+        "late0",
+        "adopt",
+        "public",
+        "203.0.113.9",
+        None,
+    ));
+    let _late = vm_ns(
+        &w.hv,
+        &unique("late"),
+        "late0",
+        "203.0.113.9/24",
+        "203.0.113.254",
+    );
+    wait_for("late0 routed", Duration::from_secs(5), || {
+        w.hv.ip(&["route", "show", "table", "90", "203.0.113.9"])
+            .contains("dev late0")
+    });
+}
