@@ -748,3 +748,49 @@ fn neighbour_solicitations_are_answered_for_the_whole_shared_64_but_the_vms_own_
     );
     assert!(resolve(&vm, "2001:db8:cb00:7200::78").is_some());
 }
+
+#[test]
+fn without_kernel_proxy_entries_the_responder_alone_connects_two_vms_on_the_shared_64() {
+    require_root();
+    let hv = Netns::new(&unique("hv"));
+    let config = CONFIG.replace(
+        "ipv6_mode = \"shared-dhcpv6\"",
+        "ipv6_mode = \"shared-dhcpv6\"\nnd_proxy_entries = false",
+    );
+    assert_ne!(config, CONFIG);
+    let agent = Agent::start(&hv, &config);
+    let mut vms = Vec::new();
+    for (n, mac) in [(5, "52:54:00:71:00:05"), (6, "52:54:00:71:00:06")] {
+        let name = format!("vm{n}");
+        let vm = vm_ns_bare(&hv, &unique(&name), &name, mac);
+        agent.set_vm(&intent(
+            &name,
+            &name,
+            mac,
+            "p2p",
+            &format!("198.18.0.{n}"),
+            &[&format!("2001:db8:cb00:7200::{n}")],
+        ));
+        wait_link_local(&vm);
+        vm.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:cb00:7200::{n}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        vms.push(vm);
+    }
+    wait_for("both responders", Duration::from_secs(10), || {
+        counters(&agent, "vm5")["nd_listening"] == true
+            && counters(&agent, "vm6")["nd_listening"] == true
+    });
+    assert!(vms[0].ping("2001:db8:cb00:7200::6"), "vm5 -> vm6");
+    assert!(vms[1].ping("2001:db8:cb00:7200::5"), "vm6 -> vm5");
+    // Constant kernel state: no proxy entry, no solicited-node group per
+    // address on the taps.
+    assert!(hv.ip(&["-6", "neigh", "show", "proxy"]).trim().is_empty());
+    assert!(counters(&agent, "vm5")["nd_answered"].as_u64() >= Some(1));
+}

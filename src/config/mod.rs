@@ -538,6 +538,14 @@ pub struct FabricConfig {
     /// own; the kernel's per-address proxy entries stay as they are.
     #[serde(default = "default_true")]
     pub nd_whole_subnet: bool,
+    /// `shared-dhcpv6` IPv6 mode: program a kernel NDP proxy entry
+    /// (NTF_PROXY) on each VM interface for every address of the shared
+    /// subnets routed elsewhere. With `nd_whole_subnet` the responder
+    /// already answers for them; turning the entries off keeps the kernel
+    /// state constant however many addresses the fabric has (each entry
+    /// also joins a solicited-node multicast group on its interface).
+    #[serde(default = "default_true")]
+    pub nd_proxy_entries: bool,
     /// Path name (`a`, `b`) → uplink of this fabric on that path.
     #[serde(default)]
     pub paths: BTreeMap<String, PathConfig>,

@@ -378,7 +378,7 @@ pub fn desired_with(
 /// and the learned host routes, so a VM reaches them as if on-link.
 fn proxies(config: &Config, intent: &Intent, rib: &Rib, d: &mut DesiredKernel) {
     for (name, fabric) in &config.fabrics {
-        if fabric.ipv6_mode != Ipv6Mode::SharedDhcpv6 {
+        if fabric.ipv6_mode != Ipv6Mode::SharedDhcpv6 || !fabric.nd_proxy_entries {
             continue;
         }
         let shared: Vec<ipnet::Ipv6Net> = fabric
@@ -643,6 +643,31 @@ mod tests {
                 .values()
                 .all(|a| a.oif.as_deref() != Some("l3hv-sink"))
         );
+    }
+
+    #[test]
+    fn proxy_entries_per_other_interface_unless_turned_off() {
+        let mut i = intent();
+        let mut second = i.vms["vm1"].clone();
+        second.name = "vm2".into();
+        second.interfaces[0].name = "tap2".into();
+        second.interfaces[0].ipv4 = vec!["203.0.113.2".parse().unwrap()];
+        second.interfaces[0].ipv6 = vec!["2001:db8:cb00:7100::2".parse().unwrap()];
+        second.interfaces[0].routed.clear();
+        i.vms.insert("vm2".into(), second);
+        let d = desired(&cfg(), &i, &Rib::default());
+        let want: BTreeSet<(String, Ipv6Addr)> = [
+            ("tap1".to_string(), "2001:db8:cb00:7100::2".parse().unwrap()),
+            ("tap2".to_string(), "2001:db8:cb00:7100::1".parse().unwrap()),
+        ]
+        .into();
+        assert_eq!(d.proxies, want);
+        let mut c = cfg();
+        c.fabrics.get_mut("public").unwrap().nd_proxy_entries = false;
+        let d = desired(&c, &i, &Rib::default());
+        assert!(d.proxies.is_empty());
+        // The interfaces keep proxy_ndp: a kernel entry added by hand works.
+        assert_eq!(d.links["tap1"].sysctls[&PROXY_NDP], "1");
     }
 
     #[test]
