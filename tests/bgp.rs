@@ -1387,6 +1387,45 @@ fn enhanced_route_refresh_sweeps_and_answers_with_borr_eorr() {
     );
 }
 
+/// A reflector that sends its table in the same TCP segment as its
+/// KEEPALIVE (a fast reconnect): the UPDATE is read during the OPEN
+/// exchange and must be handled at once, not when the next bytes arrive
+/// (the peer's next KEEPALIVE: here never, the hold timer would end the
+/// session first).
+#[test]
+fn an_update_read_with_the_peers_keepalive_is_handled_at_once() {
+    let f = fabric();
+    let a1 = Agent::start(&f.hv1, &hv_config(1));
+    let attrs: &[u8] = &[
+        0x40, 1, 1, 0, // ORIGIN IGP
+        0x40, 2, 0, // AS_PATH (empty, iBGP)
+        0x40, 3, 4, 198, 51, 100, 126, // NEXT_HOP
+        0x40, 5, 4, 0, 0, 0, 100, // LOCAL_PREF
+    ];
+    let mut b = vec![0, 0];
+    b.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    b.extend_from_slice(attrs);
+    b.extend_from_slice(&[32, 203, 0, 113, 8]);
+    let update = hex_msg(2, &b);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/raw_rr.py");
+    let log = a1.dir.join("raw.log");
+    let mut peer = f.rr.spawn(
+        &["python3", script, "198.51.100.126", "--eager", &update],
+        &log,
+    );
+    wait_for("the raw peer established", Duration::from_secs(30), || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("established"))
+    });
+    // Well inside the 9 s hold time the peer never refreshes.
+    wait_for("203.0.113.8 learned", Duration::from_secs(4), || {
+        !f.hv1
+            .ip(&["route", "show", "table", "90", "203.0.113.8"])
+            .is_empty()
+    });
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
+
 /// RFC 8950 with BIRD: an IPv6-only fabric path (no IPv4 address on the
 /// uplinks or the reflector) still carries the VMs' IPv4 routes, with IPv6
 /// next hops, installed through nexthop objects; the VMs reach each other.

@@ -606,6 +606,11 @@ impl Session {
         let (bfd_failures, _) = self.bfd_counts();
         let mut bfd = self.bfd.clone();
         let mut stop = self.stop.clone();
+        // Messages that arrived with the peer's KEEPALIVE during the OPEN
+        // exchange are already in `buf`: handle them first, not when the
+        // next bytes arrive (the peer's next KEEPALIVE, seconds later: its
+        // whole table waited that long after a reconnect).
+        let mut buffered = !buf.is_empty();
         loop {
             let hold_left = if hold.is_zero() {
                 Duration::from_secs(3600)
@@ -650,7 +655,14 @@ impl Session {
                         self.status.send_modify(|s| s.prefixes_advertised = advertised.len());
                     }
                 }
-                read = stream.read_buf(&mut buf) => {
+                read = async {
+                    if buffered {
+                        Ok(usize::MAX)
+                    } else {
+                        stream.read_buf(&mut buf).await
+                    }
+                } => {
+                    buffered = false;
                     if read? == 0 {
                         return Err(SessionEnd::Closed);
                     }

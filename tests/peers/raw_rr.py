@@ -5,7 +5,9 @@ named on the command line (hex strings) and reports what came back.
 
 Usage: raw_rr.py ROUTER_ID [--enhanced-refresh] HEX_FRAME... ; prints one
 JSON line per message received after the frames were sent, and "closed" at
-EOF. --enhanced-refresh adds the Enhanced Route Refresh capability (70)."""
+EOF. --enhanced-refresh adds the Enhanced Route Refresh capability (70).
+--eager sends the frames in the same write as its KEEPALIVE, before the
+agent's KEEPALIVE arrives (what a reflector does on a fast reconnect)."""
 import json
 import socket
 import struct
@@ -46,9 +48,9 @@ def read_msg(conn):
 
 def main():
     router_id, frames = sys.argv[1], sys.argv[2:]
-    enhanced_refresh = bool(frames) and frames[0] == "--enhanced-refresh"
-    if enhanced_refresh:
-        frames = frames[1:]
+    enhanced_refresh = "--enhanced-refresh" in frames
+    eager = "--eager" in frames
+    frames = [f for f in frames if not f.startswith("--")]
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)
@@ -61,11 +63,16 @@ def main():
     conn.sendall(open_msg(router_id, enhanced_refresh))
     got = read_msg(conn)  # their OPEN
     assert got and got[0] == 1, got
-    conn.sendall(msg(4))
-    got = read_msg(conn)  # their KEEPALIVE
-    print(json.dumps({"established": True}), flush=True)
-    for f in frames:
-        conn.sendall(bytes.fromhex(f))
+    if eager:
+        conn.sendall(msg(4) + b"".join(bytes.fromhex(f) for f in frames))
+        got = read_msg(conn)  # their KEEPALIVE
+        print(json.dumps({"established": True}), flush=True)
+    else:
+        conn.sendall(msg(4))
+        got = read_msg(conn)  # their KEEPALIVE
+        print(json.dumps({"established": True}), flush=True)
+        for f in frames:
+            conn.sendall(bytes.fromhex(f))
     try:
         while True:
             got = read_msg(conn)
