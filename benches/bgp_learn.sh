@@ -275,7 +275,7 @@ EOF
     return 1
 }
 
-run_batch() { # N
+run_batch() { # N label
     flush_hv
     prefixes "$1" batch >"$WORK/batch"
     grep ' nhid 10 ' "$WORK/batch" >"$WORK/batch4"
@@ -291,7 +291,7 @@ run_batch() { # N
     t1=$(now)
     ip -n "$P-hv" -batch "$WORK/batch6"
     t2=$(now)
-    echo "ip-batch $1 installed_ms=$(ms "$t0" "$t2")" \
+    echo "$2 $1 installed_ms=$(ms "$t0" "$t2")" \
         "routes_per_s=$(python3 -c "print(round($1 / ($t2 - $t0)))")" \
         "v4_ms=$(ms "$t0" "$t1") v6_ms=$(ms "$t1" "$t2")" \
         "kernel_v4=$(ip -n "$P-hv" -4 -o route show table 90 | grep -c '^10\.')" \
@@ -313,6 +313,8 @@ socket = "$WORK/l3hvd.sock"
 level = "warn"
 [kernel]
 reconcile_interval = "1h"
+[metrics]
+listen = "127.0.0.1:9475"
 [bgp]
 connect_retry = "100ms"
 # The default (1,000,000 per session) is the 1M run's exact size.
@@ -349,13 +351,23 @@ EOF
         ip -n "$P-hv" -6 -o route show table 90 | sed -n 1,3p
         ip -n "$P-hv" route show table 90 | grep -v '^10\.[0-9.]* ' || true
     fi
-    echo "l3hvd $1 $r $(after "${agent:-$pid}")"
+    echo "l3hvd $1 $r $(after "${agent:-$pid}")" "$(l3hv_passes)"
     if ! kill -0 "${agent:-$pid}" 2>/dev/null; then echo "l3hvd exited:"; tail -n 20 "$WORK/l3hvd.log"; fi
     if grep -q . "$WORK/l3hvd.log"; then echo "l3hvd log (warn and above):"; tail -n 10 "$WORK/l3hvd.log"; fi
     if [ -n "${L3HVD_WRAP:-}" ] && [ -n "$agent" ]; then
         kill -TERM "$agent"; wait "$pid" 2>/dev/null || true
     fi
     kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+}
+
+# The agent's reconcile passes so far, their total time and kernel
+# operations (its metrics endpoint, on the namespace's loopback).
+l3hv_passes() {
+    ip netns exec "$P-hv" curl -s --max-time 5 http://127.0.0.1:9475/metrics | awk '
+        /^l3hv_reconcile_runs_total / {r = $2}
+        /^l3hv_reconcile_duration_seconds_sum / {d = $2}
+        /^l3hv_reconcile_operations_total\{result="applied"\}/ {a = $2}
+        END {printf "passes=%s passes_s=%.2f ops_applied=%s", r, d, a}'
 }
 
 run_bird() { # N
@@ -381,7 +393,12 @@ EOF
     local t0 pid
     t0=$(now)
     ip netns exec "$P-hv" bird -c "$WORK/hv.conf" -s "$WORK/hv.ctl" -P "$WORK/hv.pid"
-    pid=$(cat "$WORK/hv.pid")
+    pid=""
+    for _ in $(seq 1 100); do  # written by the daemonized child
+        pid=$(cat "$WORK/hv.pid" 2>/dev/null || true)
+        [ -n "$pid" ] && break
+        sleep 0.01
+    done
     local r
     r=$(poll bird "$WORK/hv.ctl" "$pid" "$t0" "$1")
     echo "bird2 $1 $r $(after "$pid")"
@@ -394,8 +411,12 @@ echo "# $(date -u '+%F %T UTC') commit $(git rev-parse --short HEAD 2>/dev/null 
 echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 RUN=${BGP_LEARN_RUN:-batch bird l3hv}  # a subset for a quick check
 for n in "${SIZES[@]}"; do
-    case " $RUN " in *" batch "*) run_batch "$n" ;; esac
+    # The kernel anchor first and again last: the first to put N routes in
+    # the kernel may pay for growing its caches, and the load can change
+    # during a run.
+    case " $RUN " in *" batch "*) run_batch "$n" ip-batch ;; esac
     case " $RUN " in *" bird "*) reflector "$n"; run_bird "$n" ;; esac
     case " $RUN " in *" l3hv "*) reflector "$n"; run_l3hv "$n" ;; esac
+    case " $RUN " in *" batch "*) run_batch "$n" ip-batch-again ;; esac
     echo "# load average after N=$n: $(cut -d' ' -f1-3 /proc/loadavg)"
 done
