@@ -215,7 +215,7 @@ poll() { # kind sock pid t0 N
 # Memory and CPU once converged and idle, not in the middle of the last pass.
 after() { # pid
     sleep 3
-    python3 - "$1" <<'PY'
+    python3 - "$1" <<'PY' || echo "rss_kb=- (process $1 gone)"
 import sys
 st = dict(l.split(":", 1) for l in open(f"/proc/{sys.argv[1]}/status"))
 f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
@@ -336,10 +336,14 @@ EOF
     # shellcheck disable=SC2086
     ip netns exec "$P-hv" ${L3HVD_WRAP:-} target/release/l3hvd --config "$WORK/l3hv.toml" >"$WORK/l3hvd.log" 2>&1 &
     pid=$!; PIDS+=("$pid")
-    local agent=""
+    local agent="" p
     for _ in $(seq 1 100); do
-        agent=$(ip netns pids "$P-hv" | while read -r p; do
-            [ "$(cat /proc/"$p"/comm 2>/dev/null)" = l3hvd ] && echo "$p"; done | head -n 1)
+        # (not a pipeline ending in a failed test: with pipefail and set -e
+        # that ended the script whenever the agent's pid sorted before the
+        # namespace's other processes, after the pids wrapped around)
+        for p in $(ip netns pids "$P-hv"); do
+            if [ "$(cat /proc/"$p"/comm 2>/dev/null)" = l3hvd ]; then agent=$p; break; fi
+        done
         [ -n "$agent" ] && break
         sleep 0.02
     done
