@@ -14,7 +14,8 @@
 #
 #   sudo benches/bgp_learn.sh [N ...]      default: 100000
 #
-# Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
+# L3HVD_LOG=info (or debug) runs the agent at that log level and keeps its
+# log in /tmp/l3bg-l3hvd-<N>.log. Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
 # overrides). The kernel is polled every 100 ms through cheap counters
 # (/proc/<pid>/net/fib_triestat for IPv4 table 90, rt6_stats for IPv6) and
 # confirmed with a full dump, so the poll does not dump 1,000,000 routes ten
@@ -220,7 +221,8 @@ import sys
 st = dict(l.split(":", 1) for l in open(f"/proc/{sys.argv[1]}/status"))
 f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
 print(f"rss_kb={st['VmRSS'].split()[0]} hwm_kb={st['VmHWM'].split()[0]}"
-      f" cpu_s={(int(f[11]) + int(f[12])) / 100}")
+      f" cpu_s={(int(f[11]) + int(f[12])) / 100} (user {int(f[11]) / 100}"
+      f" sys {int(f[12]) / 100})")
 PY
 }
 
@@ -310,7 +312,7 @@ state_dir = "$WORK/state"
 [control]
 socket = "$WORK/l3hvd.sock"
 [log]
-level = "warn"
+level = "${L3HVD_LOG:-warn}"
 [kernel]
 reconcile_interval = "1h"
 [metrics]
@@ -357,7 +359,12 @@ EOF
     fi
     echo "l3hvd $1 $r $(after "${agent:-$pid}")" "$(l3hv_passes)"
     if ! kill -0 "${agent:-$pid}" 2>/dev/null; then echo "l3hvd exited:"; tail -n 20 "$WORK/l3hvd.log"; fi
-    if grep -q . "$WORK/l3hvd.log"; then echo "l3hvd log (warn and above):"; tail -n 10 "$WORK/l3hvd.log"; fi
+    if [ -n "${L3HVD_LOG:-}" ]; then
+        cp "$WORK/l3hvd.log" "/tmp/l3bg-l3hvd-$1.log"
+        echo "l3hvd log: /tmp/l3bg-l3hvd-$1.log (t0 $(date -u -d "@$t0" +%T.%N))"
+    elif grep -q . "$WORK/l3hvd.log"; then
+        echo "l3hvd log (warn and above):"; tail -n 10 "$WORK/l3hvd.log"
+    fi
     if [ -n "${L3HVD_WRAP:-}" ] && [ -n "$agent" ]; then
         kill -TERM "$agent"; wait "$pid" 2>/dev/null || true
     fi
