@@ -211,10 +211,11 @@ pub struct Agent {
     learned_hold: Option<Instant>,
     /// The first dump was checked for learned state to hold.
     hold_checked: bool,
-    /// The kernel as the last pass left it, when that pass dumped or could
-    /// mirror every change it made: RIB-only changes plan against it
-    /// instead of dumping again (the full pass stays the repair path: on
-    /// intent changes, on the timer, after any refusal).
+    /// The kernel as the last pass left it, when that pass dumped it or
+    /// mirrored every change it made: RIB-only changes plan against it,
+    /// intent changes take its routes, nexthop objects and proxy entries
+    /// (the full pass stays the repair path: on the timer, link events,
+    /// `l3hv reconcile`, after any refusal).
     cache: Option<reconcile::ObservedKernel>,
     /// The cache's links, addresses, rules and sysctls are as the last pass
     /// left them (it changed routes only); otherwise only its routes,
