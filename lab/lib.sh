@@ -1092,7 +1092,7 @@ uplink_re() {
 # learned by BGP (the agent's own routes to its VMs and its blackholes
 # share the protocol). IPv4 then IPv6.
 learned_routes() { # NS TABLE [PROTO]
-    local ns=$1 table=$2 proto=${3:-203} fam def re
+    local ns=$1 table=$2 proto=${3:-$HV_PROTO} fam def re
     re=$(uplink_re)
     for fam in -4 -6; do
         def=0.0.0.0/0
@@ -1113,8 +1113,7 @@ bgp_missing() {
     local -A routes
     for hv in "${HVS[@]}"; do
         want=$((${#NETWORKS[@]} * ${#PATHS[@]}))
-        got=$("$L3HV" --config "$(hv_config "$hv")" --timeout 2 peers --json 2>/dev/null |
-            jq '[.[] | select(.state == "Established")] | length' 2>/dev/null || echo 0)
+        got=$(hv_sessions_established "$hv")
         ((got >= want)) || echo "$hv: $got/$want sessions Established"
         for fab in "${NETWORKS[@]}"; do
             routes=()
@@ -1202,6 +1201,8 @@ create_vm() { # VM
         ip -n "$vm" -6 addr add "$ANYCAST_V6/128" dev lo nodad
     fi
     ip -n "$vm" link set eth0 up
+    # --baseline: fe80::1 only (radvd's source address), as the seed.
+    [[ $STACK != baseline ]] || ip -n "$hv" link set dev "$vm" addrgenmode none
     ip -n "$hv" link set "$vm" up
 }
 
@@ -1433,7 +1434,7 @@ configure_vms() { # [VM...] (default: all)
         done
         return 0
     fi
-    wait_services
+    [[ $STACK == baseline ]] || wait_services
     # In batches of CONFIGURE_JOBS (each VM polls for its RA and address:
     # 240 at once would starve 2 cores); the seed's VMs in one.
     local i j n=0
@@ -1875,7 +1876,9 @@ probe_underlay() {
 # one source creates about 2 x 240 entries, and the lab deletes them
 # before the next source starts: its own table right after its fping, and
 # the destinations' entries for it through one `ip -batch` per VM fed by
-# a FIFO (neigh_workers_start). All pairs are probed, none sampled.
+# a FIFO (neigh_workers_start); and a source probes its targets in chunks
+# of PROBE_CHUNK (60), each followed by those flushes. All pairs are
+# probed, none sampled.
 
 declare -A NEIGH_FD=()
 
@@ -1929,44 +1932,401 @@ scale_targets() { # FAMILY SRC
 # targets. Needs neigh_workers_start.
 SCALE_TOTAL=0
 SCALE_OK=0
+PROBE_CHUNK=${PROBE_CHUNK:-60}
 probe_scale() { # FAMILY...
-    local dir=$LAB_RUN/matrix fam src col addr line vm fl
+    local dir=$LAB_RUN/matrix fam src col addr line vm fl i
     local -A col_of=()
-    local -a addrs=()
+    local -a addrs=() tgts=()
     mkdir -p "$dir"
     : >"$dir/failed"
+    local t total0 ok0 last_hv=""
     for fam in "$@"; do
         fl=-4
         [[ $fam == ipv4 ]] || fl=-6
+        t=$SECONDS
+        total0=$SCALE_TOTAL
+        ok0=$SCALE_OK
         for src in "${VMS[@]}"; do
             ! is_qemu_vm "$src" || continue
-            col_of=()
-            addrs=()
+            if [[ ${VM_HV[$src]} != "$last_hv" ]]; then
+                last_hv=${VM_HV[$src]}
+                ((${#HVS[@]} < 8)) || [[ $last_hv != "${HVS[$((${#HVS[@]} / 2))]}" ]] ||
+                    log "$fam: probing from the VMs of $last_hv ($((SCALE_OK - ok0))/$((SCALE_TOTAL - total0)) ok so far)"
+            fi
+            tgts=()
             while read -r col addr; do
                 ! is_qemu_vm "$col" || continue
-                col_of[$addr]=$col
-                addrs+=("$addr")
+                tgts+=("$col $addr")
             done < <(scale_targets "$fam" "$src")
-            while read -r line; do
-                addr=${line%% *}
-                [[ -n ${col_of[$addr]:-} ]] || continue
-                SCALE_TOTAL=$((SCALE_TOTAL + 1))
-                case $line in
-                    *" is alive"*) SCALE_OK=$((SCALE_OK + 1)) ;;
-                    *) echo "$fam $src ${col_of[$addr]} $addr" >>"$dir/failed" ;;
-                esac
-                unset "col_of[$addr]"
-            done < <(nsx "$src" fping "$fl" -r 1 -t 1000 -i 1 "${addrs[@]}" 2>/dev/null)
-            # What fping did not report at all is a failure too.
-            for addr in "${!col_of[@]}"; do
-                SCALE_TOTAL=$((SCALE_TOTAL + 1))
-                echo "$fam $src ${col_of[$addr]} $addr (no answer from fping)" >>"$dir/failed"
-            done
-            ip -n "$src" "$fl" neigh flush dev eth0 2>/dev/null || true
-            if [[ $fam == ipv4 ]]; then addr=${V4A[$src]}; else addr=${V6A[$src]}; fi
-            for vm in "${!NEIGH_FD[@]}"; do
-                [[ $vm == "$src" ]] || echo "neigh flush to $addr" >&"${NEIGH_FD[$vm]}"
+            # In chunks of PROBE_CHUNK targets, each followed by the
+            # flushes, so that at most about 2 x PROBE_CHUNK entries are
+            # added to the shared table at once.
+            for ((i = 0; i < ${#tgts[@]}; i += PROBE_CHUNK)); do
+                col_of=()
+                addrs=()
+                for line in "${tgts[@]:i:PROBE_CHUNK}"; do
+                    col_of[${line#* }]=${line%% *}
+                    addrs+=("${line#* }")
+                done
+                while read -r line; do
+                    addr=${line%% *}
+                    [[ -n ${col_of[$addr]:-} ]] || continue
+                    SCALE_TOTAL=$((SCALE_TOTAL + 1))
+                    case $line in
+                        *" is alive"*) SCALE_OK=$((SCALE_OK + 1)) ;;
+                        *) echo "$fam $src ${col_of[$addr]} $addr" >>"$dir/failed" ;;
+                    esac
+                    unset "col_of[$addr]"
+                done < <(nsx "$src" fping "$fl" -r 1 -t 1000 -i 1 "${addrs[@]}" 2>/dev/null)
+                # What fping did not report at all is a failure too.
+                for addr in "${!col_of[@]}"; do
+                    SCALE_TOTAL=$((SCALE_TOTAL + 1))
+                    echo "$fam $src ${col_of[$addr]} $addr (no answer from fping)" >>"$dir/failed"
+                done
+                ip -n "$src" "$fl" neigh flush dev eth0 2>/dev/null || true
+                if [[ $fam == ipv4 ]]; then addr=${V4A[$src]}; else addr=${V6A[$src]}; fi
+                for line in "${tgts[@]:i:PROBE_CHUNK}"; do
+                    vm=${line%% *}
+                    [[ -z ${NEIGH_FD[$vm]:-} ]] || echo "neigh flush to $addr" >&"${NEIGH_FD[$vm]}"
+                done
             done
         done
+        log "$fam: $((SCALE_OK - ok0))/$((SCALE_TOTAL - total0)) probes ok in $((SECONDS - t)) s"
     done
+}
+
+# The fabric's hosts on (path, network), "host interface address..." per
+# line: the hypervisors, the path's reflectors, the internet router.
+fabric_hosts() { # PATH NETWORK
+    local p=$1 net=$2 h
+    for h in "${HVS[@]}"; do
+        echo "$h $p-$net ${UPLINK[$h,$net,$p]}"
+    done
+    for h in "${RRS[@]}"; do
+        [[ ${RR_PATH[$h]} != "$p" ]] || echo "$h $p-$net ${RR_ADDR[$h,$net]}"
+    done
+    [[ $net != "$INTERNET_NETWORK" ]] || echo "$INTERNET $p-$net ${INTERNET_ADDR[$p]}"
+}
+
+# A larger lab only (lab/up, before its probes): every host of a fabric
+# gets a permanent neighbour entry for every other host's uplink addresses
+# on it (IPv4 and IPv6), as a static ARP / NDP table, in its own namespace.
+# Why: the kernel's neighbour tables are shared by every namespace of the
+# machine (gc_thresh3 = 1024 entries, only settable in the root namespace,
+# which the lab leaves alone), and with 24 hypervisors the all-pairs
+# traffic makes every hypervisor resolve every other one on both paths
+# (24 x 46 entries): the first 24 x 10 run overflowed the table ("neighbor
+# table overflow!", 389 failed probes). Permanent entries are exempt from
+# that limit. In production each hypervisor has its own table. The VMs
+# and the hypervisors' VM-side entries stay dynamic (proxy ARP / NDP is
+# what the probes check).
+static_underlay_neighbours() {
+    local p net h dev addrs mac a line
+    local -A batch=() macs=()
+    # shellcheck disable=SC2034 # addrs: the rest of the line
+    for p in "${PATHS[@]}"; do
+        for net in "${NETWORKS[@]}"; do
+            while read -r h dev addrs; do
+                macs[$h,$dev]=$(ip -n "$h" -j link show dev "$dev" | jq -r '.[0].address')
+            done < <(fabric_hosts "$p" "$net")
+            # In each host h: every other host's addresses, with its MAC.
+            while read -r h dev addrs; do
+                while read -r line; do
+                    # shellcheck disable=SC2086 # line = "host dev addresses..."
+                    set -- $line
+                    [[ $1 != "$h" ]] || continue
+                    mac=${macs[$1,$2]}
+                    for a in "${@:3}"; do
+                        batch[$h]+="neigh replace ${a%/*} lladdr $mac dev $dev nud permanent"$'\n'
+                    done
+                done < <(fabric_hosts "$p" "$net")
+            done < <(fabric_hosts "$p" "$net")
+        done
+    done
+    for h in "${!batch[@]}"; do
+        ip -n "$h" -batch - <<<"${batch[$h]}" || die "$h: static underlay neighbours refused"
+    done
+}
+
+# ============================================================= baseline ==
+#
+# lab/up --baseline: the seed's per-hypervisor stack instead of l3hvd, for
+# the comparison in BENCHMARKS.md: BIRD 2 (BGP to the reflectors, the
+# kernel tables 90 and 20), ndppd (NDP proxy on the VM interfaces), radvd
+# (RAs) and dnsmasq (DHCPv4, and DHCPv6 on the shared /64 where the seed's
+# VMs used SLAAC: the lab's VMs expect their DHCPv6 addresses), after the
+# seed's lab-l3-hyperv `setup` (network-lab) and its BIRD configs. What
+# the seed's shell script did by hand, lab/up does: the uplink addresses,
+# the sysctls, the ip rules, the fallback blackholes, and per VM the
+# gateway addresses on its interface and its host routes in table 90
+# (metric 10, which BIRD learns from the kernel and announces). The VMs
+# are not attached through l3hv's hook (there is no agent); the reflectors
+# and the internet router are the same. lab/up keeps the choice in
+# $LAB_RUN/stack.
+STACK=${STACK:-l3hvd}
+# The protocol of the learned routes in the hypervisors' tables.
+HV_PROTO=203
+
+set_stack() { # l3hvd | baseline
+    STACK=$1
+    if [[ $1 == baseline ]]; then HV_PROTO=bird; else HV_PROTO=203; fi
+}
+
+# The hypervisor itself: forwarding, no redirects, the uplink addresses,
+# the seed's rules (local traffic in main, the private uplinks in table
+# 20, everything else in 90) and the fallback blackholes.
+baseline_hv_setup() { # HV
+    local hv=$1 net p a
+    nsx "$hv" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+        net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.all.accept_redirects=0 \
+        net.ipv6.conf.all.accept_redirects=0 net.ipv4.conf.all.send_redirects=0 \
+        net.ipv4.conf.default.send_redirects=0
+    for net in "${NETWORKS[@]}"; do
+        for p in "${PATHS[@]}"; do
+            for a in ${UPLINK[$hv,$net,$p]}; do
+                addr_add "$hv" "$p-$net" "$a"
+            done
+            nsx "$hv" sysctl -qw "net.ipv4.conf.$p-$net.send_redirects=0"
+        done
+    done
+    ip -n "$hv" rule add iif lo lookup main priority 21
+    # IPv6: main first for everything (the seed's rule): the kernel checks
+    # an IPv6 next hop in the route's table, then by the rules, and table
+    # 90's default (via path a) would refuse path b's next hops.
+    ip -n "$hv" -6 rule add lookup main priority 51
+    for p in "${PATHS[@]}"; do
+        ip -n "$hv" rule add iif "$p-private" lookup "${FABRIC_TABLE[private]}" priority 26
+        ip -n "$hv" -6 rule add iif "$p-private" lookup "${FABRIC_TABLE[private]}" priority 56
+    done
+    ip -n "$hv" rule add lookup "${FABRIC_TABLE[public]}" priority 99
+    ip -n "$hv" -6 rule add lookup "${FABRIC_TABLE[public]}" priority 99
+    for net in "${NETWORKS[@]}"; do
+        ip -n "$hv" route add blackhole default metric 4294967294 table "${FABRIC_TABLE[$net]}"
+        ip -n "$hv" -6 route add blackhole default metric 4294967294 table "${FABRIC_TABLE[$net]}"
+    done
+}
+
+# A VM's interface on its hypervisor, as the seed's script set it up: the
+# gateway 203.0.113.254/24 noprefixroute (dnsmasq needs the netmask; no
+# route), fe80::1 as the only link-local (radvd's source, the VMs' IPv6
+# gateway) and the shared /64's ::fe/64 noprefixroute (dnsmasq's DHCPv6
+# context; BIRD then takes the IPv6 anycast's next hop for a neighbour), proxy
+# ARP without delay, rp_filter, and the host routes (and the anycast via
+# the VM) in the fabric's table, metric 10.
+baseline_vm_attach() { # VM
+    local vm=$1 hv=${VM_HV[$1]} fab=${VM_FABRIC[$1]} t
+    t=${FABRIC_TABLE[$fab]}
+    ip -n "$hv" addr add "${FABRIC_GATEWAY_V4[$fab]}/${VM_V4[$vm]#*/}" dev "$vm" scope link noprefixroute
+    ip -n "$hv" -6 addr add "$GATEWAY_V6/64" dev "$vm" nodad
+    ip -n "$hv" -6 addr add "$(baseline_v6_server "$fab")/64" dev "$vm" nodad noprefixroute
+    nsx "$hv" sysctl -qw "net.ipv4.conf.$vm.proxy_arp=1" "net.ipv4.neigh.$vm.proxy_delay=0" \
+        "net.ipv4.conf.$vm.rp_filter=1" "net.ipv4.conf.$vm.send_redirects=0" \
+        "net.ipv4.conf.$vm.promote_secondaries=1"
+    ip -n "$hv" route add "${V4A[$vm]}/32" dev "$vm" table "$t" metric 10
+    if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+        ip -n "$hv" -6 route add "${VM_V6_PREFIX[$vm]}" dev "$vm" table "$t" metric 10
+    else
+        ip -n "$hv" -6 route add "${V6A[$vm]}/128" dev "$vm" table "$t" metric 10
+    fi
+    if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
+        ip -n "$hv" route add "$ANYCAST_V4/32" via "${V4A[$vm]}" dev "$vm" onlink table "$t" metric 10
+        ip -n "$hv" -6 route add "$ANYCAST_V6/128" via "${V6A[$vm]}" dev "$vm" onlink table "$t" metric 10
+    fi
+}
+
+# The shared /64 of FABRIC (its first IPv6 subnet) and the hypervisors'
+# ::fe in it.
+baseline_shared64() { # FABRIC
+    local s
+    for s in ${FABRIC_SUBNETS[$1]}; do
+        [[ $s != *:* ]] || {
+            echo "$s"
+            return 0
+        }
+    done
+}
+
+baseline_v6_server() { # FABRIC
+    local s
+    s=$(baseline_shared64 "$1")
+    echo "${s%%::/*}::fe"
+}
+
+baseline_hv_vms() { # HV: its VMs
+    local vm
+    for vm in "${VMS[@]}"; do
+        [[ ${VM_HV[$vm]} != "$1" ]] || echo "$vm"
+    done
+}
+
+# BIRD 2 on HV: one session per (network, path) to the path's reflector
+# (IPv4 + IPv6 on public, as the agent's MP-BGP sessions; IPv4 on
+# private, which has no IPv6 uplinks), next hop self, ADD-PATH rx, and
+# one kernel protocol per (network, family) that learns the lab's VM
+# routes (metric 10; not the blackholes) and installs the learned ones,
+# merged into ECMP routes. The seed's 'rr_client' and 'kernel1' templates
+# (BFD off: the agent's lab sessions have none either).
+write_baseline_bird() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 net p rr v4 v6 t
+    {
+        echo "# Generated by lab/up --baseline from the lab's topology ($LAB_TOPOLOGY)."
+        echo "router id $(addr_of "${UPLINK[$hv,private,a]%% *}");"
+        echo "log \"$dir/bird.log\" all;"
+        echo "protocol device { scan time 10; }"
+        for net in "${NETWORKS[@]}"; do
+            t=${FABRIC_TABLE[$net]}
+            cat <<EOF2
+ipv4 table ${net}4;
+ipv6 table ${net}6;
+protocol kernel k_${net}4 {
+    ipv4 { table ${net}4; import where krt_metric < 4294967294; export where source = RTS_BGP; };
+    kernel table $t; learn; persist; scan time 10; merge paths on;
+}
+protocol kernel k_${net}6 {
+    ipv6 { table ${net}6; import where krt_metric < 4294967294; export where source = RTS_BGP; };
+    kernel table $t; learn; persist; scan time 10; merge paths on;
+}
+EOF2
+            for p in "${PATHS[@]}"; do
+                # shellcheck disable=SC2086
+                v4=$(ipv4_of ${UPLINK[$hv,$net,$p]})
+                # shellcheck disable=SC2086
+                v6=$(ipv6_of ${UPLINK[$hv,$net,$p]})
+                for rr in "${RRS[@]}"; do
+                    [[ ${RR_PATH[$rr]} == "$p" ]] || continue
+                    echo "protocol bgp ${net}_${p}_$rr {"
+                    echo "    local $v4 as $ASN;"
+                    echo "    neighbor $(rr_local4 "$rr" "$net") as $ASN;"
+                    echo "    direct; ttl security on; hold time $BGP_HOLD;"
+                    echo "    $BIRD_RETRY"
+                    echo "    ipv4 { table ${net}4; import all; export where source = RTS_INHERIT; next hop self; add paths rx; };"
+                    [[ -z $v6 ]] ||
+                        echo "    ipv6 { table ${net}6; import all; export where source = RTS_INHERIT; next hop self; next hop address $v6; add paths rx; };"
+                    echo "}"
+                done
+            done
+        done
+    } >"$dir/bird.conf"
+}
+
+# ndppd: every VM interface answers neighbour solicitations for the
+# shared /64 (the seed's 'static' rule: stateless, it answers what it has
+# no route for too).
+write_baseline_ndppd() { # HV
+    local hv=$1 vm
+    for vm in $(baseline_hv_vms "$hv"); do
+        cat <<EOF2
+proxy $vm {
+    router yes
+    rule $(baseline_shared64 "${VM_FABRIC[$vm]}") {
+        static
+    }
+}
+EOF2
+    done >"$LAB_RUN/$hv/ndppd.conf"
+}
+
+# radvd: the seed's intervals (3-10 s); on the shared /64 M=1, A=0 (the
+# address by DHCPv6, as the agent's 'shared-dhcpv6'), a VM's own /64 with
+# A=1 (SLAAC).
+write_baseline_radvd() { # HV
+    local hv=$1 vm
+    for vm in $(baseline_hv_vms "$hv"); do
+        echo "interface $vm {"
+        echo "    AdvSendAdvert on; MinRtrAdvInterval 3; MaxRtrAdvInterval 10;"
+        if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+            echo "    prefix ${VM_V6_PREFIX[$vm]} { AdvOnLink on; AdvAutonomous on; AdvRouterAddr off; };"
+        else
+            echo "    AdvManagedFlag on;"
+            echo "    prefix $(baseline_shared64 "${VM_FABRIC[$vm]}") { AdvOnLink on; AdvAutonomous off; AdvRouterAddr off; };"
+        fi
+        echo "};"
+    done >"$LAB_RUN/$hv/radvd.conf"
+}
+
+# dnsmasq: the seed's options (no DNS, static DHCPv4 leases by MAC, the
+# gateway as router) plus static DHCPv6 leases on the shared /64.
+write_baseline_dnsmasq() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 vm fab shared
+    fab=${NETWORKS[0]}
+    shared=$(baseline_shared64 "$fab")
+    {
+        echo "# Generated by lab/up --baseline (the seed's dnsmasq options, plus DHCPv6)."
+        echo "port=0"
+        echo "no-resolv"
+        echo "no-hosts"
+        echo "no-ping"
+        echo "dhcp-authoritative"
+        echo "bind-interfaces"
+        echo "except-interface=lo"
+        echo "user=root"
+        echo "group=root"
+        echo "pid-file=$dir/dnsmasq.pid"
+        echo "dhcp-leasefile=$dir/dnsmasq.leases"
+        echo "log-facility=$dir/dnsmasq.log"
+        echo "dhcp-range=tag:known,$(addr_of "${FABRIC_SUBNETS[$fab]%% *}"),static,255.255.255.0,infinite"
+        echo "dhcp-range=tag:known,${shared%/*},static,64,infinite"
+        echo "dhcp-option=option:router,${FABRIC_GATEWAY_V4[$fab]}"
+        for vm in $(baseline_hv_vms "$hv"); do
+            echo "interface=$vm"
+            if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+                echo "dhcp-host=${VM_MAC[$vm]},${V4A[$vm]},$vm"
+            else
+                echo "dhcp-host=${VM_MAC[$vm]},${V4A[$vm]},[${V6A[$vm]}],$vm"
+            fi
+        done
+    } >"$dir/dnsmasq.conf"
+}
+
+# Starts HV's four daemons (each writes its PID file in $LAB_RUN/<hv>/,
+# which lab/down kills by).
+baseline_start() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 out
+    write_baseline_bird "$hv"
+    write_baseline_ndppd "$hv"
+    write_baseline_radvd "$hv"
+    write_baseline_dnsmasq "$hv"
+    out=$(nsx "$hv" bird -p -c "$dir/bird.conf" 2>&1) || die "$hv: $dir/bird.conf: $out"
+    nsx "$hv" bird -c "$dir/bird.conf" -s "$dir/bird.ctl" -P "$dir/bird.pid" ||
+        die "$hv: bird did not start (config $dir/bird.conf)"
+    nsx "$hv" ndppd -d -c "$dir/ndppd.conf" -p "$dir/ndppd.pid" >>"$dir/ndppd.log" 2>&1 ||
+        die "$hv: ndppd did not start (log $dir/ndppd.log)"
+    nsx "$hv" radvd -C "$dir/radvd.conf" -p "$dir/radvd.pid" -m logfile -l "$dir/radvd.log" ||
+        die "$hv: radvd did not start (log $dir/radvd.log)"
+    nsx "$hv" dnsmasq -C "$dir/dnsmasq.conf" ||
+        die "$hv: dnsmasq did not start (log $dir/dnsmasq.log)"
+}
+
+# The baseline daemons of HV, "name pidfile" per line.
+baseline_processes() { # HV
+    local d
+    for d in bird ndppd radvd dnsmasq; do
+        echo "$d $LAB_RUN/$1/$d.pid"
+    done
+}
+
+# Waits (10 s) until HV's four daemons run (their PID files).
+baseline_wait() { # HV
+    local hv=$1 i ok name pidfile pid
+    for ((i = 0; i < 100; i++)); do
+        ok=1
+        while read -r name pidfile; do
+            pid=$(head -n 1 "$pidfile" 2>/dev/null || true)
+            pid_in_ns "$pid" "$hv" || ok=0
+        done < <(baseline_processes "$hv")
+        ((ok)) && return 0
+        sleep 0.1
+    done
+    die "$hv: the baseline daemons are not all running after 10 s (logs in $LAB_RUN/$hv)"
+}
+
+# Established BGP sessions of HV (the agent's, or its BIRD's).
+hv_sessions_established() { # HV
+    if [[ $STACK == baseline ]]; then
+        nsx "$1" birdc -s "$LAB_RUN/$1/bird.ctl" show protocols 2>/dev/null |
+            awk '$2 == "BGP" && /Established/ {n++} END {print n + 0}'
+    else
+        "$L3HV" --config "$(hv_config "$1")" --timeout 2 peers --json 2>/dev/null |
+            jq '[.[] | select(.state == "Established")] | length' 2>/dev/null || echo 0
+    fi
 }
