@@ -53,6 +53,10 @@ interplay with the entries l3hvd still programs: vm1 solicits vm0's
 address, for which tap1 has an entry, and every advertisement is recorded
 (flags), and whether vm1's RA default route via fe80::1 survives.
 
+--quick: sizes 0, 1000, 5000 with budgets of 120 s and 30 s (about 4 min).
+The default run takes about 15 min: 10,000 x 20 entries alone take over
+4 min to add (the cost per entry grows with the entries already there).
+
 Prints Markdown; --json writes every number, including the rate curves.
 """
 import argparse, ipaddress, json, os, random, re, shutil, signal, struct, subprocess
@@ -64,7 +68,7 @@ NET = "2001:db8:cb00:7100"
 VM0_ADDR = NET + ":ffff::5"
 MISS = NET + "::dead:beef"            # solicited-node ff02::1:ffad:beef: no entry has it
 POOL_BASE = 0x10000                   # entry i = NET::1:0 + i
-CHUNK_ADDRS = 1000                    # addresses per ip -batch chunk (x ifaces lines)
+CHUNK_ADDRS = 250                     # addresses per ip -batch chunk (x ifaces lines)
 STARTED = []                          # Popen objects of this run, killed on exit
 CREATED_NS = []
 
@@ -419,7 +423,13 @@ def run_entries(ifaces, n, samples, budget, rm_budget, log):
     res["mem_delta_kib"] = {k: mem1[k] - mem0[k] for k in mem0}
     res["slab_delta"] = slab_delta(slab0, slab1)[:8]
     if got:
-        res["slab_bytes_per_entry"] = sum(d[2] for d in slab_delta(slab0, slab1)) / (got * ifaces)
+        # What the entries themselves take: the kmalloc caches that grew by
+        # about one object per entry (other caches move with the page cache
+        # of whatever else runs on the host).
+        grew = [d for d in slab_delta(slab0, slab1)
+                if d[0].startswith("kmalloc") and d[1] > 0.5 * got * ifaces]
+        res["slab_caches_per_entry"] = [(d[0], round(d[1] / (got * ifaces), 2)) for d in grew]
+        res["slab_bytes_per_entry"] = sum(d[2] for d in grew) / (got * ifaces)
         res["sunreclaim_bytes_per_entry"] = res["mem_delta_kib"]["SUnreclaim"] * 1024 / (got * ifaces)
     log(f"    {res['proxy_entries']} entries, {res['maddr_tap0']} groups on tap0, "
         f"Slab {res['mem_delta_kib']['Slab']:+} KiB, SUnreclaim {res['mem_delta_kib']['SUnreclaim']:+} KiB, "
@@ -450,9 +460,10 @@ def run_entries(ifaces, n, samples, budget, rm_budget, log):
         log(f"    NS->NA {k:15} answered {v['answered']:>3}/{v['n']:<3} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
     if n:
         res["remove"] = remove(ifaces, res["program"]["addresses"], rm_budget, log)
-        settle()
+        settle(5.0)
         mem2, slab2 = meminfo(), slabinfo()
         res["mem_after_removal_kib"] = {k: mem2[k] - mem0[k] for k in mem0}
+        res["slab_after_removal"] = [d for d in slab_delta(slab0, slab2) if d[0].startswith("kmalloc")][:4]
     teardown()
     return res
 
@@ -633,12 +644,12 @@ def dual_answers(l3hv, cfg, vm, vmf, log):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="sizes 0,1000,10000")
+    ap.add_argument("--quick", action="store_true", help="sizes 0,1000,5000, budgets 120 s and 30 s")
     ap.add_argument("--sizes", default="0,10000,100000", help="addresses per interface")
     ap.add_argument("--ifaces", type=int, default=20)
     ap.add_argument("--samples", type=int, default=300)
-    ap.add_argument("--budget", type=float, default=300.0, help="seconds of programming per size at most")
-    ap.add_argument("--rm-budget", type=float, default=90.0, help="seconds of neigh del per size at most")
+    ap.add_argument("--budget", type=float, help="seconds of programming per size at most (300)")
+    ap.add_argument("--rm-budget", type=float, help="seconds of neigh del per size at most (90)")
     ap.add_argument("--l3hvd", default="target/release/l3hvd")
     ap.add_argument("--l3hv", default="target/release/l3hv")
     ap.add_argument("--json")
@@ -647,7 +658,11 @@ def main():
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
-    sizes = [0, 1000, 10000] if a.quick else [int(x) for x in a.sizes.split(",")]
+    sizes = [0, 1000, 5000] if a.quick else [int(x) for x in a.sizes.split(",")]
+    if a.budget is None:
+        a.budget = 120.0 if a.quick else 300.0
+    if a.rm_budget is None:
+        a.rm_budget = 30.0 if a.quick else 90.0
 
     def log(m):
         print(m, file=sys.stderr, flush=True)
@@ -685,7 +700,7 @@ def report(out):
           f"after {out['uptime_after']}; {out['seconds']:.0f} s\n")
     if out["entries"]:
         print("| N per iface | entries | programming (s) | rate first→last chunk (/s) | groups tap0 "
-              "| Slab Δ (MiB) | slab B/entry | VM rx pkts | removal | ")
+              "| Slab Δ (MiB) | kmalloc B/entry | VM rx pkts (MLD) | removal |")
         print("|---:|---:|---:|---|---:|---:|---:|---:|---|")
         for r in out["entries"]:
             p = r.get("program")
@@ -701,6 +716,12 @@ def report(out):
                       f"{p['vm_rx_packets']} | {rem} |")
             else:
                 print(f"| 0 | 0 | — | — | {r['maddr_tap0']} | — | — | — | — |")
+        for r in out["entries"]:
+            if r.get("slab_caches_per_entry"):
+                c = r["program"]["curve"]
+                print(f"N={r['n']}: objects per entry {r['slab_caches_per_entry']}, SUnreclaim "
+                      f"{r['sunreclaim_bytes_per_entry']:.0f} B/entry; rate curve (entries: /s) "
+                      + ", ".join(f"{x['entries']}: {x['rate_per_s']:.0f}" for x in c[::max(1, len(c) // 8)] + c[-1:]))
         print()
         print("| N per iface | NS→NA (ms) random p50 / p99 | last-added p50 / p99 | first-added p50 / p99 "
               "| miss answered | miss then last-added p50 / p99 | unicast NS answered |")
