@@ -677,6 +677,7 @@ def main():
         raise KeyboardInterrupt(f"signal {sig}")
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # also when started with SIGINT ignored (a background job)
 
     t_start = time.time()
     out = {"kernel": os.uname().release, "uptime_before": open("/proc/loadavg").read().strip(),
