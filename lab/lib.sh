@@ -1,106 +1,105 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034 # the variables are used by the scripts sourcing this
-# lab/lib.sh: the lab's topology and the helpers lab/up, lab/down and
-# lab/status share. Sourced, never executed.
+# lab/lib.sh: the helpers lab/up, lab/down, lab/status and lab/test share,
+# and the reader of the lab's topology. Sourced, never executed.
 #
-# The TOPOLOGY section below is the one description of the lab: lab/up builds
-# the namespaces, veths and bridges from it and generates every hypervisor's
-# l3hv.toml and every VM's intent from it; lab/down and lab/status read the
-# namespace list from it. Change the lab here and nowhere else.
+# The topology (paths and their switches, fabrics, hypervisors and their
+# uplinks, reflectors, the internet router, VMs) is one description,
+# lab/topology.json (the seed's lab). `lab/up --hypervisors N --vms-per-hv
+# M` derives a larger one from it (gen_topology). lab/up keeps the one it
+# built in $LAB_RUN/topology.json; load_topology reads a description into
+# the arrays below, from which lab/up builds the namespaces, veths and
+# bridges and generates every hypervisor's l3hv.toml and every VM's domain
+# XML; lab/down, lab/status and lab/test read the lab that is up the same
+# way. Change the seed lab in lab/topology.json and nowhere else.
 #
-# SAFETY: everything the lab does happens inside the namespaces named here.
-# Nothing touches the root namespace's links, routes, rules or sysctls, and
-# only processes the lab started are killed, by PID.
+# SAFETY: everything the lab does happens inside the namespaces of its
+# description (and lab/down also sweeps the lab's own name patterns, see
+# lab_namespaces_present). Nothing touches the root namespace's links,
+# routes, rules or sysctls, and only processes the lab started are killed,
+# by PID.
 
 # ================================================================ TOPOLOGY ==
 
 # Where the lab keeps its configs, state, logs and PID files.
 LAB_RUN=/run/l3hv-lab
 
-# Fabric paths: two independent L2 fabrics, each a "switch" namespace.
-PATHS=(a b)
-declare -A SWITCH=([a]=swA [b]=swB)
+# The seed's description, and the one of the lab that is up.
+LAB_TOPOLOGY_SEED=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)/topology.json
+LAB_TOPOLOGY_UP=$LAB_RUN/topology.json
 
-# The networks (the seed's VLANs public 90 and private 20) every path
-# carries. The kernel here has no 8021q: each (path, network) is one bridge
-# "br-<network>" in the path's switch namespace, and each host on it has one
-# veth "<path>-<network>" (e.g. a-public) plugged into that bridge.
-NETWORKS=(public private)
-# Short names for the switch ports ("<host>-<short>", at most 15 characters).
-declare -A NETWORK_SHORT=([public]=pub [private]=priv)
-
-# One l3hv fabric per network, as written into every l3hv.toml.
-declare -A FABRIC_TABLE=([public]=90 [private]=20)
-declare -A FABRIC_CATCH_ALL=([public]=true [private]=false)
-declare -A FABRIC_SUBNETS=(
-    [public]="203.0.113.0/24 2001:db8:cb00:7100::/64 2001:db8:cb00:7104::/64"
-    [private]="172.22.2.0/24"
-)
-declare -A FABRIC_GATEWAY_V4=([public]=203.0.113.254 [private]=172.22.2.254)
-# Empty: the agent's default.
-declare -A FABRIC_IPV6_MODE=([public]=shared-dhcpv6 [private]="")
-GATEWAY_V6=fe80::1
-ASN=65000
-# The agents' log filter (RUST_LOG syntax).
-LOG_LEVEL="l3hv=debug,info"
-
-# Hypervisors and their uplink addresses per (network, path). The lab only
-# creates and ups the veths: l3hvd adds these addresses itself. The router
-# id is the private path-a address.
-HVS=(hv1 hv2 hv3)
-declare -A UPLINK=(
-    [hv1,public,a]="198.51.100.101/25 2001:db8:c633:6400::101/120"
-    [hv1,public,b]="198.51.100.201/25 2001:db8:c633:6401::201/120"
-    [hv1,private,a]="172.22.15.101/25"
-    [hv1,private,b]="172.22.15.201/25"
-    [hv2,public,a]="198.51.100.102/25 2001:db8:c633:6400::102/120"
-    [hv2,public,b]="198.51.100.202/25 2001:db8:c633:6401::202/120"
-    [hv2,private,a]="172.22.15.102/25"
-    [hv2,private,b]="172.22.15.202/25"
-    [hv3,public,a]="198.51.100.103/25 2001:db8:c633:6400::103/120"
-    [hv3,public,b]="198.51.100.203/25 2001:db8:c633:6401::203/120"
-    [hv3,private,a]="172.22.15.103/25"
-    [hv3,private,b]="172.22.15.203/25"
-)
-
+# Filled by load_topology from the description (lab/README.md describes
+# every field). Paths: independent L2 fabrics, each a "switch" namespace.
+# Networks (the seed's VLANs public 90 and private 20): every path carries
+# each of them; the kernel here has no 8021q, so each (path, network) is
+# one bridge "br-<network>" in the path's switch namespace, and each host
+# on it has one veth "<path>-<network>" (e.g. a-public) plugged into that
+# bridge, whose switch end is "<host>-<short>" (at most 15 characters).
+# Each network is one l3hv fabric (FABRIC_*) in every l3hv.toml.
+PATHS=()
+declare -A SWITCH=()
+NETWORKS=()
+declare -A NETWORK_SHORT=() FABRIC_TABLE=() FABRIC_CATCH_ALL=() FABRIC_SUBNETS=()
+declare -A FABRIC_GATEWAY_V4=() FABRIC_IPV6_MODE=()
+GATEWAY_V6=""
+ASN=""
+# Hypervisors and their uplink addresses per (hv,network,path): the lab
+# only creates and ups the veths, l3hvd adds these addresses itself. The
+# router id is the private path-a address.
+HVS=()
+declare -A UPLINK=()
 # Route reflectors: one per path, on every network of that path. Their
 # IPv4 addresses (without the length) are the reflectors of the
 # hypervisors' paths: one MP-BGP session (IPv4 + IPv6 unicast) per path and
 # network. Their IPv6 addresses are never listed as reflectors (that would
-# open a second session); they only serve the IPv6 next hops.
-#
-# The implementation (lab/up --rr): bird (default: one BIRD 2 per rr, one
-# pair of tables and one set of sessions per network), frr or gobgp (one
-# bgpd / gobgpd per rr and network, bound to that network's address).
-# Every network's clients are reflected to each other only.
-RRS=(rr1 rr2)
-declare -A RR_PATH=([rr1]=a [rr2]=b)
-declare -A RR_ADDR=(
-    [rr1,public]="198.51.100.126/25 2001:db8:c633:6400::126/120"
-    [rr1,private]="172.22.15.126/25"
-    [rr2,public]="198.51.100.226/25 2001:db8:c633:6401::226/120"
-    [rr2,private]="172.22.15.226/25"
-)
-
-# The "internet" router: on the public network of both paths, with the
-# internet host's addresses on its lo. Note the IPv6 uplink /120s: the
+# open a second session); they only serve the IPv6 next hops. The
+# implementation (lab/up --rr): bird (default: one BIRD 2 per rr, one pair
+# of tables and one set of sessions per network), frr or gobgp (one bgpd /
+# gobgpd per rr and network, bound to that network's address). Every
+# network's clients are reflected to each other only.
+RRS=()
+declare -A RR_PATH=() RR_ADDR=()
+# The "internet" router: on INTERNET_NETWORK of every path, the internet
+# host's addresses on its lo. It runs BIRD 2 whatever --rr says: an iBGP
+# client of the reflector of each path, announcing 0.0.0.0/0 and ::/0 with
+# itself (that path's address) as next hop, and installing what it learns
+# (the VM routes) into its kernel. Note the seed's IPv6 uplink /120s: the
 # host parts are hexadecimal, so path a (::101-::103, ::126) is really
-# 2001:db8:c633:6400::100/120 and path b (::201-::203, ::226) is
-# 2001:db8:c633:6401::200/120; ::1 would be off-link. The router is ::1fe
-# and ::2fe.
-INTERNET=internet
-INTERNET_NETWORK=public
-declare -A INTERNET_ADDR=(
-    [a]="198.51.100.1/25 2001:db8:c633:6400::1fe/120"
-    [b]="198.51.100.129/25 2001:db8:c633:6401::2fe/120"
-)
-INTERNET_HOST_V4=192.0.2.8
-INTERNET_HOST_V6=2001:db8:ffff::8
-# The internet router runs BIRD 2 whatever --rr says: an iBGP client of the
-# reflector of each path on INTERNET_NETWORK, announcing 0.0.0.0/0 and ::/0
-# with itself (that path's address) as next hop, and installing what it
-# learns (the VM routes) into its kernel.
-INTERNET_ROUTER_ID=198.51.100.1
+# 2001:db8:c633:6400::100/120; the router is ::1fe and ::2fe.
+INTERNET=""
+INTERNET_NETWORK=""
+declare -A INTERNET_ADDR=()
+INTERNET_HOST_V4=""
+INTERNET_HOST_V6=""
+INTERNET_ROUTER_ID=""
+# VMs: a namespace each, eth0 on a veth whose hypervisor end is named after
+# the VM (adopted by l3hvd). VM_V4 and VM_V6 are the addresses the VM ends
+# up with: by default it gets them from the agent (DHCPv4; DHCPv6 on the
+# shared /64, SLAAC in a /64 of its own), with `lab/up --static` lab/up
+# configures them. VM_V6_PREFIX ("ipv6": "prefix" in the description) is
+# routed to the VM as a /64 of its own (IPv6 mode 1, "ipv6_prefixes"; the
+# VM's address is then its SLAAC EUI-64 address, from its MAC), otherwise
+# ("ipv6": "address") the address alone is (mode 2, "ipv6": the RAs say
+# A=0 M=1 and DHCPv6 hands it out). VM_SYSCTLS: IPv6 sysctls of the VM's
+# eth0, set before the link comes up (the seed's vm3: temporary addresses
+# and a random stable-privacy interface id, still reachable on its
+# intended DHCPv6 address). VM_ANYCAST: the anycast addresses on the VM's
+# lo, routed via the VM's own address. V4A / V6A: the addresses without
+# their length; VM_INDEX: the VM's position (from 0).
+VMS=()
+declare -A VM_HV=() VM_FABRIC=() VM_MAC=() VM_V4=() VM_V6=() VM_V6_PREFIX=()
+declare -A VM_SYSCTLS=() VM_ANYCAST=() V4A=() V6A=() VM_INDEX=()
+ANYCAST_V4=""
+ANYCAST_V6=""
+SWITCHES=()
+# Every namespace the lab creates, and the only ones lab/down deletes
+# (with lab_namespaces_present's sweep).
+LAB_NAMESPACES=()
+# The matrix's columns.
+COLUMNS_=()
+
+# The agents' log filter (RUST_LOG syntax).
+LOG_LEVEL="l3hv=debug,info"
 
 # The BGP hold time (seconds) of every session: agents, reflectors and the
 # internet router. Short, so that a path fault that keeps the carrier up
@@ -118,44 +117,6 @@ BIRD_RETRY="connect delay time 1; connect retry time $BGP_RETRY; error wait time
 # probes.
 BGP_WAIT=30
 
-# VMs: a namespace each, eth0 on a veth whose hypervisor end is named after
-# the VM (adopted by l3hvd). VM_V4 and VM_V6 are the addresses the VM ends
-# up with: by default it gets them from the agent (DHCPv4; DHCPv6 on the
-# shared /64, SLAAC in a /64 of its own), with `lab/up --static` lab/up
-# configures them. VM_V6_PREFIX, when set, is routed to the VM as a /64 of
-# its own (IPv6 mode 1, "ipv6_prefixes"; the VM's address is then its
-# SLAAC EUI-64 address, from its MAC), otherwise the address alone is
-# (mode 2, "ipv6": the RAs say A=0 M=1 and DHCPv6 hands it out).
-VMS=(vm1 vm2 vm3 vm4)
-declare -A VM_HV=([vm1]=hv1 [vm2]=hv1 [vm3]=hv2 [vm4]=hv3)
-declare -A VM_FABRIC=([vm1]=public [vm2]=public [vm3]=public [vm4]=public)
-declare -A VM_MAC=(
-    [vm1]=52:54:33:00:00:01 [vm2]=52:54:33:00:00:02
-    [vm3]=52:54:33:00:00:03 [vm4]=52:54:33:00:00:04
-)
-declare -A VM_V4=(
-    [vm1]=203.0.113.1/24 [vm2]=203.0.113.2/24
-    [vm3]=203.0.113.3/24 [vm4]=203.0.113.4/24
-)
-declare -A VM_V6=(
-    [vm1]=2001:db8:cb00:7100::1/64 [vm2]=2001:db8:cb00:7100::2/64
-    [vm3]=2001:db8:cb00:7100::3/64 [vm4]=2001:db8:cb00:7104:5054:33ff:fe00:4/64
-)
-declare -A VM_V6_PREFIX=([vm4]=2001:db8:cb00:7104::/64)
-# Per-VM IPv6 sysctls of eth0 (set before the link comes up), as in the
-# seed: vm3 has temporary addresses and a random stable-privacy interface
-# id (addr_gen_mode 3), and must still be reachable on its intended
-# address (DHCPv6: the RAs of the shared /64 say A=0, so no SLAAC address
-# at all). vm4 forms its SLAAC address from its MAC (EUI-64, mode 0).
-declare -A VM_SYSCTLS=(
-    [vm3]="use_tempaddr=2 addr_gen_mode=3"
-    [vm4]="addr_gen_mode=0"
-)
-# Anycast: on the VM's lo, routed via the VM's own address.
-ANYCAST_V4=203.0.113.10
-ANYCAST_V6=2001:db8:cb00:7100:5254:33ff:fe00:100
-declare -A VM_ANYCAST=([vm1]=1 [vm3]=1)
-
 # What the agent can do today; lab/up's matrix expects the paths that need
 # a missing feature to fail. Flip these as the features land.
 HAVE_BGP=1        # cross-hypervisor and internet routes (issue 5)
@@ -169,11 +130,6 @@ HAVE_TAP_LL_ROUTE=1
 
 # ================================================================= helpers ==
 
-SWITCHES=()
-for _p in "${PATHS[@]}"; do SWITCHES+=("${SWITCH[$_p]}"); done
-unset _p
-# Every namespace the lab creates, and the only ones lab/down deletes.
-LAB_NAMESPACES=("${SWITCHES[@]}" "${HVS[@]}" "${RRS[@]}" "$INTERNET" "${VMS[@]}")
 
 die() {
     echo "lab: $*" >&2
@@ -308,6 +264,206 @@ rr_processes() { # RR
     esac
 }
 
+# ================================================== topology description ==
+
+# The jq program turning a description into bash assignments (for eval:
+# every value goes through @sh). It checks what the rest of lib.sh
+# relies on and stops with a message otherwise.
+# shellcheck disable=SC2016 # jq, not shell
+TOPOLOGY_JQ='
+def sh: tostring | @sh;
+def words: map(tostring) | join(" ") | @sh;
+def need(c; msg): if c then . else error(msg) end;
+. as $t
+| need(([.paths[].name] | length) >= 1; "no paths")
+| need(([.vms[].name] | unique | length) == (.vms | length); "duplicate VM names")
+| need(([.hypervisors[].name] | unique | length) == (.hypervisors | length); "duplicate hypervisor names")
+| need(([.vms[].mac] | unique | length) == (.vms | length); "duplicate VM MACs")
+| need(([.vms[].v4] | unique | length) == (.vms | length); "duplicate VM IPv4 addresses")
+| need(all(.vms[]; (.name | length) <= 15 and (.name | test("^vm[0-9a-z-]*$"))); "VM names must start with vm, at most 15 characters")
+| need(all(.vms[]; .hv as $h | any($t.hypervisors[]; .name == $h)); "a VM on an unknown hypervisor")
+| need(all(.vms[]; (.ipv6 == "prefix" and (.v6_prefix | type) == "string") or (.ipv6 == "address" and .v6_prefix == null)); "ipv6 must be \"address\" (no v6_prefix) or \"prefix\" (with v6_prefix)")
+| "ASN=\(.asn | sh)",
+  "GATEWAY_V6=\(.gateway_v6 | sh)",
+  "PATHS=(\([.paths[].name] | map(@sh) | join(" ")))",
+  (.paths[] | "SWITCH[\(.name | sh)]=\(.switch | sh)"),
+  "NETWORKS=(\([.fabrics[].name] | map(@sh) | join(" ")))",
+  (.fabrics[] | .name as $n
+    | "NETWORK_SHORT[\($n | sh)]=\(.short | sh)",
+      "FABRIC_TABLE[\($n | sh)]=\(.table | sh)",
+      "FABRIC_CATCH_ALL[\($n | sh)]=\(.catch_all // false | sh)",
+      "FABRIC_SUBNETS[\($n | sh)]=\(.subnets | words)",
+      "FABRIC_GATEWAY_V4[\($n | sh)]=\(.gateway_v4 | sh)",
+      "FABRIC_IPV6_MODE[\($n | sh)]=\(.ipv6_mode // "" | sh)"),
+  "HVS=(\([.hypervisors[].name] | map(@sh) | join(" ")))",
+  (.hypervisors[] | .name as $h | .uplinks | to_entries[] | .key as $n | .value | to_entries[]
+    | "UPLINK[\("\($h),\($n),\(.key)" | sh)]=\(.value | words)"),
+  "RRS=(\([.reflectors[].name] | map(@sh) | join(" ")))",
+  (.reflectors[] | .name as $r
+    | "RR_PATH[\($r | sh)]=\(.path | sh)",
+      (.addresses | to_entries[] | "RR_ADDR[\("\($r),\(.key)" | sh)]=\(.value | words)")),
+  "INTERNET=\(.internet.name | sh)",
+  "INTERNET_NETWORK=\(.internet.fabric | sh)",
+  "INTERNET_ROUTER_ID=\(.internet.router_id | sh)",
+  "INTERNET_HOST_V4=\(.internet.host_v4 | sh)",
+  "INTERNET_HOST_V6=\(.internet.host_v6 | sh)",
+  (.internet.addresses | to_entries[] | "INTERNET_ADDR[\(.key | sh)]=\(.value | words)"),
+  "ANYCAST_V4=\(.anycast.v4 | sh)",
+  "ANYCAST_V6=\(.anycast.v6 | sh)",
+  "VMS=(\([.vms[].name] | map(@sh) | join(" ")))",
+  (.vms | to_entries[] | .key as $i | .value | .name as $v
+    | "VM_INDEX[\($v | sh)]=\($i)",
+      "VM_HV[\($v | sh)]=\(.hv | sh)",
+      "VM_FABRIC[\($v | sh)]=\(.fabric | sh)",
+      "VM_MAC[\($v | sh)]=\(.mac | sh)",
+      "VM_V4[\($v | sh)]=\(.v4 | sh)",
+      "V4A[\($v | sh)]=\(.v4 | split("/")[0] | sh)",
+      "VM_V6[\($v | sh)]=\(.v6 | sh)",
+      "V6A[\($v | sh)]=\(.v6 | split("/")[0] | sh)",
+      (select(.ipv6 == "prefix") | "VM_V6_PREFIX[\($v | sh)]=\(.v6_prefix | sh)"),
+      (select((.sysctls // []) | length > 0) | "VM_SYSCTLS[\($v | sh)]=\(.sysctls | words)"),
+      (select(.anycast == true) | "VM_ANYCAST[\($v | sh)]=1"))
+'
+
+# The jq program deriving a larger lab from the seed's description
+# ($hvs hypervisors, $per VMs on each): the same paths, fabrics,
+# reflectors and internet router; hypervisors hv1..hvN whose uplink
+# addresses are hv1's plus N-1 (the last IPv4 octet, and the last IPv6
+# group read as the decimal digits the seed writes: hv24 is .124 and
+# ::124); VMs vm-<h>-<v>, numbered g = 1, 2, ... across the hypervisors,
+# with the seed's pattern of four: g%4 == 0 has a /64 of its own ("prefix",
+# allocated as the shared /64's 4th group + g and added to the fabric's
+# subnets; its address is the SLAAC EUI-64 of its MAC), g%4 == 3 the seed
+# vm3's stable-privacy sysctls, the others a DHCPv6 address (the shared
+# /64 + g, in hex) on the shared /64. IPv4: the g-th free host of the
+# fabric's IPv4 subnet (neither its gateway nor the anycast address). MAC
+# 52:54:33:00:<h>:<v>. The anycast on vm-1-1 and vm-2-1. Every VM on the
+# first fabric (the seed's VMs are all on public).
+# shellcheck disable=SC2016 # jq, not shell
+GEN_TOPOLOGY_JQ='
+def ip4int: split(".") | map(tonumber) | .[0] * 16777216 + .[1] * 65536 + .[2] * 256 + .[3];
+def int2ip4: [(. / 16777216 | floor) % 256, (. / 65536 | floor) % 256, (. / 256 | floor) % 256, . % 256]
+    | map(tostring) | join(".");
+def hex: if . == 0 then "0" else [recurse(if . >= 16 then (. / 16 | floor) else empty end) | . % 16]
+    | reverse | map("0123456789abcdef"[.:.+1]) | join("") end;
+def hex2: hex | if length < 2 then "0" + . else . end;
+def unhex: ascii_downcase | explode | reduce .[] as $c (0; . * 16 + (if $c >= 97 then $c - 87 else $c - 48 end));
+def need(c; msg): if c then . else error(msg) end;
+# An uplink address "A/len" of hypervisor k, from hv1s.
+def shift($k): split("/") as [$a, $len]
+    | if ($a | contains(":")) then
+        ($a | split(":")) as $g
+        | ($g[:-1] + [($g[-1] | tonumber) + $k - 1 | tostring]) | join(":") + "/" + $len
+      else
+        (($a | ip4int) + $k - 1) as $n
+        | ($len | tonumber) as $l | (pow(2; 32 - $l)) as $size
+        | need(($n / $size | floor) == (($a | ip4int) / $size | floor);
+            "hypervisor \($k): \($n | int2ip4) is outside \($a)/\($len)")
+        | ($n | int2ip4) + "/" + $len
+      end;
+. as $seed
+| ($seed.fabrics[0]) as $fab
+| ($fab.subnets | map(select(contains(":") | not))[0]) as $sub4
+| ($fab.subnets | map(select(contains(":")))[0]) as $sub6
+| need($sub4 != null and $sub6 != null and ($sub6 | test("::/64$")); "fabric \($fab.name): needs an IPv4 subnet and an IPv6 \"X::/64\"")
+| ($sub4 | split("/")) as [$net4, $len4]
+| (($net4 | ip4int)) as $base4
+| ([$fab.gateway_v4, $seed.anycast.v4] | map(ip4int)) as $reserved
+| [range(1; pow(2; 32 - ($len4 | tonumber)) - 1) | $base4 + . | select(. as $x | $reserved | index($x) | not)] as $hosts
+| ($sub6 | sub("/64$"; "")) as $pre6
+| ($pre6 | split(":") | map(select(. != ""))) as $g6
+| ($g6[-1] | unhex) as $g6last
+| need($hvs >= 1 and $per >= 1; "--hypervisors and --vms-per-hv must be at least 1")
+| need($hvs * $per <= ($hosts | length); "\($hvs * $per) VMs do not fit in \($sub4) (\($hosts | length) free addresses)")
+| need($hvs <= 255 and $per <= 255; "at most 255 hypervisors and 255 VMs per hypervisor")
+| ($seed.hypervisors[0]) as $hv1
+| .hypervisors = [range(1; $hvs + 1) as $k
+    | {name: "hv\($k)", uplinks: ($hv1.uplinks | map_values(map_values(map(shift($k)))))}]
+| .vms = [range(1; $hvs + 1) as $h | range(1; $per + 1) as $v
+    | (($h - 1) * $per + $v) as $g
+    | "52:54:33:00:\($h | hex2):\($v | hex2)" as $mac
+    | {name: "vm-\($h)-\($v)", hv: "hv\($h)", fabric: $fab.name, mac: $mac,
+       v4: "\($hosts[$g - 1] | int2ip4)/\($len4)"}
+    + if $g % 4 == 0 then
+        (($g6[:-1] + [($g6last + $g) | hex]) | join(":")) as $p
+        | {ipv6: "prefix", v6_prefix: "\($p)::/64", v6: "\($p):5054:33ff:fe00:\($h * 256 + $v | hex)/64",
+           sysctls: ["addr_gen_mode=0"]}
+      else {ipv6: "address", v6: "\($pre6)\($g | hex)/64"} end
+    + if $g % 4 == 3 then {sysctls: ["use_tempaddr=2", "addr_gen_mode=3"]} else {} end
+    + if ($h <= 2 and $v == 1) then {anycast: true} else {} end]
+| .fabrics[0].subnets = ($fab.subnets + [.vms[] | .v6_prefix // empty | select(. as $p | $fab.subnets | index($p) | not)])
+| .comment = "Generated by lab/up --hypervisors \($hvs) --vms-per-hv \($per) from lab/topology.json (lab/lib.sh gen_topology)."
+| ([.hypervisors[].uplinks[][][]] + [.reflectors[].addresses[][]] + [.internet.addresses[][]]
+    | map(split("/")[0])) as $all
+| need(($all | unique | length) == ($all | length); "\($hvs) hypervisors: an uplink address collides with a reflector or the internet router (at most 25 with the seed addressing)")
+'
+
+# Writes the description of a lab of HVS hypervisors with PER VMs each,
+# derived from the seed's, to OUT.
+gen_topology() { # HVS PER OUT
+    jq --argjson hvs "$1" --argjson per "$2" "$GEN_TOPOLOGY_JQ" "$LAB_TOPOLOGY_SEED" >"$3.tmp" ||
+        die "--hypervisors $1 --vms-per-hv $2: cannot derive the topology (above)"
+    mv "$3.tmp" "$3"
+}
+
+# Reads the description FILE into the TOPOLOGY arrays (replacing what
+# they held) and derives SWITCHES, LAB_NAMESPACES and COLUMNS_.
+load_topology() { # FILE
+    local file=$1 code p
+    [[ -r $file ]] || die "no topology description $file"
+    command -v jq >/dev/null 2>&1 || die "jq is needed to read $file (apt-get install jq)"
+    code=$(jq -r "$TOPOLOGY_JQ" "$file") || die "$file: not a valid topology description (above)"
+    PATHS=() NETWORKS=() HVS=() RRS=() VMS=()
+    SWITCH=() NETWORK_SHORT=() FABRIC_TABLE=() FABRIC_CATCH_ALL=() FABRIC_SUBNETS=()
+    FABRIC_GATEWAY_V4=() FABRIC_IPV6_MODE=() UPLINK=() RR_PATH=() RR_ADDR=() INTERNET_ADDR=()
+    VM_HV=() VM_FABRIC=() VM_MAC=() VM_V4=() VM_V6=() VM_V6_PREFIX=() VM_SYSCTLS=()
+    VM_ANYCAST=() V4A=() V6A=() VM_INDEX=()
+    eval "$code"
+    SWITCHES=()
+    for p in "${PATHS[@]}"; do SWITCHES+=("${SWITCH[$p]}"); done
+    LAB_NAMESPACES=("${SWITCHES[@]}" "${HVS[@]}" "${RRS[@]}" "$INTERNET" "${VMS[@]}")
+    COLUMNS_=("${VMS[@]}" anycast gateway internet)
+    LAB_TOPOLOGY=$file
+}
+
+# The description of the lab that is up ($LAB_RUN/topology.json, written
+# by lab/up), or the seed's when none is (lab/down, lab/status, lab/test).
+load_lab_topology() {
+    if [[ -r $LAB_TOPOLOGY_UP ]]; then
+        load_topology "$LAB_TOPOLOGY_UP"
+    elif command -v jq >/dev/null 2>&1; then
+        load_topology "$LAB_TOPOLOGY_SEED"
+    fi
+}
+
+# True when the lab's description is larger than the seed's matrix is
+# meant to print: the report then gives counts and failures, not every
+# cell (lab/README.md "The report at scale").
+SCALE_REPORT_MIN_VMS=9
+scale_report() {
+    ((${#VMS[@]} >= SCALE_REPORT_MIN_VMS))
+}
+
+# The namespaces of the lab that exist: those of its description, and any
+# other of the lab's own names (hvN, rrN, vmN, vm-N-M, swA, swB, internet:
+# a larger lab whose description is gone). Never another name.
+lab_namespaces_present() {
+    local ns
+    local -A seen=()
+    for ns in "${LAB_NAMESPACES[@]}"; do
+        if [[ -z ${seen[$ns]:-} ]] && ns_exists "$ns"; then
+            seen[$ns]=1
+            echo "$ns"
+        fi
+    done
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
+        [[ $ns =~ ^(hv[0-9]+|rr[0-9]+|vm[0-9]+|vm-[0-9]+-[0-9]+|swA|swB|internet)$ ]] || continue
+        [[ -n ${seen[$ns]:-} ]] && continue
+        seen[$ns]=1
+        echo "$ns"
+    done
+}
+
 # ============================================== building and probing ==
 #
 # What lab/up does, step by step, shared with lab/test (which restarts
@@ -430,7 +586,7 @@ write_config() { # HV
     mkdir -p "$dir/state"
     {
         cat <<EOF
-# Generated by lab/up from the topology in lab/lib.sh: edit that, not this.
+# Generated by lab/up from the lab's topology ($LAB_TOPOLOGY): edit that, not this.
 # Format: packaging/l3hv.toml.
 
 [hypervisor]
@@ -606,7 +762,7 @@ write_rr_bird() { # RR
     local rr=$1 dir=$LAB_RUN/$1 net name addr id
     id=$(rr_id "$rr")
     {
-        echo "# Generated by lab/up (--rr bird) from lab/lib.sh."
+        echo "# Generated by lab/up (--rr bird) from the lab's topology ($LAB_TOPOLOGY)."
         echo "router id $id;"
         echo "log \"$dir/bird.log\" all;"
         echo "protocol device {}"
@@ -655,7 +811,7 @@ start_rr_frr() { # RR
         vty=$dir/frr-$net
         mkdir -p "$vty"
         {
-            echo "! Generated by lab/up (--rr frr) from lab/lib.sh."
+            echo "! Generated by lab/up (--rr frr) from the lab's topology ($LAB_TOPOLOGY)."
             echo "frr defaults traditional"
             echo "hostname $rr-$net"
             echo "log file $dir/bgpd-$net.log"
@@ -707,7 +863,7 @@ start_rr_gobgp() { # RR
         local4=$(rr_local4 "$rr" "$net")
         conf=$dir/gobgpd-$net.toml
         {
-            echo "# Generated by lab/up (--rr gobgp) from lab/lib.sh."
+            echo "# Generated by lab/up (--rr gobgp) from the lab's topology ($LAB_TOPOLOGY)."
             echo "[global.config]"
             echo "  as = $ASN"
             echo "  router-id = \"$local4\""
@@ -818,7 +974,7 @@ start_internet() {
     mkdir -p "$dir"
     {
         cat <<EOF
-# Generated by lab/up from lab/lib.sh.
+# Generated by lab/up from the lab's topology ($LAB_TOPOLOGY).
 router id $INTERNET_ROUTER_ID;
 log "$dir/bird.log" all;
 protocol device {}
@@ -893,19 +1049,16 @@ kernel_dst() {
 
 # The prefixes hypervisor HV must learn by BGP on FABRIC: the default
 # routes, and every VM prefix of that fabric held by another hypervisor
-# only (a prefix also held locally is routed to the local VM).
+# only (a prefix also held locally is routed to the local VM). No
+# subshell per VM: 24 hypervisors x 240 VMs are checked every 0.5 s.
 expected_learned() { # HV FABRIC
     local hv=$1 fab=$2 vm h
     local -A mine=() all=()
+    local -a p=()
     [[ $fab != "$INTERNET_NETWORK" ]] || echo "0.0.0.0/0 ::/0"
     for vm in "${VMS[@]}"; do
         [[ ${VM_FABRIC[$vm]} == "$fab" ]] || continue
-        local -a p=("$(addr_of "${VM_V4[$vm]}")/32")
-        if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
-            p+=("${VM_V6_PREFIX[$vm]}")
-        else
-            p+=("$(addr_of "${VM_V6[$vm]}")/128")
-        fi
+        p=("${V4A[$vm]}/32" "${VM_V6_PREFIX[$vm]:-${V6A[$vm]}/128}")
         [[ -z ${VM_ANYCAST[$vm]:-} ]] || p+=("$ANYCAST_V4/32" "$ANYCAST_V6/128")
         for h in "${p[@]}"; do
             all[$h]=1
@@ -915,6 +1068,12 @@ expected_learned() { # HV FABRIC
     for h in "${!all[@]}"; do
         [[ -n ${mine[$h]:-} ]] || echo "$h"
     done
+}
+
+# The number of next hops of a "gw@dev,gw@dev" list.
+nh_count() { # NEXTHOPS
+    local c=${1//[^,]/}
+    echo $((${#c} + 1))
 }
 
 # The uplink interface names ("<path>-<network>") as one regex.
@@ -933,7 +1092,7 @@ uplink_re() {
 # learned by BGP (the agent's own routes to its VMs and its blackholes
 # share the protocol). IPv4 then IPv6.
 learned_routes() { # NS TABLE [PROTO]
-    local ns=$1 table=$2 proto=${3:-203} fam def re
+    local ns=$1 table=$2 proto=${3:-$HV_PROTO} fam def re
     re=$(uplink_re)
     for fam in -4 -6; do
         def=0.0.0.0/0
@@ -954,8 +1113,7 @@ bgp_missing() {
     local -A routes
     for hv in "${HVS[@]}"; do
         want=$((${#NETWORKS[@]} * ${#PATHS[@]}))
-        got=$("$L3HV" --config "$(hv_config "$hv")" --timeout 2 peers --json 2>/dev/null |
-            jq '[.[] | select(.state == "Established")] | length' 2>/dev/null || echo 0)
+        got=$(hv_sessions_established "$hv")
         ((got >= want)) || echo "$hv: $got/$want sessions Established"
         for fab in "${NETWORKS[@]}"; do
             routes=()
@@ -964,13 +1122,17 @@ bgp_missing() {
             done < <(learned_routes "$hv" "${FABRIC_TABLE[$fab]}")
             # shellcheck disable=SC2046
             for p in $(expected_learned "$hv" "$fab"); do
-                dst=$(kernel_dst "$p")
+                case $p in
+                    */32 | */128) dst=${p%/*} ;;
+                    *) dst=$p ;;
+                esac
                 nh=${routes[$dst]:-}
                 if [[ -z $nh ]]; then
                     echo "$hv: $p not in table ${FABRIC_TABLE[$fab]}"
                     continue
                 fi
-                n=$(tr ',' '\n' <<<"$nh" | wc -l)
+                nh=${nh//[^,]/}
+                n=$((${#nh} + 1))
                 ((n >= ${#PATHS[@]})) || echo "$hv: $p has $n next hop(s) in table ${FABRIC_TABLE[$fab]}"
             done
         done
@@ -981,7 +1143,11 @@ bgp_missing() {
     done < <(learned_routes "$INTERNET" main bird)
     for p in $(expected_learned "$INTERNET" "$INTERNET_NETWORK"); do
         [[ $p != 0.0.0.0/0 && $p != ::/0 ]] || continue
-        [[ -n ${routes[$(kernel_dst "$p")]:-} ]] || echo "$INTERNET: $p not in its kernel"
+        case $p in
+            */32 | */128) dst=${p%/*} ;;
+            *) dst=$p ;;
+        esac
+        [[ -n ${routes[$dst]:-} ]] || echo "$INTERNET: $p not in its kernel"
     done
 }
 
@@ -1013,6 +1179,7 @@ wait_bgp() {
 # (lab/up --static: lab/up configures VM_V4 / VM_V6 and the default
 # routes itself). lab/up keeps the choice in $LAB_RUN/addressing.
 ADDRESSING=${ADDRESSING:-agent}
+CONFIGURE_JOBS=${CONFIGURE_JOBS:-24}
 
 # The VM "hardware": its namespace's eth0 on a veth whose other end, in the
 # hypervisor, is named after the VM (the agent adopts it, as it adopts a
@@ -1034,6 +1201,8 @@ create_vm() { # VM
         ip -n "$vm" -6 addr add "$ANYCAST_V6/128" dev lo nodad
     fi
     ip -n "$vm" link set eth0 up
+    # --baseline: fe80::1 only (radvd's source address), as the seed.
+    [[ $STACK != baseline ]] || ip -n "$hv" link set dev "$vm" addrgenmode none
     ip -n "$hv" link set "$vm" up
 }
 
@@ -1044,14 +1213,9 @@ create_vm() { # VM
 # on the shared /64, or the VM's own /64 as a prefix), the anycast routed
 # via the VM. Kept in $LAB_RUN/<hv>/domain-<vm>.xml.
 domain_xml() { # VM
-    local vm=$1 v4 v6 i
-    v4=$(addr_of "${VM_V4[$vm]}")
-    v6=$(addr_of "${VM_V6[$vm]}")
-    for i in "${!VMS[@]}"; do
-        [[ ${VMS[$i]} != "$vm" ]] || break
-    done
+    local vm=$1 v4=${V4A[$1]} v6=${V6A[$1]} i=${VM_INDEX[$1]}
     cat <<EOF
-<!-- Generated by lab/up from lab/lib.sh: what libvirt gives the hook. -->
+<!-- Generated by lab/up from the lab's topology: what libvirt gives the hook. -->
 <domain type='qemu'>
   <name>$vm</name>
   <uuid>$(printf '6c3f1b2e-7d1a-4c55-9a0e-13a1b1e0c%03x' "$((i + 1))")</uuid>
@@ -1270,16 +1434,29 @@ configure_vms() { # [VM...] (default: all)
         done
         return 0
     fi
-    wait_services
-    for vm in "${vms[@]}"; do
-        vm_dhcp "$vm" >"$LAB_RUN/$vm/addressing" 2>&1 &
-        pids+=("$!")
+    [[ $STACK == baseline ]] || wait_services
+    # In batches of CONFIGURE_JOBS (each VM polls for its RA and address:
+    # 240 at once would starve 2 cores); the seed's VMs in one.
+    local i j n=0
+    for ((i = 0; i < ${#vms[@]}; i += CONFIGURE_JOBS)); do
+        pids=()
+        for vm in "${vms[@]:i:CONFIGURE_JOBS}"; do
+            vm_dhcp "$vm" >"$LAB_RUN/$vm/addressing" 2>&1 &
+            pids+=("$!")
+        done
+        for j in "${!pids[@]}"; do
+            vm=${vms[$((i + j))]}
+            if ! wait "${pids[$j]}"; then
+                rc=1
+                log "$vm: $(<"$LAB_RUN/$vm/addressing")"
+            elif ! scale_report; then
+                log "$vm: $(<"$LAB_RUN/$vm/addressing")"
+            else
+                n=$((n + 1))
+            fi
+        done
     done
-    local i
-    for i in "${!vms[@]}"; do
-        wait "${pids[$i]}" || rc=1
-        log "${vms[$i]}: $(<"$LAB_RUN/${vms[$i]}/addressing")"
-    done
+    ! scale_report || log "$n/${#vms[@]} VMs got their addresses ($ADDRESSING; each VM's in $LAB_RUN/<vm>/addressing)"
     return "$rc"
 }
 
@@ -1520,7 +1697,6 @@ qemu_destroy_all() {
 
 # --------------------------------------------------------------- matrix --
 
-COLUMNS_=("${VMS[@]}" anycast gateway internet)
 FAMILIES=(ipv4 ipv6)
 
 anycast_holders() {
@@ -1670,11 +1846,512 @@ probe_all() {
             done
         done
     done
+    probe_underlay
+    # Only the pings: the agents are children of this shell too.
+    wait "${PROBE_PIDS[@]}"
+}
+
+# The hypervisors' underlay pings (in the background, PROBE_PIDS).
+probe_underlay() {
+    local dir=$LAB_RUN/matrix hv label addr
+    mkdir -p "$dir"
     for hv in "${HVS[@]}"; do
         while read -r label addr; do
             probe "$hv" "$addr" "$dir/underlay.$hv.${label//\//_}"
         done < <(underlay_targets)
     done
-    # Only the pings: the agents are children of this shell too.
-    wait "${PROBE_PIDS[@]}"
+}
+
+# ------------------------------------------------------- matrix at scale --
+#
+# With many VMs (scale_report) lab/up measures every pair too, but not
+# with one `ping` process per cell (24 x 10 VMs: 2 x 240 x 243 probes):
+# one fping per source VM and family, the sources one after the other.
+# Why one after the other: the kernel's neighbour tables (ARP and NDP) are
+# shared by every network namespace of the machine, with a hard limit of
+# gc_thresh3 entries (1024 here), which can only be raised in the root
+# namespace, and which the lab leaves alone. The VMs' /24 and shared /64
+# are on-link: a source resolves each destination (the hypervisor answers
+# by proxy), and each destination resolves the source for its reply. So
+# one source creates about 2 x 240 entries, and the lab deletes them
+# before the next source starts: its own table right after its fping, and
+# the destinations' entries for it through one `ip -batch` per VM fed by
+# a FIFO (neigh_workers_start); and a source probes its targets in chunks
+# of PROBE_CHUNK (30), each followed by those flushes. All pairs are
+# probed, none sampled. What failed is probed once more at the end, one
+# ping each (retry_scale_failures), as lab/test retries a failed probe:
+# the report gives both counts.
+
+declare -A NEIGH_FD=()
+
+# One `ip -n VM -force -batch` per VM, reading commands from a FIFO the
+# lab keeps open (NEIGH_FD): a command for 240 namespaces costs 240
+# writes, not 240 processes. They end with lab/up (EOF on the FIFO).
+neigh_workers_start() {
+    local vm fifo fd
+    for vm in "${VMS[@]}"; do
+        ! is_qemu_vm "$vm" || continue
+        fifo=$LAB_RUN/$vm/neigh.fifo
+        rm -f "$fifo"
+        mkfifo "$fifo"
+        ip -n "$vm" -force -batch - <"$fifo" >/dev/null 2>&1 &
+        exec {fd}>"$fifo"
+        NEIGH_FD[$vm]=$fd
+    done
+}
+
+neigh_workers_stop() {
+    local vm fd
+    for vm in "${!NEIGH_FD[@]}"; do
+        fd=${NEIGH_FD[$vm]}
+        exec {fd}>&-
+    done
+    NEIGH_FD=()
+}
+
+# The addresses SRC probes in FAMILY, "column address" per line: every
+# other VM, the anycast, its gateway and the internet host.
+scale_targets() { # FAMILY SRC
+    local fam=$1 src=$2 vm
+    for vm in "${VMS[@]}"; do
+        [[ $vm != "$src" ]] || continue
+        if [[ $fam == ipv4 ]]; then echo "$vm ${V4A[$vm]}"; else echo "$vm ${V6A[$vm]}"; fi
+    done
+    if [[ $fam == ipv4 ]]; then
+        echo "anycast $ANYCAST_V4"
+        echo "gateway ${FABRIC_GATEWAY_V4[${VM_FABRIC[$src]}]}"
+        echo "internet $INTERNET_HOST_V4"
+    else
+        echo "anycast $ANYCAST_V6"
+        echo "gateway $GATEWAY_V6%eth0"
+        echo "internet $INTERNET_HOST_V6"
+    fi
+}
+
+# Probes every (source, target) of FAMILY...: "FAMILY SRC COLUMN ADDRESS"
+# of each failure in $LAB_RUN/matrix/failed, the counts in SCALE_TOTAL /
+# SCALE_OK. fping: 2 tries (timeout 1 s, then 1.5 s), 1 ms between
+# targets. Needs neigh_workers_start.
+SCALE_TOTAL=0
+SCALE_OK=0
+PROBE_CHUNK=${PROBE_CHUNK:-30}
+probe_scale() { # FAMILY...
+    local dir=$LAB_RUN/matrix fam src col addr line vm fl i
+    local -A col_of=()
+    local -a addrs=() tgts=()
+    mkdir -p "$dir"
+    : >"$dir/failed"
+    local t total0 ok0 last_hv=""
+    for fam in "$@"; do
+        fl=-4
+        [[ $fam == ipv4 ]] || fl=-6
+        t=$SECONDS
+        total0=$SCALE_TOTAL
+        ok0=$SCALE_OK
+        for src in "${VMS[@]}"; do
+            ! is_qemu_vm "$src" || continue
+            if [[ ${VM_HV[$src]} != "$last_hv" ]]; then
+                last_hv=${VM_HV[$src]}
+                ((${#HVS[@]} < 8)) || [[ $last_hv != "${HVS[$((${#HVS[@]} / 2))]}" ]] ||
+                    log "$fam: probing from the VMs of $last_hv ($((SCALE_OK - ok0))/$((SCALE_TOTAL - total0)) ok so far)"
+            fi
+            tgts=()
+            while read -r col addr; do
+                ! is_qemu_vm "$col" || continue
+                tgts+=("$col $addr")
+            done < <(scale_targets "$fam" "$src")
+            # In chunks of PROBE_CHUNK targets, each followed by the
+            # flushes, so that at most about 2 x PROBE_CHUNK entries are
+            # added to the shared table at once.
+            for ((i = 0; i < ${#tgts[@]}; i += PROBE_CHUNK)); do
+                col_of=()
+                addrs=()
+                for line in "${tgts[@]:i:PROBE_CHUNK}"; do
+                    col_of[${line#* }]=${line%% *}
+                    addrs+=("${line#* }")
+                done
+                while read -r line; do
+                    addr=${line%% *}
+                    [[ -n ${col_of[$addr]:-} ]] || continue
+                    SCALE_TOTAL=$((SCALE_TOTAL + 1))
+                    case $line in
+                        *" is alive"*) SCALE_OK=$((SCALE_OK + 1)) ;;
+                        *) echo "$fam $src ${col_of[$addr]} $addr" >>"$dir/failed" ;;
+                    esac
+                    unset "col_of[$addr]"
+                done < <(nsx "$src" fping "$fl" -r 1 -t 1000 -i 1 "${addrs[@]}" 2>/dev/null)
+                # What fping did not report at all is a failure too.
+                for addr in "${!col_of[@]}"; do
+                    SCALE_TOTAL=$((SCALE_TOTAL + 1))
+                    echo "$fam $src ${col_of[$addr]} $addr (no answer from fping)" >>"$dir/failed"
+                done
+                ip -n "$src" "$fl" neigh flush dev eth0 2>/dev/null || true
+                if [[ $fam == ipv4 ]]; then addr=${V4A[$src]}; else addr=${V6A[$src]}; fi
+                for line in "${tgts[@]:i:PROBE_CHUNK}"; do
+                    vm=${line%% *}
+                    [[ -z ${NEIGH_FD[$vm]:-} ]] || echo "neigh flush to $addr" >&"${NEIGH_FD[$vm]}"
+                done
+            done
+        done
+        log "$fam: $((SCALE_OK - ok0))/$((SCALE_TOTAL - total0)) probes ok in $((SECONDS - t)) s"
+    done
+}
+
+# The failures of probe_scale, probed once more one at a time (ping -c1
+# -W2), sources one after the other, their tables flushed after each:
+# those that answer leave $LAB_RUN/matrix/failed for
+# $LAB_RUN/matrix/failed-first (the first pass's failures stay there).
+SCALE_RETRIED_OK=0
+retry_scale_failures() {
+    local dir=$LAB_RUN/matrix fam src col addr rest fl
+    cp "$dir/failed" "$dir/failed-first"
+    : >"$dir/failed.new"
+    while read -r fam src col addr rest; do
+        fl=-4
+        [[ $fam == ipv4 ]] || fl=-6
+        if nsx "$src" ping "$fl" -c1 -W2 -q "$addr" >/dev/null 2>&1; then
+            SCALE_RETRIED_OK=$((SCALE_RETRIED_OK + 1))
+            SCALE_OK=$((SCALE_OK + 1))
+        else
+            echo "$fam $src $col $addr${rest:+ $rest}" >>"$dir/failed.new"
+        fi
+        ip -n "$src" "$fl" neigh flush dev eth0 2>/dev/null || true
+    done <"$dir/failed-first"
+    mv "$dir/failed.new" "$dir/failed"
+}
+
+# The fabric's hosts on (path, network), "host interface address..." per
+# line: the hypervisors, the path's reflectors, the internet router.
+fabric_hosts() { # PATH NETWORK
+    local p=$1 net=$2 h
+    for h in "${HVS[@]}"; do
+        echo "$h $p-$net ${UPLINK[$h,$net,$p]}"
+    done
+    for h in "${RRS[@]}"; do
+        [[ ${RR_PATH[$h]} != "$p" ]] || echo "$h $p-$net ${RR_ADDR[$h,$net]}"
+    done
+    [[ $net != "$INTERNET_NETWORK" ]] || echo "$INTERNET $p-$net ${INTERNET_ADDR[$p]}"
+}
+
+# A larger lab only (lab/up, before its probes): every host of a fabric
+# gets a permanent neighbour entry for every other host's uplink addresses
+# on it (IPv4 and IPv6), as a static ARP / NDP table, in its own namespace.
+# Why: the kernel's neighbour tables are shared by every namespace of the
+# machine (gc_thresh3 = 1024 entries, only settable in the root namespace,
+# which the lab leaves alone), and with 24 hypervisors the all-pairs
+# traffic makes every hypervisor resolve every other one on both paths
+# (24 x 46 entries): the first 24 x 10 run overflowed the table ("neighbor
+# table overflow!", 389 failed probes). Permanent entries are exempt from
+# that limit. In production each hypervisor has its own table. The VMs
+# and the hypervisors' VM-side entries stay dynamic (proxy ARP / NDP is
+# what the probes check).
+static_underlay_neighbours() {
+    local p net h dev addrs mac a line
+    local -A batch=() macs=()
+    # shellcheck disable=SC2034 # addrs: the rest of the line
+    for p in "${PATHS[@]}"; do
+        for net in "${NETWORKS[@]}"; do
+            while read -r h dev addrs; do
+                macs[$h,$dev]=$(ip -n "$h" -j link show dev "$dev" | jq -r '.[0].address')
+            done < <(fabric_hosts "$p" "$net")
+            # In each host h: every other host's addresses, with its MAC.
+            while read -r h dev addrs; do
+                while read -r line; do
+                    # shellcheck disable=SC2086 # line = "host dev addresses..."
+                    set -- $line
+                    [[ $1 != "$h" ]] || continue
+                    mac=${macs[$1,$2]}
+                    for a in "${@:3}"; do
+                        batch[$h]+="neigh replace ${a%/*} lladdr $mac dev $dev nud permanent"$'\n'
+                    done
+                done < <(fabric_hosts "$p" "$net")
+            done < <(fabric_hosts "$p" "$net")
+        done
+    done
+    for h in "${!batch[@]}"; do
+        ip -n "$h" -batch - <<<"${batch[$h]}" || die "$h: static underlay neighbours refused"
+    done
+}
+
+# ============================================================= baseline ==
+#
+# lab/up --baseline: the seed's per-hypervisor stack instead of l3hvd, for
+# the comparison in BENCHMARKS.md: BIRD 2 (BGP to the reflectors, the
+# kernel tables 90 and 20), ndppd (NDP proxy on the VM interfaces), radvd
+# (RAs) and dnsmasq (DHCPv4, and DHCPv6 on the shared /64 where the seed's
+# VMs used SLAAC: the lab's VMs expect their DHCPv6 addresses), after the
+# seed's lab-l3-hyperv `setup` (network-lab) and its BIRD configs. What
+# the seed's shell script did by hand, lab/up does: the uplink addresses,
+# the sysctls, the ip rules, the fallback blackholes, and per VM the
+# gateway addresses on its interface and its host routes in table 90
+# (metric 10, which BIRD learns from the kernel and announces). The VMs
+# are not attached through l3hv's hook (there is no agent); the reflectors
+# and the internet router are the same. lab/up keeps the choice in
+# $LAB_RUN/stack.
+STACK=${STACK:-l3hvd}
+# The protocol of the learned routes in the hypervisors' tables.
+HV_PROTO=203
+
+set_stack() { # l3hvd | baseline
+    STACK=$1
+    if [[ $1 == baseline ]]; then HV_PROTO=bird; else HV_PROTO=203; fi
+}
+
+# The hypervisor itself: forwarding, no redirects, the uplink addresses,
+# the seed's rules (local traffic in main, the private uplinks in table
+# 20, everything else in 90) and the fallback blackholes.
+baseline_hv_setup() { # HV
+    local hv=$1 net p a
+    nsx "$hv" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 \
+        net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.all.accept_redirects=0 \
+        net.ipv6.conf.all.accept_redirects=0 net.ipv4.conf.all.send_redirects=0 \
+        net.ipv4.conf.default.send_redirects=0
+    for net in "${NETWORKS[@]}"; do
+        for p in "${PATHS[@]}"; do
+            for a in ${UPLINK[$hv,$net,$p]}; do
+                addr_add "$hv" "$p-$net" "$a"
+            done
+            nsx "$hv" sysctl -qw "net.ipv4.conf.$p-$net.send_redirects=0"
+        done
+    done
+    ip -n "$hv" rule add iif lo lookup main priority 21
+    # IPv6: main first for everything (the seed's rule): the kernel checks
+    # an IPv6 next hop in the route's table, then by the rules, and table
+    # 90's default (via path a) would refuse path b's next hops.
+    ip -n "$hv" -6 rule add lookup main priority 51
+    for p in "${PATHS[@]}"; do
+        ip -n "$hv" rule add iif "$p-private" lookup "${FABRIC_TABLE[private]}" priority 26
+        ip -n "$hv" -6 rule add iif "$p-private" lookup "${FABRIC_TABLE[private]}" priority 56
+    done
+    ip -n "$hv" rule add lookup "${FABRIC_TABLE[public]}" priority 99
+    ip -n "$hv" -6 rule add lookup "${FABRIC_TABLE[public]}" priority 99
+    for net in "${NETWORKS[@]}"; do
+        ip -n "$hv" route add blackhole default metric 4294967294 table "${FABRIC_TABLE[$net]}"
+        ip -n "$hv" -6 route add blackhole default metric 4294967294 table "${FABRIC_TABLE[$net]}"
+    done
+}
+
+# A VM's interface on its hypervisor, as the seed's script set it up: the
+# gateway 203.0.113.254/24 noprefixroute (dnsmasq needs the netmask; no
+# route), fe80::1 as the only link-local (radvd's source, the VMs' IPv6
+# gateway) and the shared /64's ::fe/64 noprefixroute (dnsmasq's DHCPv6
+# context; BIRD then takes the IPv6 anycast's next hop for a neighbour), proxy
+# ARP without delay, rp_filter, and the host routes (and the anycast via
+# the VM) in the fabric's table, metric 10.
+baseline_vm_attach() { # VM
+    local vm=$1 hv=${VM_HV[$1]} fab=${VM_FABRIC[$1]} t
+    t=${FABRIC_TABLE[$fab]}
+    ip -n "$hv" addr add "${FABRIC_GATEWAY_V4[$fab]}/${VM_V4[$vm]#*/}" dev "$vm" scope link noprefixroute
+    ip -n "$hv" -6 addr add "$GATEWAY_V6/64" dev "$vm" nodad
+    ip -n "$hv" -6 addr add "$(baseline_v6_server "$fab")/64" dev "$vm" nodad noprefixroute
+    nsx "$hv" sysctl -qw "net.ipv4.conf.$vm.proxy_arp=1" "net.ipv4.neigh.$vm.proxy_delay=0" \
+        "net.ipv4.conf.$vm.rp_filter=1" "net.ipv4.conf.$vm.send_redirects=0" \
+        "net.ipv4.conf.$vm.promote_secondaries=1"
+    ip -n "$hv" route add "${V4A[$vm]}/32" dev "$vm" table "$t" metric 10
+    if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+        ip -n "$hv" -6 route add "${VM_V6_PREFIX[$vm]}" dev "$vm" table "$t" metric 10
+    else
+        ip -n "$hv" -6 route add "${V6A[$vm]}/128" dev "$vm" table "$t" metric 10
+    fi
+    if [[ -n ${VM_ANYCAST[$vm]:-} ]]; then
+        ip -n "$hv" route add "$ANYCAST_V4/32" via "${V4A[$vm]}" dev "$vm" onlink table "$t" metric 10
+        ip -n "$hv" -6 route add "$ANYCAST_V6/128" via "${V6A[$vm]}" dev "$vm" onlink table "$t" metric 10
+    fi
+}
+
+# The shared /64 of FABRIC (its first IPv6 subnet) and the hypervisors'
+# ::fe in it.
+baseline_shared64() { # FABRIC
+    local s
+    for s in ${FABRIC_SUBNETS[$1]}; do
+        [[ $s != *:* ]] || {
+            echo "$s"
+            return 0
+        }
+    done
+}
+
+baseline_v6_server() { # FABRIC
+    local s
+    s=$(baseline_shared64 "$1")
+    echo "${s%%::/*}::fe"
+}
+
+baseline_hv_vms() { # HV: its VMs
+    local vm
+    for vm in "${VMS[@]}"; do
+        [[ ${VM_HV[$vm]} != "$1" ]] || echo "$vm"
+    done
+}
+
+# BIRD 2 on HV: one session per (network, path) to the path's reflector
+# (IPv4 + IPv6 on public, as the agent's MP-BGP sessions; IPv4 on
+# private, which has no IPv6 uplinks), next hop self, ADD-PATH rx, and
+# one kernel protocol per (network, family) that learns the lab's VM
+# routes (metric 10; not the blackholes) and installs the learned ones,
+# merged into ECMP routes. The seed's 'rr_client' and 'kernel1' templates
+# (BFD off: the agent's lab sessions have none either).
+write_baseline_bird() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 net p rr v4 v6 t
+    {
+        echo "# Generated by lab/up --baseline from the lab's topology ($LAB_TOPOLOGY)."
+        echo "router id $(addr_of "${UPLINK[$hv,private,a]%% *}");"
+        echo "log \"$dir/bird.log\" all;"
+        echo "protocol device { scan time 10; }"
+        for net in "${NETWORKS[@]}"; do
+            t=${FABRIC_TABLE[$net]}
+            cat <<EOF2
+ipv4 table ${net}4;
+ipv6 table ${net}6;
+protocol kernel k_${net}4 {
+    ipv4 { table ${net}4; import where krt_metric < 4294967294; export where source = RTS_BGP; };
+    kernel table $t; learn; persist; scan time 10; merge paths on;
+}
+protocol kernel k_${net}6 {
+    ipv6 { table ${net}6; import where krt_metric < 4294967294; export where source = RTS_BGP; };
+    kernel table $t; learn; persist; scan time 10; merge paths on;
+}
+EOF2
+            for p in "${PATHS[@]}"; do
+                # shellcheck disable=SC2086
+                v4=$(ipv4_of ${UPLINK[$hv,$net,$p]})
+                # shellcheck disable=SC2086
+                v6=$(ipv6_of ${UPLINK[$hv,$net,$p]})
+                for rr in "${RRS[@]}"; do
+                    [[ ${RR_PATH[$rr]} == "$p" ]] || continue
+                    echo "protocol bgp ${net}_${p}_$rr {"
+                    echo "    local $v4 as $ASN;"
+                    echo "    neighbor $(rr_local4 "$rr" "$net") as $ASN;"
+                    echo "    direct; ttl security on; hold time $BGP_HOLD;"
+                    echo "    $BIRD_RETRY"
+                    echo "    ipv4 { table ${net}4; import all; export where source = RTS_INHERIT; next hop self; add paths rx; };"
+                    [[ -z $v6 ]] ||
+                        echo "    ipv6 { table ${net}6; import all; export where source = RTS_INHERIT; next hop self; next hop address $v6; add paths rx; };"
+                    echo "}"
+                done
+            done
+        done
+    } >"$dir/bird.conf"
+}
+
+# ndppd: every VM interface answers neighbour solicitations for the
+# shared /64 (the seed's 'static' rule: stateless, it answers what it has
+# no route for too).
+write_baseline_ndppd() { # HV
+    local hv=$1 vm
+    for vm in $(baseline_hv_vms "$hv"); do
+        cat <<EOF2
+proxy $vm {
+    router yes
+    rule $(baseline_shared64 "${VM_FABRIC[$vm]}") {
+        static
+    }
+}
+EOF2
+    done >"$LAB_RUN/$hv/ndppd.conf"
+}
+
+# radvd: the seed's intervals (3-10 s); on the shared /64 M=1, A=0 (the
+# address by DHCPv6, as the agent's 'shared-dhcpv6'), a VM's own /64 with
+# A=1 (SLAAC).
+write_baseline_radvd() { # HV
+    local hv=$1 vm
+    for vm in $(baseline_hv_vms "$hv"); do
+        echo "interface $vm {"
+        echo "    AdvSendAdvert on; MinRtrAdvInterval 3; MaxRtrAdvInterval 10;"
+        if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+            echo "    prefix ${VM_V6_PREFIX[$vm]} { AdvOnLink on; AdvAutonomous on; AdvRouterAddr off; };"
+        else
+            echo "    AdvManagedFlag on;"
+            echo "    prefix $(baseline_shared64 "${VM_FABRIC[$vm]}") { AdvOnLink on; AdvAutonomous off; AdvRouterAddr off; };"
+        fi
+        echo "};"
+    done >"$LAB_RUN/$hv/radvd.conf"
+}
+
+# dnsmasq: the seed's options (no DNS, static DHCPv4 leases by MAC, the
+# gateway as router) plus static DHCPv6 leases on the shared /64.
+write_baseline_dnsmasq() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 vm fab shared
+    fab=${NETWORKS[0]}
+    shared=$(baseline_shared64 "$fab")
+    {
+        echo "# Generated by lab/up --baseline (the seed's dnsmasq options, plus DHCPv6)."
+        echo "port=0"
+        echo "no-resolv"
+        echo "no-hosts"
+        echo "no-ping"
+        echo "dhcp-authoritative"
+        echo "bind-interfaces"
+        echo "except-interface=lo"
+        echo "user=root"
+        echo "group=root"
+        echo "pid-file=$dir/dnsmasq.pid"
+        echo "dhcp-leasefile=$dir/dnsmasq.leases"
+        echo "log-facility=$dir/dnsmasq.log"
+        echo "dhcp-range=tag:known,$(addr_of "${FABRIC_SUBNETS[$fab]%% *}"),static,255.255.255.0,infinite"
+        echo "dhcp-range=tag:known,${shared%/*},static,64,infinite"
+        echo "dhcp-option=option:router,${FABRIC_GATEWAY_V4[$fab]}"
+        for vm in $(baseline_hv_vms "$hv"); do
+            echo "interface=$vm"
+            if [[ -n ${VM_V6_PREFIX[$vm]:-} ]]; then
+                echo "dhcp-host=${VM_MAC[$vm]},${V4A[$vm]},$vm"
+            else
+                echo "dhcp-host=${VM_MAC[$vm]},${V4A[$vm]},[${V6A[$vm]}],$vm"
+            fi
+        done
+    } >"$dir/dnsmasq.conf"
+}
+
+# Starts HV's four daemons (each writes its PID file in $LAB_RUN/<hv>/,
+# which lab/down kills by).
+baseline_start() { # HV
+    local hv=$1 dir=$LAB_RUN/$1 out
+    write_baseline_bird "$hv"
+    write_baseline_ndppd "$hv"
+    write_baseline_radvd "$hv"
+    write_baseline_dnsmasq "$hv"
+    out=$(nsx "$hv" bird -p -c "$dir/bird.conf" 2>&1) || die "$hv: $dir/bird.conf: $out"
+    nsx "$hv" bird -c "$dir/bird.conf" -s "$dir/bird.ctl" -P "$dir/bird.pid" ||
+        die "$hv: bird did not start (config $dir/bird.conf)"
+    nsx "$hv" ndppd -d -c "$dir/ndppd.conf" -p "$dir/ndppd.pid" >>"$dir/ndppd.log" 2>&1 ||
+        die "$hv: ndppd did not start (log $dir/ndppd.log)"
+    nsx "$hv" radvd -C "$dir/radvd.conf" -p "$dir/radvd.pid" -m logfile -l "$dir/radvd.log" ||
+        die "$hv: radvd did not start (log $dir/radvd.log)"
+    nsx "$hv" dnsmasq -C "$dir/dnsmasq.conf" ||
+        die "$hv: dnsmasq did not start (log $dir/dnsmasq.log)"
+}
+
+# The baseline daemons of HV, "name pidfile" per line.
+baseline_processes() { # HV
+    local d
+    for d in bird ndppd radvd dnsmasq; do
+        echo "$d $LAB_RUN/$1/$d.pid"
+    done
+}
+
+# Waits (10 s) until HV's four daemons run (their PID files).
+baseline_wait() { # HV
+    local hv=$1 i ok name pidfile pid
+    for ((i = 0; i < 100; i++)); do
+        ok=1
+        while read -r name pidfile; do
+            pid=$(head -n 1 "$pidfile" 2>/dev/null || true)
+            pid_in_ns "$pid" "$hv" || ok=0
+        done < <(baseline_processes "$hv")
+        ((ok)) && return 0
+        sleep 0.1
+    done
+    die "$hv: the baseline daemons are not all running after 10 s (logs in $LAB_RUN/$hv)"
+}
+
+# Established BGP sessions of HV (the agent's, or its BIRD's).
+hv_sessions_established() { # HV
+    if [[ $STACK == baseline ]]; then
+        nsx "$1" birdc -s "$LAB_RUN/$1/bird.ctl" show protocols 2>/dev/null |
+            awk '$2 == "BGP" && /Established/ {n++} END {print n + 0}'
+    else
+        "$L3HV" --config "$(hv_config "$1")" --timeout 2 peers --json 2>/dev/null |
+            jq '[.[] | select(.state == "Established")] | length' 2>/dev/null || echo 0
+    fi
 }

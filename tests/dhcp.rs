@@ -794,3 +794,82 @@ fn without_kernel_proxy_entries_the_responder_alone_connects_two_vms_on_the_shar
     assert!(hv.ip(&["-6", "neigh", "show", "proxy"]).trim().is_empty());
     assert!(counters(&agent, "vm5")["nd_answered"].as_u64() >= Some(1));
 }
+
+/// With kernel proxy entries and the responder both answering, a guest
+/// gets two advertisements per solicitation: they must agree on the
+/// Router flag, or Linux takes the target for a router turned host and
+/// deletes the routes via the answer's source, fe80::1: the default route.
+#[test]
+fn the_responder_and_the_kernel_entries_never_cost_a_guest_its_default_route() {
+    require_root();
+    let hv = Netns::new(&unique("hv"));
+    let agent = Agent::start(&hv, CONFIG);
+    let mut vms = Vec::new();
+    for (n, mac) in [(3, "52:54:00:71:00:03"), (4, "52:54:00:71:00:04")] {
+        let name = format!("vm{n}");
+        let vm = vm_ns_bare(&hv, &unique(&name), &name, mac);
+        agent.set_vm(&intent(
+            &name,
+            &name,
+            mac,
+            "p2p",
+            &format!("198.18.0.{n}"),
+            &[&format!("2001:db8:cb00:7200::{n}")],
+        ));
+        wait_link_local(&vm);
+        vm.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("2001:db8:cb00:7200::{n}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        vms.push(vm);
+    }
+    wait_for(
+        "vm3's default route from the RA",
+        Duration::from_secs(15),
+        || {
+            vms[0]
+                .ip(&["-6", "route", "show", "default"])
+                .contains("via fe80::1")
+        },
+    );
+    wait_for(
+        "the kernel entry for vm4 on vm3's tap",
+        Duration::from_secs(10),
+        || {
+            hv.ip(&["-6", "neigh", "show", "proxy", "dev", "vm3"])
+                .contains("2001:db8:cb00:7200::4")
+        },
+    );
+    assert!(vms[0].ping("2001:db8:cb00:7200::4"), "vm3 -> vm4");
+    // More multicast solicitations for the same target, each answered by
+    // the kernel entry and by the responder.
+    vms[0].try_exec(&[
+        "ndisc6",
+        "-r",
+        "5",
+        "-w",
+        "200",
+        "2001:db8:cb00:7200::4",
+        "eth0",
+    ]);
+    vms[0].try_exec(&[
+        "ndisc6",
+        "-r",
+        "5",
+        "-w",
+        "200",
+        "2001:db8:cb00:7200::4",
+        "eth0",
+    ]);
+    let route = vms[0].ip(&["-6", "route", "show", "default"]);
+    assert!(
+        route.contains("via fe80::1"),
+        "default route lost: {route:?}"
+    );
+    assert!(counters(&agent, "vm3")["nd_answered"].as_u64() >= Some(1));
+}

@@ -187,6 +187,18 @@ impl AgentHandle {
     }
 }
 
+/// What a reconcile pass starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// A full dump: the repair path (timer, link events, `l3hv reconcile`).
+    Full,
+    /// Intent changed: links, addresses and rules dumped, the learned
+    /// state from the cache when there is one.
+    Intent,
+    /// Only the RIB changed: the cache as it is when it is whole.
+    Rib,
+}
+
 pub struct Agent {
     config: Config,
     store: Store,
@@ -199,11 +211,16 @@ pub struct Agent {
     learned_hold: Option<Instant>,
     /// The first dump was checked for learned state to hold.
     hold_checked: bool,
-    /// The kernel as the last pass left it, when that pass dumped or could
-    /// mirror every change it made: RIB-only changes plan against it
-    /// instead of dumping again (the full pass stays the repair path: on
-    /// intent changes, on the timer, after any refusal).
+    /// The kernel as the last pass left it, when that pass dumped it or
+    /// mirrored every change it made: RIB-only changes plan against it,
+    /// intent changes take its routes, nexthop objects and proxy entries
+    /// (the full pass stays the repair path: on the timer, link events,
+    /// `l3hv reconcile`, after any refusal).
     cache: Option<reconcile::ObservedKernel>,
+    /// The cache's links, addresses, rules and sysctls are as the last pass
+    /// left them (it changed routes only); otherwise only its routes,
+    /// nexthop objects and proxy entries are, and a pass dumps the rest.
+    cache_host_valid: bool,
     /// Prefixes the RIB has heard of since start: their kernel routes
     /// follow the RIB even during the hold (a withdrawal is a withdrawal).
     relearned: BTreeSet<IpNet>,
@@ -294,6 +311,7 @@ impl Agent {
                 hold_checked: false,
                 relearned: BTreeSet::new(),
                 cache: None,
+                cache_host_valid: false,
                 end_of_rib: BTreeSet::new(),
                 sessions_expected,
                 kernel,
@@ -456,8 +474,10 @@ impl Agent {
             // (O(groups)) before the full recompute (O(routes)).
             self.failover_fast_path(session_down, &lost_hops).await;
         }
-        if changed || asked {
+        if asked {
             self.reconcile().await;
+        } else if changed {
+            self.pass(Pass::Intent).await;
         } else if rib_changed {
             self.reconcile_incremental().await;
         }
@@ -666,16 +686,16 @@ impl Agent {
 
     /// One level-based pass: dump, read sysctls, plan, apply.
     async fn reconcile(&mut self) {
-        self.pass(true).await
+        self.pass(Pass::Full).await
     }
 
     /// A pass for learned-route changes: plans against the cached kernel
     /// state when there is one (no dump), else a full pass.
     async fn reconcile_incremental(&mut self) {
-        self.pass(false).await
+        self.pass(Pass::Rib).await
     }
 
-    async fn pass(&mut self, full: bool) {
+    async fn pass(&mut self, kind: Pass) {
         let start = Instant::now();
         let mut desired = reconcile::desired_with(
             &self.config,
@@ -699,13 +719,44 @@ impl Agent {
             report.fast_path = took;
         }
         let t = Instant::now();
-        let cached = if full { None } else { self.cache.take() };
-        let incremental = cached.is_some();
+        let cached = match kind {
+            Pass::Full => None,
+            Pass::Intent | Pass::Rib => self.cache.take(),
+        };
+        // RIB-only changes plan against the cache as it is; intent changes
+        // (and RIB changes after one) dump links, addresses and rules (what
+        // grows with VMs) and take routes, nexthop objects and proxy
+        // entries (what grows with learned routes) from the cache: a VM
+        // start no longer dumps 100,000 learned routes. The full dump stays
+        // the repair path (timer, link events, `l3hv reconcile`, after any
+        // refusal).
+        let incremental = cached.is_some() && kind == Pass::Rib && self.cache_host_valid;
+        let host_dump = cached.is_some() && !incremental;
         let dumped = match cached {
-            Some(c) => Ok(c),
+            Some(c) if incremental => Ok(c),
+            Some(c) => self
+                .kernel
+                .dump_host(&self.uplink_names())
+                .await
+                .map(|mut o| {
+                    o.routes = c.routes;
+                    o.duplicate_routes = c.duplicate_routes;
+                    o.nexthops = c.nexthops;
+                    o.groups = c.groups;
+                    o.proxies = c.proxies;
+                    o
+                }),
             None => self.kernel.dump(&self.uplink_names()).await,
         };
+        report.observed = if incremental {
+            "cache"
+        } else if host_dump {
+            "host"
+        } else {
+            "full"
+        };
         self.cache = None;
+        self.cache_host_valid = false;
         report.dump = t.elapsed();
         let mut observed = match dumped {
             Ok(o) => o,
@@ -826,11 +877,14 @@ impl Agent {
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
         }
-        // The kernel state is known without a dump when every change was a
-        // route or proxy entry and every one went through.
-        let mirrorable = applied.failed.is_empty()
+        // The kernel's routes, nexthop objects and proxy entries are known
+        // without a dump when every change went through (links, addresses
+        // and sysctls do not move them; a tap deleted after the pass had
+        // its routes deleted by it first). The rest of it is known too when
+        // every change was one of those.
+        let mirrorable = applied.failed.is_empty() && observed.duplicate_routes.is_empty();
+        let host_valid = mirrorable
             && self.deferred.is_empty()
-            && observed.duplicate_routes.is_empty()
             && plan.phases().iter().all(|phase| {
                 phase.iter().all(|op| {
                     matches!(
@@ -878,6 +932,7 @@ impl Agent {
                 applied = report.applied,
                 failed = report.failed.len(),
                 duration_ms = report.duration.as_secs_f64() * 1e3,
+                observed = report.observed,
                 "reconciled"
             );
         } else {
@@ -921,6 +976,7 @@ impl Agent {
                 }
             }
             self.cache = Some(observed);
+            self.cache_host_valid = host_valid;
         }
         self.last_groups = reconcile::DesiredKernel {
             nexthops: std::mem::take(&mut desired.nexthops),

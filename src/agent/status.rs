@@ -19,6 +19,10 @@ pub struct ReconcileReport {
     /// Where the time went: kernel dump, sysctl reads, desired + plan, apply.
     #[serde(serialize_with = "as_millis")]
     pub dump: Duration,
+    /// What the pass planned against: `full` (a whole dump), `host` (links,
+    /// addresses and rules dumped, routes, nexthop objects and proxy
+    /// entries as the previous passes left them) or `cache` (no dump).
+    pub observed: &'static str,
     #[serde(serialize_with = "as_millis")]
     pub sysctls: Duration,
     #[serde(serialize_with = "as_millis")]

@@ -111,9 +111,41 @@ pub fn backoff(base: Duration, max: Duration, failures: u32, jitter: u8) -> Dura
     d + d * u32::from(jitter) / 1024
 }
 
+/// How long a BFD-triggered reconnect keeps retrying fast: the peer's BFD
+/// usually turns Up a few milliseconds after ours (the three-way
+/// handshake), and a peer like BIRD refuses the session until it has.
+pub const BFD_KICK_WINDOW: Duration = Duration::from_secs(2);
+/// The pause between those fast retries.
+pub const BFD_KICK_RETRY: Duration = Duration::from_millis(50);
+
+/// The wait before the next connect: `backoff` normally; after BFD came Up
+/// less than [`BFD_KICK_WINDOW`] ago, [`BFD_KICK_RETRY`] (a failure right
+/// after the path came back is the peer's BFD lagging ours, not a peer
+/// to back off from).
+pub fn retry_wait(backoff: Duration, since_bfd_up: Option<Duration>) -> Duration {
+    match since_bfd_up {
+        Some(d) if d < BFD_KICK_WINDOW => BFD_KICK_RETRY.min(backoff),
+        _ => backoff,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_right_after_bfd_up_is_retried_fast() {
+        let backoff = Duration::from_millis(1200);
+        assert_eq!(retry_wait(backoff, None), backoff);
+        assert_eq!(
+            retry_wait(backoff, Some(Duration::from_millis(1))),
+            BFD_KICK_RETRY
+        );
+        assert_eq!(retry_wait(backoff, Some(Duration::from_secs(3))), backoff);
+        // Never longer than the backoff itself.
+        let short = Duration::from_millis(10);
+        assert_eq!(retry_wait(short, Some(Duration::ZERO)), short);
+    }
 
     fn local() -> LocalOpen {
         LocalOpen {

@@ -242,6 +242,8 @@ impl Session {
         };
         let mut failures = 0u32;
         let mut pending: Option<TcpStream> = None;
+        // When BFD last came Up and restarted the connect (fsm::retry_wait).
+        let mut bfd_kick: Option<Instant> = None;
         // Graceful restart helper: one generation per restart of the peer.
         let mut stale_generation = 0u64;
         let mut stop = self.stop.clone();
@@ -264,7 +266,10 @@ impl Session {
                     r = self.connect() => r.map_err(SessionEnd::Connect),
                     Some(s) = incoming.recv() => Ok(s),
                     _ = stopped(&mut stop) => continue,
-                    _ = bfd_came_up(&mut bfd_up, ups) => continue,
+                    _ = bfd_came_up(&mut bfd_up, ups) => {
+                        bfd_kick = Some(Instant::now());
+                        continue;
+                    }
                 },
             };
             let end = match stream {
@@ -368,6 +373,7 @@ impl Session {
                 jitter,
             );
             failures = failures.saturating_add(1);
+            let wait = fsm::retry_wait(wait, bfd_kick.map(|t| t.elapsed()));
             // A connection from the peer ends the wait at once; so does
             // BFD coming Up: the path is back, reconnect without backoff.
             let (_, ups) = self.bfd_counts();
@@ -379,6 +385,7 @@ impl Session {
                 _ = bfd_came_up(&mut bfd, ups) => {
                     debug!(peer = %self.spec.name, "bfd up: reconnecting now");
                     failures = 0;
+                    bfd_kick = Some(Instant::now());
                 }
             }
         }

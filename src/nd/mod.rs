@@ -10,7 +10,8 @@
 //! Linux has no proxy entry for a prefix, so this answers in user space,
 //! as ndppd did for the seed: one AF_PACKET socket per VM interface, with a
 //! classic BPF filter that passes only ICMPv6 neighbour solicitations, and
-//! a solicited advertisement (router, not override) with the tap's MAC for
+//! a solicited advertisement (not router, not override: as the kernel's
+//! proxy answers) with the tap's MAC for
 //! any target in the fabric's shared subnets other than the VM's own
 //! addresses. What reaches the hypervisor for an address not routed yet is
 //! dropped by the fabric table, as it is today; the guest's neighbour entry

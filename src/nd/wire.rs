@@ -204,13 +204,17 @@ pub fn decide(ns: &Solicitation, policy: &Policy) -> Result<(), Skip> {
 }
 
 /// The solicited advertisement answering `ns` (RFC 4861 §7.2.4, as a
-/// router and a proxy: R=1, S=1, O=0), from `from` (the gateway, fe80::1)
+/// proxy: S=1, O=0, and R=0: the target is a VM, a host. The kernel's own
+/// proxy entries answer with R=0 too; a guest that saw R=1 then R=0 for
+/// the same target would take it as a router turned host and delete the
+/// routes via the answer's source, fe80::1: its default route), from
+/// `from` (the gateway, fe80::1)
 /// and `mac` (the interface's), straight to the solicitor's link-layer
 /// address, so no neighbour resolution stands between it and the VM.
 pub fn advertisement(ns: &Solicitation, mac: [u8; 6], from: Ipv6Addr) -> Vec<u8> {
     let mut icmp = Vec::with_capacity(NS_LEN + 8);
     icmp.extend_from_slice(&[ICMPV6_NA, 0, 0, 0]);
-    icmp.extend_from_slice(&[0xc0, 0, 0, 0]); // Router | Solicited
+    icmp.extend_from_slice(&[0x40, 0, 0, 0]); // Solicited
     icmp.extend_from_slice(&ns.target.octets());
     icmp.extend_from_slice(&[OPT_TARGET_LLA, 1]);
     icmp.extend_from_slice(&mac);
@@ -298,7 +302,7 @@ mod tests {
     }
 
     #[test]
-    fn the_answer_is_a_valid_solicited_router_advertisement() {
+    fn the_answer_is_a_valid_solicited_proxy_advertisement() {
         let f = ns_frame(
             a("2001:db8:cb00:7100::3"),
             a("2001:db8:cb00:7100::77"),
@@ -316,7 +320,10 @@ mod tests {
         let icmp = &ip[40..];
         assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), icmp.len());
         assert_eq!(icmp[0], ICMPV6_NA);
-        assert_eq!(icmp[4], 0xc0, "R and S set, O clear");
+        assert_eq!(
+            icmp[4], 0x40,
+            "S set, R and O clear (as the kernel's proxy)"
+        );
         assert_eq!(addr(&icmp[8..24]), ns.target);
         assert_eq!(&icmp[24..], &[OPT_TARGET_LLA, 1, 0xfe, 0x54, 0, 0, 0, 3]);
         assert_eq!(checksum(a("fe80::1"), ns.source, icmp), 0);

@@ -29,18 +29,40 @@ impl Kernel {
     /// the routes and rules carrying l3hv's protocol. Sysctls are not read
     /// here.
     pub async fn dump(&self, uplinks: &BTreeSet<String>) -> Result<ObservedKernel, NetlinkError> {
+        self.dump_with(uplinks, true).await
+    }
+
+    /// As [`Kernel::dump`] without the routes, nexthop objects and proxy
+    /// entries (what grows with the learned routes): links, addresses and
+    /// rules only, for a pass that takes the rest from what it mirrored.
+    pub async fn dump_host(
+        &self,
+        uplinks: &BTreeSet<String>,
+    ) -> Result<ObservedKernel, NetlinkError> {
+        self.dump_with(uplinks, false).await
+    }
+
+    async fn dump_with(
+        &self,
+        uplinks: &BTreeSet<String>,
+        all: bool,
+    ) -> Result<ObservedKernel, NetlinkError> {
         let mut o = ObservedKernel::default();
 
         // Links on a blocking thread (lean hand parser, see links.rs) while
         // addresses, routes and rules come over the async socket.
         let links = tokio::task::spawn_blocking(super::links::dump);
         // Nexthop objects over their own (hand-coded) socket, alongside.
-        let nexthops = tokio::task::spawn_blocking(super::nexthop::dump);
+        let nexthops = all.then(|| tokio::task::spawn_blocking(super::nexthop::dump));
         // One dump at a time per netlink socket: the kernel answers a
         // second concurrent dump with EBUSY.
         let addrs = self.dump_addresses().await;
         let rules = self.dump_rules().await;
-        let proxies = self.dump_proxies().await;
+        let proxies = if all {
+            self.dump_proxies().await
+        } else {
+            Ok(Vec::new())
+        };
         let links = links
             .await
             .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))??;
@@ -72,9 +94,18 @@ impl Kernel {
                 }
             }
         }
+        if !all {
+            for msg in rules? {
+                self.observe_rule(&msg, &mut o);
+            }
+            return Ok(o);
+        }
         // Routes are processed as they stream in: at 100,000 learned
         // routes, collecting the decoded messages first cost ~100 MB.
         self.dump_routes_into(&names, &mut o).await?;
+        let Some(nexthops) = nexthops else {
+            return Ok(o);
+        };
         let nexthops = nexthops
             .await
             .map_err(|e| NetlinkError::Socket(std::io::Error::other(e)))?;
@@ -90,16 +121,7 @@ impl Kernel {
             }
         }
         for msg in rules? {
-            let protocol = msg.attributes.iter().find_map(|a| match a {
-                RuleAttribute::Protocol(p) => Some(u8::from(*p)),
-                _ => None,
-            });
-            let spec = rule_of(&msg);
-            if protocol == Some(self.protocol) {
-                o.rules.insert(spec);
-            } else {
-                o.foreign_rules.insert((spec.v6, spec.priority));
-            }
+            self.observe_rule(&msg, &mut o);
         }
         for msg in proxies? {
             let ours = msg.attributes.iter().any(
@@ -114,6 +136,19 @@ impl Kernel {
             }
         }
         Ok(o)
+    }
+
+    fn observe_rule(&self, msg: &RuleMessage, o: &mut ObservedKernel) {
+        let protocol = msg.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Protocol(p) => Some(u8::from(*p)),
+            _ => None,
+        });
+        let spec = rule_of(msg);
+        if protocol == Some(self.protocol) {
+            o.rules.insert(spec);
+        } else {
+            o.foreign_rules.insert((spec.v6, spec.priority));
+        }
     }
 
     /// Keeps the objects and groups carrying l3hv's protocol.
