@@ -14,7 +14,11 @@
 #
 #   sudo benches/bgp_learn.sh [N ...]      default: 100000
 #
-# Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
+# L3HVD_LOG=info (or debug) runs the agent at that log level and keeps its
+# log in /tmp/l3bg-l3hvd-<N>.log. L3HVD_HOLD=3s proposes that hold time
+# (KEEPALIVEs every second; the default is 90 s): BIRD 2.0.12 as reflector
+# can sit out its 3 s poll() timeout before the last UPDATEs and End-of-RIB
+# of the initial feed to a peer that sends nothing meanwhile (BENCHMARKS.md). Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
 # overrides). The kernel is polled every 100 ms through cheap counters
 # (/proc/<pid>/net/fib_triestat for IPv4 table 90, rt6_stats for IPv6) and
 # confirmed with a full dump, so the poll does not dump 1,000,000 routes ten
@@ -215,12 +219,13 @@ poll() { # kind sock pid t0 N
 # Memory and CPU once converged and idle, not in the middle of the last pass.
 after() { # pid
     sleep 3
-    python3 - "$1" <<'PY'
+    python3 - "$1" <<'PY' || echo "rss_kb=- (process $1 gone)"
 import sys
 st = dict(l.split(":", 1) for l in open(f"/proc/{sys.argv[1]}/status"))
 f = open(f"/proc/{sys.argv[1]}/stat").read().rsplit(")", 1)[1].split()
 print(f"rss_kb={st['VmRSS'].split()[0]} hwm_kb={st['VmHWM'].split()[0]}"
-      f" cpu_s={(int(f[11]) + int(f[12])) / 100}")
+      f" cpu_s={(int(f[11]) + int(f[12])) / 100} (user {int(f[11]) / 100}"
+      f" sys {int(f[12]) / 100})")
 PY
 }
 
@@ -275,7 +280,7 @@ EOF
     return 1
 }
 
-run_batch() { # N
+run_batch() { # N label
     flush_hv
     prefixes "$1" batch >"$WORK/batch"
     grep ' nhid 10 ' "$WORK/batch" >"$WORK/batch4"
@@ -291,7 +296,7 @@ run_batch() { # N
     t1=$(now)
     ip -n "$P-hv" -batch "$WORK/batch6"
     t2=$(now)
-    echo "ip-batch $1 installed_ms=$(ms "$t0" "$t2")" \
+    echo "$2 $1 installed_ms=$(ms "$t0" "$t2")" \
         "routes_per_s=$(python3 -c "print(round($1 / ($t2 - $t0)))")" \
         "v4_ms=$(ms "$t0" "$t1") v6_ms=$(ms "$t1" "$t2")" \
         "kernel_v4=$(ip -n "$P-hv" -4 -o route show table 90 | grep -c '^10\.')" \
@@ -310,11 +315,14 @@ state_dir = "$WORK/state"
 [control]
 socket = "$WORK/l3hvd.sock"
 [log]
-level = "warn"
+level = "${L3HVD_LOG:-warn}"
 [kernel]
 reconcile_interval = "1h"
+[metrics]
+listen = "127.0.0.1:9475"
 [bgp]
 connect_retry = "100ms"
+$([ -n "${L3HVD_HOLD:-}" ] && echo "hold_time = \"$L3HVD_HOLD\"")
 # The default (1,000,000 per session) is the 1M run's exact size.
 max_prefixes = $(($1 + 1000))
 [fabrics.public]
@@ -334,10 +342,14 @@ EOF
     # shellcheck disable=SC2086
     ip netns exec "$P-hv" ${L3HVD_WRAP:-} target/release/l3hvd --config "$WORK/l3hv.toml" >"$WORK/l3hvd.log" 2>&1 &
     pid=$!; PIDS+=("$pid")
-    local agent=""
+    local agent="" p
     for _ in $(seq 1 100); do
-        agent=$(ip netns pids "$P-hv" | while read -r p; do
-            [ "$(cat /proc/"$p"/comm 2>/dev/null)" = l3hvd ] && echo "$p"; done | head -n 1)
+        # (not a pipeline ending in a failed test: with pipefail and set -e
+        # that ended the script whenever the agent's pid sorted before the
+        # namespace's other processes, after the pids wrapped around)
+        for p in $(ip netns pids "$P-hv"); do
+            if [ "$(cat /proc/"$p"/comm 2>/dev/null)" = l3hvd ]; then agent=$p; break; fi
+        done
         [ -n "$agent" ] && break
         sleep 0.02
     done
@@ -349,13 +361,28 @@ EOF
         ip -n "$P-hv" -6 -o route show table 90 | sed -n 1,3p
         ip -n "$P-hv" route show table 90 | grep -v '^10\.[0-9.]* ' || true
     fi
-    echo "l3hvd $1 $r $(after "${agent:-$pid}")"
+    echo "l3hvd $1 $r $(after "${agent:-$pid}")" "$(l3hv_passes)"
     if ! kill -0 "${agent:-$pid}" 2>/dev/null; then echo "l3hvd exited:"; tail -n 20 "$WORK/l3hvd.log"; fi
-    if grep -q . "$WORK/l3hvd.log"; then echo "l3hvd log (warn and above):"; tail -n 10 "$WORK/l3hvd.log"; fi
+    if [ -n "${L3HVD_LOG:-}" ]; then
+        cp "$WORK/l3hvd.log" "/tmp/l3bg-l3hvd-$1.log"
+        echo "l3hvd log: /tmp/l3bg-l3hvd-$1.log (t0 $(date -u -d "@$t0" +%T.%N))"
+    elif grep -q . "$WORK/l3hvd.log"; then
+        echo "l3hvd log (warn and above):"; tail -n 10 "$WORK/l3hvd.log"
+    fi
     if [ -n "${L3HVD_WRAP:-}" ] && [ -n "$agent" ]; then
         kill -TERM "$agent"; wait "$pid" 2>/dev/null || true
     fi
     kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+}
+
+# The agent's reconcile passes so far, their total time and kernel
+# operations (its metrics endpoint, on the namespace's loopback).
+l3hv_passes() {
+    ip netns exec "$P-hv" curl -s --max-time 5 http://127.0.0.1:9475/metrics | awk '
+        /^l3hv_reconcile_runs_total / {r = $2}
+        /^l3hv_reconcile_duration_seconds_sum / {d = $2}
+        /^l3hv_reconcile_operations_total\{result="applied"\}/ {a = $2}
+        END {printf "passes=%s passes_s=%.2f ops_applied=%s", r, d, a}'
 }
 
 run_bird() { # N
@@ -381,7 +408,12 @@ EOF
     local t0 pid
     t0=$(now)
     ip netns exec "$P-hv" bird -c "$WORK/hv.conf" -s "$WORK/hv.ctl" -P "$WORK/hv.pid"
-    pid=$(cat "$WORK/hv.pid")
+    pid=""
+    for _ in $(seq 1 100); do  # written by the daemonized child
+        pid=$(cat "$WORK/hv.pid" 2>/dev/null || true)
+        [ -n "$pid" ] && break
+        sleep 0.01
+    done
     local r
     r=$(poll bird "$WORK/hv.ctl" "$pid" "$t0" "$1")
     echo "bird2 $1 $r $(after "$pid")"
@@ -391,11 +423,15 @@ EOF
 
 setup
 echo "# $(date -u '+%F %T UTC') commit $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD 2>/dev/null || echo +dirty) $(bird --version 2>&1 | head -n 1) kernel $(uname -r)"
-echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); l3hvd hold_time ${L3HVD_HOLD:-90s (default)}"
 RUN=${BGP_LEARN_RUN:-batch bird l3hv}  # a subset for a quick check
 for n in "${SIZES[@]}"; do
-    case " $RUN " in *" batch "*) run_batch "$n" ;; esac
+    # The kernel anchor first and again last: the first to put N routes in
+    # the kernel may pay for growing its caches, and the load can change
+    # during a run.
+    case " $RUN " in *" batch "*) run_batch "$n" ip-batch ;; esac
     case " $RUN " in *" bird "*) reflector "$n"; run_bird "$n" ;; esac
     case " $RUN " in *" l3hv "*) reflector "$n"; run_l3hv "$n" ;; esac
+    case " $RUN " in *" batch "*) run_batch "$n" ip-batch-again ;; esac
     echo "# load average after N=$n: $(cut -d' ' -f1-3 /proc/loadavg)"
 done
