@@ -749,6 +749,38 @@ fn neighbour_solicitations_are_answered_for_the_whole_shared_64_but_the_vms_own_
     assert!(resolve(&vm, "2001:db8:cb00:7200::78").is_some());
 }
 
+/// VMs `vm<n>` on the p2p fabric (shared-dhcpv6), each on its own adopted
+/// veth with 198.18.0.<n> and 2001:db8:cb00:7200::<n>/64 on-link, as a
+/// DHCPv6 guest with the RA's on-link prefix would have.
+fn shared_64_vms<const N: usize>(hv: &Netns, agent: &Agent, ids: [u8; N]) -> Vec<Netns> {
+    ids.iter()
+        .map(|n| {
+            let name = format!("vm{n}");
+            let mac = format!("52:54:00:71:00:{n:02x}");
+            let vm = vm_ns_bare(hv, &unique(&name), &name, &mac);
+            agent.set_vm(&intent(
+                &name,
+                &name,
+                &mac,
+                "p2p",
+                &format!("198.18.0.{n}"),
+                &[&format!("2001:db8:cb00:7200::{n}")],
+            ));
+            wait_link_local(&vm);
+            vm.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("2001:db8:cb00:7200::{n}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            vm
+        })
+        .collect()
+}
+
 #[test]
 fn without_kernel_proxy_entries_the_responder_alone_connects_two_vms_on_the_shared_64() {
     require_root();
@@ -759,30 +791,7 @@ fn without_kernel_proxy_entries_the_responder_alone_connects_two_vms_on_the_shar
     );
     assert_ne!(config, CONFIG);
     let agent = Agent::start(&hv, &config);
-    let mut vms = Vec::new();
-    for (n, mac) in [(5, "52:54:00:71:00:05"), (6, "52:54:00:71:00:06")] {
-        let name = format!("vm{n}");
-        let vm = vm_ns_bare(&hv, &unique(&name), &name, mac);
-        agent.set_vm(&intent(
-            &name,
-            &name,
-            mac,
-            "p2p",
-            &format!("198.18.0.{n}"),
-            &[&format!("2001:db8:cb00:7200::{n}")],
-        ));
-        wait_link_local(&vm);
-        vm.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("2001:db8:cb00:7200::{n}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        vms.push(vm);
-    }
+    let vms = shared_64_vms(&hv, &agent, [5, 6]);
     wait_for("both responders", Duration::from_secs(10), || {
         counters(&agent, "vm5")["nd_listening"] == true
             && counters(&agent, "vm6")["nd_listening"] == true
@@ -804,30 +813,7 @@ fn the_responder_and_the_kernel_entries_never_cost_a_guest_its_default_route() {
     require_root();
     let hv = Netns::new(&unique("hv"));
     let agent = Agent::start(&hv, CONFIG);
-    let mut vms = Vec::new();
-    for (n, mac) in [(3, "52:54:00:71:00:03"), (4, "52:54:00:71:00:04")] {
-        let name = format!("vm{n}");
-        let vm = vm_ns_bare(&hv, &unique(&name), &name, mac);
-        agent.set_vm(&intent(
-            &name,
-            &name,
-            mac,
-            "p2p",
-            &format!("198.18.0.{n}"),
-            &[&format!("2001:db8:cb00:7200::{n}")],
-        ));
-        wait_link_local(&vm);
-        vm.ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("2001:db8:cb00:7200::{n}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        vms.push(vm);
-    }
+    let vms = shared_64_vms(&hv, &agent, [3, 4]);
     wait_for(
         "vm3's default route from the RA",
         Duration::from_secs(15),

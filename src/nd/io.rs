@@ -9,7 +9,6 @@
 //! MAC. Per-interface token bucket; malformed frames are counted and
 //! logged at a bounded rate.
 
-use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -86,12 +85,7 @@ pub fn open(ifname: &str, index: u32) -> Result<AsyncFd<Socket>, NdError> {
 }
 
 /// Serves `ifname` until `policy` closes.
-pub async fn serve(
-    ifname: String,
-    mut policy: watch::Receiver<Policy>,
-    gateway: Ipv6Addr,
-    counters: Counters,
-) {
+pub async fn serve(ifname: String, mut policy: watch::Receiver<Policy>, counters: Counters) {
     let mut log = LogLimit::new(Duration::from_secs(10));
     loop {
         let Some(index) = wait_for_interface(&ifname, &mut policy).await else {
@@ -119,7 +113,6 @@ pub async fn serve(
             index,
             fd: socket.as_raw_fd(),
             mac,
-            gateway,
             counters: &counters,
             bucket: TokenBucket::new(BURST, PER_SECOND, Instant::now()),
             log: LogLimit::new(Duration::from_secs(10)),
@@ -139,7 +132,6 @@ struct Port<'a> {
     /// The socket's fd, owned by `serve` for as long as the port lives.
     fd: std::os::fd::RawFd,
     mac: [u8; 6],
-    gateway: Ipv6Addr,
     counters: &'a Counters,
     bucket: TokenBucket,
     log: LogLimit,
@@ -184,7 +176,7 @@ impl Port<'_> {
                         });
                         match r {
                             Ok(Ok(n)) => {
-                                let p = policy.borrow().clone();
+                                let p = policy.borrow();
                                 self.on_frame(&buf[..n.min(buf.len())], n > wire::MAX_FRAME, &p);
                             }
                             Ok(Err(e)) => {
@@ -230,7 +222,7 @@ impl Port<'_> {
             self.counters.drop("nd", "rate_limited");
             return;
         }
-        let na = wire::advertisement(&ns, self.mac, self.gateway);
+        let na = wire::advertisement(&ns, self.mac, policy.gateway);
         // SAFETY: send of a live buffer on a socket bound to the interface.
         let n = unsafe { libc::send(self.fd, na.as_ptr().cast(), na.len(), 0) };
         if n < 0 {

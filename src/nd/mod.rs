@@ -31,8 +31,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::config::{Config, Ipv6Mode};
 use crate::intent::Intent;
@@ -79,7 +78,14 @@ pub fn policies(config: &Config, intent: &Intent) -> BTreeMap<String, Policy> {
                     _ => None,
                 }))
                 .collect();
-            Some((i.name.clone(), Policy { subnets, own }))
+            Some((
+                i.name.clone(),
+                Policy {
+                    gateway: f.gateway_v6,
+                    subnets,
+                    own,
+                },
+            ))
         })
         .collect()
 }
@@ -88,57 +94,19 @@ pub fn policies(config: &Config, intent: &Intent) -> BTreeMap<String, Policy> {
 /// `nd_whole_subnet` fabric. Returns when the intent watch closes.
 pub async fn supervise(
     config: Arc<Config>,
-    mut intent: watch::Receiver<Arc<Intent>>,
+    intent: watch::Receiver<Arc<Intent>>,
     registry: Registry,
 ) {
-    let mut tasks: BTreeMap<String, (watch::Sender<Policy>, JoinHandle<()>)> = BTreeMap::new();
-    loop {
-        let snapshot = intent.borrow_and_update().clone();
-        let want = policies(&config, &snapshot);
-        tasks.retain(|name, (_, handle)| {
-            let keep = want.contains_key(name) && !handle.is_finished();
-            if !keep {
-                debug!(interface = %name, "nd: stopping");
-            }
-            keep
-        });
-        for (name, p) in want {
-            if let Some((tx, _)) = tasks.get(&name) {
-                tx.send_if_modified(|old| {
-                    let changed = *old != p;
-                    *old = p.clone();
-                    changed
-                });
-                continue;
-            }
+    crate::services::per_interface(
+        intent,
+        "nd",
+        |i| policies(&config, i),
+        |name, p, rx| {
             info!(interface = %name, subnets = p.subnets.len(), "nd: answering for the shared subnet");
-            let gateway = config
-                .fabric(
-                    &snapshot
-                        .interfaces()
-                        .find(|(_, i)| i.name == name)
-                        .map(|(_, i)| i.fabric.clone())
-                        .unwrap_or_default(),
-                )
-                .map(|f| f.gateway_v6)
-                .unwrap_or(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
-            let (tx, rx) = watch::channel(p);
-            let handle = tokio::spawn(io::serve(
-                name.clone(),
-                rx,
-                gateway,
-                registry.interface(&name),
-            ));
-            tasks.insert(name, (tx, handle));
-        }
-        if intent.changed().await.is_err() {
-            break;
-        }
-    }
-    for (_, (tx, handle)) in tasks {
-        drop(tx);
-        let _ = handle.await;
-    }
+            tokio::spawn(io::serve(name.to_string(), rx, registry.interface(name)))
+        },
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -179,6 +147,7 @@ mod tests {
     fn shared_dhcpv6_interfaces_answer_for_the_subnet_but_their_own_addresses() {
         let p = policies(&cfg(), &intent("public"));
         let p = &p["tap1"];
+        assert_eq!(p.gateway, "fe80::1".parse::<std::net::Ipv6Addr>().unwrap());
         assert_eq!(p.subnets, ["2001:db8:cb00:7100::/64".parse().unwrap()]);
         let own: Vec<std::net::Ipv6Addr> = vec![
             "2001:db8:cb00:7100::1".parse().unwrap(),

@@ -168,9 +168,11 @@ pub fn parse(frame: &[u8]) -> Result<Solicitation, NsDrop> {
     })
 }
 
-/// What the responder of one interface answers for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What the responder of one interface answers for, and as whom.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
+    /// The source of the answers: the fabric's gateway (fe80::1).
+    pub gateway: Ipv6Addr,
     /// The fabric's shared IPv6 subnets.
     pub subnets: Vec<Ipv6Net>,
     /// The addresses of the VM on this interface: never answered for (its
@@ -281,6 +283,7 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
+            gateway: a("fe80::1"),
             subnets: vec!["2001:db8:cb00:7100::/64".parse().unwrap()],
             own: vec![a("2001:db8:cb00:7100::3")],
         }

@@ -18,8 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::config::Config;
 use crate::intent::Intent;
@@ -47,46 +46,22 @@ pub fn adverts(config: &Config, intent: &Intent) -> BTreeMap<String, Advert> {
 /// Returns when the intent watch closes.
 pub async fn supervise(
     config: Arc<Config>,
-    mut intent: watch::Receiver<Arc<Intent>>,
+    intent: watch::Receiver<Arc<Intent>>,
     registry: Registry,
 ) {
-    let mut tasks: BTreeMap<String, (watch::Sender<Advert>, JoinHandle<()>)> = BTreeMap::new();
-    loop {
-        let snapshot = intent.borrow_and_update().clone();
-        let want = adverts(&config, &snapshot);
-        // Dropping the sender makes the task send its final RA and stop.
-        tasks.retain(|name, (_, handle)| {
-            let keep = want.contains_key(name) && !handle.is_finished();
-            if !keep {
-                debug!(interface = %name, "ra: stopping");
-            }
-            keep
-        });
-        for (name, a) in want {
-            if let Some((tx, _)) = tasks.get(&name) {
-                tx.send_if_modified(|old| {
-                    let changed = *old != a;
-                    *old = a.clone();
-                    changed
-                });
-                continue;
-            }
+    crate::services::per_interface(
+        intent,
+        "ra",
+        |i| adverts(&config, i),
+        |name, a, rx| {
             info!(interface = %name, prefixes = a.prefixes.len(), managed = a.managed, "ra: advertising");
-            let (tx, rx) = watch::channel(a);
-            let handle = tokio::spawn(io::serve(
-                name.clone(),
+            tokio::spawn(io::serve(
+                name.to_string(),
                 rx,
                 config.ra.clone(),
-                registry.interface(&name),
-            ));
-            tasks.insert(name, (tx, handle));
-        }
-        if intent.changed().await.is_err() {
-            break;
-        }
-    }
-    for (_, (tx, handle)) in tasks {
-        drop(tx);
-        let _ = handle.await;
-    }
+                registry.interface(name),
+            ))
+        },
+    )
+    .await
 }

@@ -159,22 +159,14 @@ pub fn build(
     // at 100,000 prefixes). Failing paths still leave at once: their
     // session is down, or the withdrawals come over a session that is not
     // relearning.
-    let returning_keys: BTreeMap<(bool, &[IpAddr]), usize> = if returning.is_empty() {
-        BTreeMap::new()
-    } else {
-        index.clone()
-    };
-    for ((_, origins), i) in returning_keys {
-        let back: Vec<&Hop> = union[i]
-            .iter()
-            .copied()
-            .filter(|h| {
+    if !returning.is_empty() {
+        for ((_, origins), &i) in &index {
+            members[i].extend(union[i].iter().copied().filter(|h| {
                 origins
                     .iter()
                     .any(|o| returning.contains(&(*o, (*h).clone())))
-            })
-            .collect();
-        members[i].extend(back);
+            }));
+        }
     }
     for (m, u) in members.iter_mut().zip(union) {
         if m.is_empty() {

@@ -145,6 +145,57 @@ pub async fn wait_for_interface<T>(ifname: &str, rx: &mut watch::Receiver<T>) ->
     }
 }
 
+/// Runs one task per interface that `want` lists, following `intent`: an
+/// interface that appears gets `start(name, first value, receiver)`; a
+/// changed value goes down its watch; an interface no longer listed (or
+/// whose task ended) has its sender dropped, which tells the task to stop
+/// (the RA task sends its final advertisement then). Returns, after every
+/// task finished, when the intent watch closes. `service` names the logs.
+pub async fn per_interface<P, W, S>(
+    mut intent: watch::Receiver<Arc<Intent>>,
+    service: &'static str,
+    want: W,
+    start: S,
+) where
+    P: Clone + PartialEq + Send + Sync + 'static,
+    W: Fn(&Intent) -> BTreeMap<String, P>,
+    S: Fn(&str, &P, watch::Receiver<P>) -> tokio::task::JoinHandle<()>,
+{
+    let mut tasks: BTreeMap<String, (watch::Sender<P>, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    loop {
+        let snapshot = intent.borrow_and_update().clone();
+        let wanted = want(&snapshot);
+        tasks.retain(|name, (_, handle)| {
+            let keep = wanted.contains_key(name) && !handle.is_finished();
+            if !keep {
+                tracing::debug!(interface = %name, "{service}: stopping");
+            }
+            keep
+        });
+        for (name, value) in wanted {
+            if let Some((tx, _)) = tasks.get(&name) {
+                tx.send_if_modified(|old| {
+                    let changed = *old != value;
+                    *old = value.clone();
+                    changed
+                });
+                continue;
+            }
+            let (tx, rx) = watch::channel(value.clone());
+            let handle = start(&name, &value, rx);
+            tasks.insert(name, (tx, handle));
+        }
+        if intent.changed().await.is_err() {
+            break;
+        }
+    }
+    for (_, (tx, handle)) in tasks {
+        drop(tx);
+        let _ = handle.await;
+    }
+}
+
 /// Starts the DHCPv4, RA (with DHCPv6) and neighbour solicitation
 /// responder supervisors. They follow
 /// `intent` until it closes (the agent stopped).
