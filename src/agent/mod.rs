@@ -173,6 +173,34 @@ impl AgentHandle {
         let _ = self.tx.send(Command::Rib(event)).await;
     }
 
+    /// Hands learned paths to the RIB without waiting: gives the event
+    /// back when the agent's queue is full (a long pass is running), so a
+    /// BGP session can go on sending KEEPALIVEs instead of waiting here
+    /// past its hold time. A stopped agent takes (and drops) the event.
+    pub fn try_rib(&self, event: RibEvent) -> Result<(), RibEvent> {
+        match self.tx.try_send(Command::Rib(event)) {
+            Err(mpsc::error::TrySendError::Full(Command::Rib(event))) => Err(event),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for room in the agent's queue, then hands `event` over; for
+    /// a `select!` branch (cancelling it loses nothing: the event is only
+    /// taken once there is room).
+    pub async fn rib_when_ready(&self, event: &mut Option<RibEvent>) {
+        if event.is_none() {
+            return std::future::pending().await;
+        }
+        if let Ok(permit) = self.tx.reserve().await
+            && let Some(event) = event.take()
+        {
+            permit.send(Command::Rib(event));
+        } else {
+            // The agent stopped: nothing will read the event.
+            *event = None;
+        }
+    }
+
     pub async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
@@ -184,6 +212,40 @@ impl AgentHandle {
             .map_err(|_| ApiError::Internal("agent stopped".into()))?;
         rx.await
             .map_err(|_| ApiError::Internal("agent dropped the request".into()))
+    }
+}
+
+/// A handle with no agent behind it, for testing what talks to the agent:
+/// commands wait in `rx` until the test reads them.
+#[cfg(test)]
+pub(crate) struct Detached {
+    pub rx: mpsc::Receiver<Command>,
+    _intent: watch::Sender<Arc<Intent>>,
+    _stats: watch::Sender<Arc<ReconcileStats>>,
+    _config: watch::Sender<Arc<Config>>,
+}
+
+#[cfg(test)]
+impl AgentHandle {
+    pub(crate) fn detached(capacity: usize, config: Config) -> (Self, Detached) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let (intent_tx, intent) = watch::channel(Arc::new(Intent::default()));
+        let (stats_tx, stats) = watch::channel(Arc::new(ReconcileStats::default()));
+        let (config_tx, config) = watch::channel(Arc::new(config));
+        (
+            Self {
+                tx,
+                intent,
+                stats,
+                config,
+            },
+            Detached {
+                rx,
+                _intent: intent_tx,
+                _stats: stats_tx,
+                _config: config_tx,
+            },
+        )
     }
 }
 

@@ -618,6 +618,12 @@ impl Session {
         // next bytes arrive (the peer's next KEEPALIVE, seconds later: its
         // whole table waited that long after a reconnect).
         let mut buffered = !buf.is_empty();
+        // A RIB event the agent had no room for (it is in a long pass):
+        // the session stops reading, so TCP holds the peer back, but goes
+        // on sending KEEPALIVEs and serving the other branches; it never
+        // waits on the agent inside a branch (at 1,000,000 routes that
+        // wait outlasted a 3 s hold time).
+        let mut pending: Option<RibEvent> = None;
         loop {
             let hold_left = if hold.is_zero() {
                 Duration::from_secs(3600)
@@ -625,11 +631,17 @@ impl Session {
                 hold.saturating_sub(last_in.elapsed())
             };
             tokio::select! {
+                _ = self.rib.rib_when_ready(&mut pending), if pending.is_some() => {
+                    // Not reading meanwhile was our doing: the peer's hold
+                    // time counts from here.
+                    last_in = Instant::now();
+                    buffered = !buf.is_empty();
+                }
                 _ = ka.tick(), if !keepalive.is_zero() => {
                     stream.write_all(&codec::keepalive()).await?;
                     self.status.send_modify(|s| s.counters.messages_out += 1);
                 }
-                _ = tokio::time::sleep(hold_left) => {
+                _ = tokio::time::sleep(hold_left), if pending.is_none() => {
                     let n = Notification::new(4, 0, vec![]);
                     let _ = stream.write_all(&codec::notification(&n)).await;
                     return Err(SessionEnd::Sent(n));
@@ -668,7 +680,7 @@ impl Session {
                     } else {
                         stream.read_buf(&mut buf).await
                     }
-                } => {
+                }, if pending.is_none() => {
                     buffered = false;
                     if read? == 0 {
                         return Err(SessionEnd::Closed);
@@ -752,14 +764,16 @@ impl Session {
                                     let count = adj_in.len();
                                     self.status.send_modify(|s| s.prefixes_received = count);
                                     if !withdraw.is_empty() {
-                                        self.rib
-                                            .rib(RibEvent::Update {
-                                                session: self.name.clone(),
-                                                fabric: self.spec.fabric.clone(),
-                                                announce: vec![],
-                                                withdraw,
-                                            })
-                                            .await;
+                                        let event = RibEvent::Update {
+                                            session: self.name.clone(),
+                                            fabric: self.spec.fabric.clone(),
+                                            announce: vec![],
+                                            withdraw,
+                                        };
+                                        if let Err(event) = self.rib.try_rib(event) {
+                                            pending = Some(event);
+                                            break;
+                                        }
                                     }
                                 }
                             }
@@ -770,13 +784,22 @@ impl Session {
                                     }
                                 }
                                 let (event, close) = self.on_update(u, &mut adj_in);
-                                if let Some(event) = event {
-                                    self.rib.rib(event).await;
+                                match (event, &close) {
+                                    (Some(event), Some(_)) => self.rib.rib(event).await,
+                                    (Some(event), None) => {
+                                        if let Err(event) = self.rib.try_rib(event) {
+                                            pending = Some(event);
+                                        }
+                                    }
+                                    (None, _) => {}
                                 }
                                 if let Some(n) = close {
                                     let _ = stream.write_all(&codec::notification(&n)).await;
                                     self.status.send_modify(|s| s.counters.notifications_out += 1);
                                     return Err(SessionEnd::Sent(n));
+                                }
+                                if pending.is_some() {
+                                    break;
                                 }
                             }
                         }
@@ -990,4 +1013,177 @@ pub(crate) fn gtsm(socket: &impl std::os::fd::AsRawFd, v6: bool) -> std::io::Res
         set(libc::IPPROTO_IP, libc::IP_MINTTL)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::Command;
+    use std::net::Ipv4Addr;
+    use tokio::net::TcpListener;
+
+    const CONFIG: &str = r#"
+[hypervisor]
+name = "hv1"
+router_id = "198.51.100.101"
+
+[fabrics.public]
+table = 90
+catch_all = true
+subnets = ["203.0.113.0/24"]
+gateway_v4 = "203.0.113.254"
+"#;
+
+    /// Runs `f` on a thread of its own in a new network namespace (only
+    /// its loopback, up), on a current-thread runtime: the test's TCP
+    /// never touches the machine's namespaces, and the namespace goes
+    /// with the thread.
+    fn in_private_netns<F, Fut>(f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
+        std::thread::spawn(move || {
+            // SAFETY: unshare(2) with CLONE_NEWNET changes only the
+            // calling thread's network namespace; no memory is involved.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(
+                r,
+                0,
+                "unshare(CLONE_NEWNET): {}",
+                std::io::Error::last_os_error()
+            );
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip link set lo up");
+            assert!(up.success());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(f());
+        })
+        .join()
+        .expect("test thread");
+    }
+
+    /// Reads whole messages from `stream` into `out` until `deadline`.
+    async fn read_until(
+        stream: &mut TcpStream,
+        buf: &mut BytesMut,
+        codec: &Codec,
+        deadline: tokio::time::Instant,
+        out: &mut Vec<Message>,
+    ) {
+        loop {
+            while let Ok(Some(len)) = Codec::frame(buf) {
+                let frame = buf.split_to(len);
+                out.push(codec.decode(&frame).expect("the session's message decodes"));
+            }
+            match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
+                Ok(Ok(0)) | Err(_) => return,
+                Ok(r) => {
+                    r.expect("read");
+                }
+            }
+        }
+    }
+
+    /// The bug this guards against: the session handed each UPDATE to the
+    /// agent and waited when the agent's queue was full (a pass of several
+    /// seconds at 1,000,000 routes), sending no KEEPALIVE meanwhile, and
+    /// the reflector reset it when its hold time ran out.
+    #[test]
+    fn keepalives_go_on_while_the_agent_is_too_busy_to_take_updates() {
+        in_private_netns(|| async {
+            let config = crate::config::parse("t.toml", CONFIG).expect("config");
+            // Room for one event: the agent is "in a pass" until the test
+            // starts reading.
+            let (handle, mut agent) = AgentHandle::detached(1, config.clone());
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let mut peer = TcpStream::connect(addr).await.expect("connect");
+            let (ours, _) = listener.accept().await.expect("accept");
+            let spec = PeerSpec {
+                name: "public-a".into(),
+                fabric: "public".into(),
+                path: "a".into(),
+                local: addr.ip(),
+                remote: addr.ip(),
+                uplink: "lo".into(),
+                next_hop_v4: Some(addr.ip()),
+                next_hop_v6: None,
+                uplink_addresses: vec!["10.0.0.1/24".parse().expect("net")],
+            };
+            let (_incoming_tx, incoming) = mpsc::channel(1);
+            let (_stop_tx, stop) = watch::channel(None);
+            let (session, _status) =
+                Session::new(spec, Arc::new(config), handle, incoming, None, stop);
+            let session = tokio::spawn(async move { session.serve(ours).await });
+
+            // The reflector's side: OPEN with a 3 s hold time (a KEEPALIVE
+            // every second from the session), KEEPALIVE, then 40 UPDATEs.
+            let open = codec::open(&LocalOpen {
+                asn: 65000,
+                hold_time: 3,
+                bgp_id: Ipv4Addr::new(198, 51, 100, 1),
+                add_path_send: false,
+                graceful_restart: None,
+            })
+            .expect("open");
+            peer.write_all(&open).await.expect("write");
+            peer.write_all(&codec::keepalive()).await.expect("write");
+            let peer_codec = Codec::default();
+            let updates = 40;
+            for i in 0..updates {
+                for m in codec::announce(
+                    &peer_codec,
+                    &Announce {
+                        prefixes: vec![format!("203.0.113.{}/32", i + 1).parse().expect("net")],
+                        next_hop: "10.0.0.2".parse().expect("ip"),
+                        local_pref: 100,
+                    },
+                )
+                .expect("update")
+                {
+                    peer.write_all(&m).await.expect("write");
+                }
+            }
+
+            // 3.5 s with the agent taking nothing: the session must keep
+            // its side of the hold time (and not close on ours either).
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(3500);
+            read_until(&mut peer, &mut buf, &peer_codec, deadline, &mut got).await;
+            let keepalives = got
+                .iter()
+                .filter(|m| matches!(m, Message::KeepAlive))
+                .count();
+            assert!(
+                !got.iter().any(|m| matches!(m, Message::Notification(_))),
+                "the session closed: {got:?}"
+            );
+            // One answers the OPEN; then one per second.
+            assert!(keepalives >= 3, "{keepalives} KEEPALIVEs in 3.5 s: {got:?}");
+            assert!(!session.is_finished());
+
+            // The agent comes back: every UPDATE reaches it, in order.
+            let mut seen = Vec::new();
+            while seen.len() < updates {
+                let cmd = tokio::time::timeout(Duration::from_secs(5), agent.rx.recv())
+                    .await
+                    .expect("the session hands over every UPDATE")
+                    .expect("command");
+                let Command::Rib(RibEvent::Update { announce, .. }) = cmd else {
+                    panic!("unexpected command {cmd:?}");
+                };
+                seen.extend(announce.into_iter().map(|(p, _, _)| p.to_string()));
+            }
+            let want: Vec<String> = (1..=updates).map(|i| format!("203.0.113.{i}/32")).collect();
+            assert_eq!(seen, want);
+            session.abort();
+        });
+    }
 }
