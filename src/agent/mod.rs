@@ -249,6 +249,10 @@ impl AgentHandle {
     }
 }
 
+/// A pass this large (operations planned, or paths in the RIB) leaves
+/// enough freed memory behind to be worth handing back to the system.
+const BIG_PASS: usize = 10_000;
+
 /// What a reconcile pass starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
@@ -283,6 +287,9 @@ pub struct Agent {
     /// left them (it changed routes only); otherwise only its routes,
     /// nexthop objects and proxy entries are, and a pass dumps the rest.
     cache_host_valid: bool,
+    /// The cache's route count when its map was last rebuilt with full
+    /// nodes (0 after a dump): see `rib::compact_when_grown`.
+    cache_compacted: usize,
     /// Prefixes the RIB has heard of since start: their kernel routes
     /// follow the RIB even during the hold (a withdrawal is a withdrawal).
     relearned: BTreeSet<IpNet>,
@@ -374,6 +381,7 @@ impl Agent {
                 relearned: BTreeSet::new(),
                 cache: None,
                 cache_host_valid: false,
+                cache_compacted: 0,
                 end_of_rib: BTreeSet::new(),
                 sessions_expected,
                 kernel,
@@ -815,6 +823,8 @@ impl Agent {
         } else if host_dump {
             "host"
         } else {
+            // A dumped route map is built by ascending inserts.
+            self.cache_compacted = 0;
             "full"
         };
         self.cache = None;
@@ -1046,6 +1056,30 @@ impl Agent {
             group_keys: std::mem::take(&mut desired.group_keys),
             ..Default::default()
         };
+        // What this pass built is dropped before the mirror is rebuilt, so
+        // the two never add up.
+        let big = report.planned >= BIG_PASS || report.observed == "full";
+        drop(desired);
+        drop(plan);
+        let mut compacted = false;
+        if let Some(cache) = &mut self.cache {
+            let mut grown = cache.routes.len().saturating_sub(self.cache_compacted);
+            if crate::rib::compact_when_grown(&mut cache.routes, &mut grown) {
+                self.cache_compacted = cache.routes.len();
+                compacted = true;
+            }
+        }
+        if (big && self.rib.path_count() >= BIG_PASS) || compacted {
+            // glibc keeps what a big pass freed (the desired state, the
+            // plan, a dump: hundreds of MB at 1,000,000 routes) in its
+            // arenas; malloc_trim(3) gives the free pages back. Off the
+            // agent's task: it walks every arena.
+            tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only releases free memory; it takes
+                // the arenas' locks itself.
+                unsafe { libc::malloc_trim(0) };
+            });
+        }
         self.schedule_next(!report.failed.is_empty());
         self.finish(report);
     }

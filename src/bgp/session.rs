@@ -598,6 +598,8 @@ impl Session {
         // Attributes are shared by every prefix of the UPDATE that carried
         // them.
         let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
+        // Its size when last rebuilt with full nodes (rib::compact_when_grown).
+        let mut adj_in_compacted = 0;
         // Enhanced route refresh in progress, per family (IPv4, IPv6): the
         // paths not announced again yet.
         let mut refreshing: [Option<BTreeSet<Nlri>>; 2] = [None, None];
@@ -784,6 +786,10 @@ impl Session {
                                     }
                                 }
                                 let (event, close) = self.on_update(u, &mut adj_in);
+                                let mut grown = adj_in.len().saturating_sub(adj_in_compacted);
+                                if crate::rib::compact_when_grown(&mut adj_in, &mut grown) {
+                                    adj_in_compacted = adj_in.len();
+                                }
                                 match (event, &close) {
                                     (Some(event), Some(_)) => self.rib.rib(event).await,
                                     (Some(event), None) => {

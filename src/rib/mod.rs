@@ -6,13 +6,14 @@
 //! is decided where local and learned routes meet, in
 //! `reconcile::desired`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::Serialize;
+use smallvec::SmallVec;
 
 /// A path as the RIB keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -94,12 +95,80 @@ pub struct Selected {
     pub origins: Vec<IpAddr>,
 }
 
-/// (session, path id): what identifies a path of a prefix.
-type PathKey = (Arc<str>, Option<u32>);
+/// A path as the RIB stores it, with what identifies it (session, path
+/// id): the session and uplink are indexes into the RIB's name table
+/// rather than two shared strings (16 bytes each), the AS_PATH length a
+/// u32: 48 bytes instead of 80 per path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    next_hop: IpAddr,
+    local_pref: u32,
+    as_path_len: u32,
+    originator: Option<Ipv4Addr>,
+    session: u32,
+    uplink: u32,
+    path_id: Option<u32>,
+}
 
-/// The paths of one prefix: almost always one to four, so a vector (a
-/// BTreeMap per prefix cost ~1 KiB each at 100,000 prefixes).
-type Paths = Vec<(PathKey, Path)>;
+impl Stored {
+    fn origin(&self) -> IpAddr {
+        self.originator.map_or(self.next_hop, IpAddr::V4)
+    }
+    fn rank(&self) -> (u32, std::cmp::Reverse<u32>) {
+        (self.local_pref, std::cmp::Reverse(self.as_path_len))
+    }
+    fn is(&self, session: u32, path_id: Option<u32>) -> bool {
+        self.session == session && self.path_id == path_id
+    }
+}
+
+/// The paths of one prefix: almost always one to four. One is kept inline,
+/// without an allocation of its own (a BTreeMap per prefix cost ~1 KiB at
+/// 100,000 prefixes; a Vec per prefix 80 bytes plus malloc's header).
+type Paths = SmallVec<[Stored; 1]>;
+
+/// Session and uplink names, interned: a few dozen over the agent's life
+/// (a name stays when its session goes; it comes back with it).
+#[derive(Debug, Clone, Default)]
+struct Names {
+    list: Vec<Arc<str>>,
+    index: HashMap<Arc<str>, u32>,
+}
+
+impl Names {
+    fn intern(&mut self, name: &Arc<str>) -> u32 {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        let i = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        self.list.push(name.clone());
+        self.index.insert(name.clone(), i);
+        i
+    }
+    fn get(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+    fn name(&self, i: u32) -> &Arc<str> {
+        // Every index comes from `intern`.
+        &self.list[i as usize]
+    }
+}
+
+/// A B-tree filled by ascending inserts (a BGP feed, a kernel dump) keeps
+/// its nodes about half full: at 1,000,000 entries that is the larger part
+/// of what the RIB, the Adj-RIB-In and the kernel mirror cost. Rebuilt
+/// from its sorted entries, every node is full. `grown` counts the inserts
+/// since the last rebuild; the map is rebuilt once they reach half its
+/// size (and `COMPACT_MIN`), so the rebuilds cost O(1) per insert.
+pub fn compact_when_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, grown: &mut usize) -> bool {
+    const COMPACT_MIN: usize = 65_536;
+    if *grown < COMPACT_MIN || *grown < map.len() / 2 {
+        return false;
+    }
+    *map = std::mem::take(map).into_iter().collect();
+    *grown = 0;
+    true
+}
 
 /// How long a session that came back counts as relearning its table when
 /// it sends no End-of-RIB (FRR without graceful restart sends none).
@@ -109,6 +178,9 @@ pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
 pub struct Rib {
     /// fabric → prefix → paths.
     fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
+    /// Prefixes added since the tables were last rebuilt (compact_when_grown).
+    grown: usize,
+    names: Names,
     /// Sessions in a graceful restart: the generation, and the paths the
     /// peer announced again since (the others are stale).
     stale: BTreeMap<Arc<str>, Stale>,
@@ -140,38 +212,56 @@ impl Rib {
                 }
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
-                for (prefix, id) in withdraw {
-                    if let Some(paths) = table.get_mut(&prefix) {
-                        let before = paths.len();
-                        paths.retain(|((s, i), _)| !(*s == session && *i == id));
-                        changed |= paths.len() != before;
-                        if paths.is_empty() {
-                            table.remove(&prefix);
+                if let Some(sid) = self.names.get(&session) {
+                    for (prefix, id) in withdraw {
+                        if let Some(paths) = table.get_mut(&prefix) {
+                            let before = paths.len();
+                            paths.retain(|p| !p.is(sid, id));
+                            changed |= paths.len() != before;
+                            if paths.is_empty() {
+                                table.remove(&prefix);
+                            }
                         }
                     }
                 }
+                if announce.is_empty() {
+                    return changed;
+                }
+                let sid = self.names.intern(&session);
                 for (prefix, id, path) in announce {
-                    let paths = table.entry(prefix).or_default();
-                    match paths
-                        .iter_mut()
-                        .find(|((s, i), _)| *s == session && *i == id)
-                    {
-                        Some((_, old)) => {
-                            if *old != path {
-                                *old = path;
+                    let new = Stored {
+                        next_hop: path.next_hop,
+                        local_pref: path.local_pref,
+                        as_path_len: u32::try_from(path.as_path_len).unwrap_or(u32::MAX),
+                        originator: path.originator,
+                        session: sid,
+                        uplink: self.names.intern(&path.uplink),
+                        path_id: id,
+                    };
+                    let paths = match table.entry(prefix) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            self.grown += 1;
+                            e.insert(Paths::new())
+                        }
+                    };
+                    match paths.iter_mut().find(|p| p.is(sid, id)) {
+                        Some(old) => {
+                            if *old != new {
+                                *old = new;
                                 changed = true;
                             }
                         }
                         None => {
-                            // Exact growth: a first push would allocate
-                            // room for four paths (~32 MB at 100,000
-                            // prefixes of one or two paths).
+                            // Exact growth past the inline path: a first
+                            // spill would make room for four.
                             paths.reserve_exact(1);
-                            paths.push(((session.clone(), id), path));
+                            paths.push(new);
                             changed = true;
                         }
                     }
                 }
+                compact_when_grown(table, &mut self.grown);
                 changed
             }
             RibEvent::EndOfRib { session } => {
@@ -240,11 +330,14 @@ impl Rib {
         session: &Arc<str>,
         doomed: impl Fn(&IpNet, Option<u32>) -> bool,
     ) -> bool {
+        let Some(sid) = self.names.get(session) else {
+            return false;
+        };
         let mut changed = false;
         for table in self.fabrics.values_mut() {
             table.retain(|prefix, paths| {
                 let before = paths.len();
-                paths.retain(|((s, id), _)| !(s == session && doomed(prefix, *id)));
+                paths.retain(|p| !(p.session == sid && doomed(prefix, p.path_id)));
                 changed |= paths.len() != before;
                 !paths.is_empty()
             });
@@ -264,7 +357,7 @@ impl Rib {
             return out;
         };
         for (prefix, paths) in table {
-            let hops = best(paths.iter().map(|(_, p)| p));
+            let hops = self.best(paths);
             if !hops.is_empty() {
                 out.insert(*prefix, hops);
             }
@@ -280,29 +373,19 @@ impl Rib {
         };
         let mut out = Vec::with_capacity(table.len());
         for (prefix, paths) in table {
-            let Some(top) = paths
-                .iter()
-                .map(|(_, p)| (p.local_pref, std::cmp::Reverse(p.as_path_len)))
-                .max()
-            else {
+            let Some(top) = paths.iter().map(Stored::rank).max() else {
                 continue;
             };
             // Exact-size sorted vectors: a BTreeSet per prefix allocated
             // a whole B-tree node (~45 MB at 100,000 prefixes).
-            let tied = paths
-                .iter()
-                .filter(|(_, p)| (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top)
-                .count();
+            let tied = paths.iter().filter(|p| p.rank() == top).count();
             let mut s = Selected {
                 hops: Vec::with_capacity(tied),
                 origins: Vec::with_capacity(tied),
             };
-            for (_, p) in paths {
-                if (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top {
-                    s.hops.push(Hop {
-                        gateway: p.next_hop,
-                        uplink: p.uplink.clone(),
-                    });
+            for p in paths {
+                if p.rank() == top {
+                    s.hops.push(self.hop(p));
                     s.origins.push(p.origin());
                 }
             }
@@ -323,20 +406,16 @@ impl Rib {
         let Some(table) = self.fabrics.get(fabric) else {
             return out;
         };
-        let mut last: Option<(IpAddr, IpAddr, *const str)> = None;
+        let mut last: Option<(IpAddr, IpAddr, u32)> = None;
         for paths in table.values() {
-            for (_, p) in paths {
-                let key = (p.origin(), p.next_hop, Arc::as_ptr(&p.uplink));
+            for p in paths {
+                let key = (p.origin(), p.next_hop, p.uplink);
                 // Consecutive paths almost always repeat the same hop.
                 if last == Some(key) {
                     continue;
                 }
                 last = Some(key);
-                let hop = Hop {
-                    gateway: p.next_hop,
-                    uplink: p.uplink.clone(),
-                };
-                let item = (p.origin(), hop);
+                let item = (p.origin(), self.hop(p));
                 if !out.contains(&item) {
                     out.insert(item);
                 }
@@ -353,11 +432,11 @@ impl Rib {
     /// session is relearning.
     pub fn syncing_hops(&self, fabric: &str, now: Instant) -> BTreeSet<(IpAddr, Hop)> {
         let mut out = BTreeSet::new();
-        let live: BTreeSet<&Arc<str>> = self
+        let live: BTreeSet<u32> = self
             .syncing
             .iter()
             .filter(|(_, until)| now < **until)
-            .map(|(s, _)| s)
+            .filter_map(|(s, _)| self.names.get(s))
             .collect();
         if live.is_empty() {
             return out;
@@ -366,15 +445,9 @@ impl Rib {
             return out;
         };
         for paths in table.values() {
-            for ((s, _), p) in paths {
-                if live.contains(s) {
-                    let item = (
-                        p.origin(),
-                        Hop {
-                            gateway: p.next_hop,
-                            uplink: p.uplink.clone(),
-                        },
-                    );
+            for p in paths {
+                if live.contains(&p.session) {
+                    let item = (p.origin(), self.hop(p));
                     if !out.contains(&item) {
                         out.insert(item);
                     }
@@ -389,17 +462,49 @@ impl Rib {
     pub fn table(
         &self,
         fabric: &str,
-    ) -> impl Iterator<
-        Item = (
-            &IpNet,
-            impl Iterator<Item = (&Arc<str>, Option<u32>, &Path)>,
-        ),
-    > {
+    ) -> impl Iterator<Item = (&IpNet, impl Iterator<Item = (&Arc<str>, Option<u32>, Path)>)> {
         self.fabrics
             .get(fabric)
             .into_iter()
             .flat_map(|t| t.iter())
-            .map(|(prefix, paths)| (prefix, paths.iter().map(|((s, id), p)| (s, *id, p))))
+            .map(|(prefix, paths)| {
+                (
+                    prefix,
+                    paths
+                        .iter()
+                        .map(|p| (self.names.name(p.session), p.path_id, self.path(p))),
+                )
+            })
+    }
+
+    fn hop(&self, p: &Stored) -> Hop {
+        Hop {
+            gateway: p.next_hop,
+            uplink: self.names.name(p.uplink).clone(),
+        }
+    }
+
+    fn path(&self, p: &Stored) -> Path {
+        Path {
+            next_hop: p.next_hop,
+            uplink: self.names.name(p.uplink).clone(),
+            local_pref: p.local_pref,
+            as_path_len: p.as_path_len as usize,
+            originator: p.originator,
+        }
+    }
+
+    /// Best paths: highest LOCAL_PREF, then shortest AS_PATH; every path
+    /// tied on both is a member of the ECMP set (one member per next hop).
+    fn best(&self, paths: &[Stored]) -> BTreeSet<Hop> {
+        let Some(top) = paths.iter().map(Stored::rank).max() else {
+            return BTreeSet::new();
+        };
+        paths
+            .iter()
+            .filter(|p| p.rank() == top)
+            .map(|p| self.hop(p))
+            .collect()
     }
 
     /// The (origin, hop) of each path an UPDATE withdraws whose prefix
@@ -419,6 +524,9 @@ impl Rib {
         let Some(table) = self.fabrics.get(fabric) else {
             return Vec::new();
         };
+        let Some(sid) = self.names.get(session) else {
+            return Vec::new();
+        };
         // Looked up once per path, not by scanning the list (an UPDATE may
         // withdraw thousands of prefixes).
         let withdrawn: BTreeSet<(IpNet, Option<u32>)> = withdraw.iter().copied().collect();
@@ -427,18 +535,14 @@ impl Rib {
             let Some(paths) = table.get(prefix) else {
                 continue;
             };
-            let gone = paths
-                .iter()
-                .find(|((s, i), _)| s == session && i == id)
-                .map(|(_, p)| p);
-            let Some(p) = gone else { continue };
-            let hop = Hop {
-                gateway: p.next_hop,
-                uplink: p.uplink.clone(),
+            let Some(p) = paths.iter().find(|p| p.is(sid, *id)) else {
+                continue;
             };
+            let hop = self.hop(p);
             // Another path of the same origin survives this UPDATE.
-            let survivors = paths.iter().any(|((s, i), q)| {
-                q.origin() == p.origin() && !(s == session && withdrawn.contains(&(*prefix, *i)))
+            let survivors = paths.iter().any(|q| {
+                q.origin() == p.origin()
+                    && !(q.session == sid && withdrawn.contains(&(*prefix, q.path_id)))
             });
             if survivors && !out.iter().any(|(o, h)| *o == p.origin() && *h == hop) {
                 out.push((p.origin(), hop));
@@ -460,30 +564,68 @@ impl Rib {
     }
 }
 
-/// Best paths: highest LOCAL_PREF, then shortest AS_PATH; every path tied
-/// on both is a member of the ECMP set (one member per next hop).
-pub fn best<'a>(paths: impl Iterator<Item = &'a Path>) -> BTreeSet<Hop> {
-    let paths: Vec<&Path> = paths.collect();
-    let Some(top) = paths
-        .iter()
-        .map(|p| (p.local_pref, std::cmp::Reverse(p.as_path_len)))
-        .max()
-    else {
-        return BTreeSet::new();
-    };
-    paths
-        .iter()
-        .filter(|p| (p.local_pref, std::cmp::Reverse(p.as_path_len)) == top)
-        .map(|p| Hop {
-            gateway: p.next_hop,
-            uplink: p.uplink.clone(),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grown_map_is_rebuilt_whole_and_only_when_grown_enough() {
+        let mut m: BTreeMap<u32, u32> = (0..200_000).map(|i| (i, i * 2)).collect();
+        let mut grown = 70_000;
+        assert!(
+            !compact_when_grown(&mut m, &mut grown),
+            "less than half its size"
+        );
+        assert_eq!(grown, 70_000);
+        grown = 100_000;
+        assert!(compact_when_grown(&mut m, &mut grown));
+        assert_eq!(grown, 0);
+        assert_eq!(m.len(), 200_000);
+        assert!(
+            m.iter()
+                .enumerate()
+                .all(|(i, (k, v))| *k == i as u32 && *v == k * 2)
+        );
+        let mut small: BTreeMap<u32, u32> = (0..60_000).map(|i| (i, i)).collect();
+        let mut grown = 60_000;
+        assert!(
+            !compact_when_grown(&mut small, &mut grown),
+            "small maps are left alone"
+        );
+    }
+
+    #[test]
+    fn paths_of_many_sessions_keep_their_names_and_uplinks() {
+        let mut rib = Rib::default();
+        for i in 0..40u32 {
+            let p = Path {
+                next_hop: IpAddr::V4(Ipv4Addr::from(0xc633_6400 + i)),
+                uplink: Arc::from(format!("up{}", i % 3).as_str()),
+                local_pref: 100,
+                as_path_len: usize::MAX,
+                originator: None,
+            };
+            rib.apply(announce(&format!("s{i}"), "203.0.113.3/32", Some(i), p));
+        }
+        let (_, paths) = rib.table("public").next().unwrap();
+        let paths: Vec<_> = paths.collect();
+        assert_eq!(paths.len(), 40);
+        for (i, (s, id, p)) in paths.iter().enumerate() {
+            assert_eq!(s.as_ref(), format!("s{i}"));
+            assert_eq!(*id, Some(i as u32));
+            assert_eq!(&*p.uplink, format!("up{}", i % 3));
+            // Saturated into the stored u32, still the longest.
+            assert_eq!(p.as_path_len, u32::MAX as usize);
+        }
+        rib.apply(RibEvent::SessionDown {
+            session: "s7".into(),
+        });
+        assert_eq!(rib.path_count(), 39);
+        // A session never heard of withdraws nothing.
+        assert!(!rib.apply(RibEvent::SessionDown {
+            session: "nobody".into(),
+        }));
+    }
 
     fn path(nh: &str, uplink: &str, lp: u32) -> Path {
         Path {
