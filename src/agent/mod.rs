@@ -1215,6 +1215,23 @@ fn vm_result(vm: Option<&str>, intent: &Intent, report: &ReconcileReport) -> Res
 }
 
 /// Spawns the agent loop; a convenience for binaries and tests.
-pub fn spawn(agent: Agent) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(agent.run())
+pub fn spawn(agent: Agent) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // A thread and a single-threaded runtime of its own: a pass computes
+    // over the whole RIB without yielding (seconds at 1,000,000 routes),
+    // and on the shared workers that held up whatever was queued behind
+    // it, a BGP session's KEEPALIVEs up to 1.65 s late (a reflector with a
+    // 3 s hold time reset the session; BENCHMARKS.md), BFD and DHCP alike.
+    // Sockets and timers the agent made before (netlink) stay with the
+    // main runtime, which keeps driving them.
+    std::thread::Builder::new()
+        .name("l3hv-agent".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(agent.run()),
+                Err(e) => tracing::error!(error = %e, "cannot start the agent's runtime"),
+            }
+        })
 }

@@ -644,6 +644,18 @@ impl Session {
                     self.status.send_modify(|s| s.counters.messages_out += 1);
                 }
                 _ = tokio::time::sleep(hold_left), if pending.is_none() => {
+                    // The peer's messages may be waiting in the socket
+                    // (this task ran late, or both branches were ready at
+                    // once): they count, the hold timer has not expired.
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => return Err(SessionEnd::Closed),
+                        Ok(_) => {
+                            last_in = Instant::now();
+                            buffered = true;
+                            continue;
+                        }
+                        Err(_) => {}
+                    }
                     let n = Notification::new(4, 0, vec![]);
                     let _ = stream.write_all(&codec::notification(&n)).await;
                     return Err(SessionEnd::Sent(n));

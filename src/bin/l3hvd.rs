@@ -112,7 +112,14 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
         );
     }
     agent.set_watchdog(watchdog);
-    let agent_task = agent::spawn(agent);
+    // Runs until the process exits: leaving never waits for a pass.
+    let _agent = match agent::spawn(agent) {
+        Ok(t) => t,
+        Err(e) => {
+            error!(error = %e, "cannot start the agent's thread");
+            return ExitCode::FAILURE;
+        }
+    };
     // Link notifications make the agent look again at once (a tap QEMU
     // just opened, an adopted interface created after its intent).
     match l3hv::netlink::monitor::link_changes(std::time::Duration::from_millis(50)) {
@@ -167,7 +174,6 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     // Leaving is deliberately a no-op for the kernel: VM routes, rules,
     // taps and addresses stay, so forwarding goes on while we are away.
     info!(signal = why, "stopping; kernel state left in place");
-    agent_task.abort();
     let _ = std::fs::remove_file(&socket);
     ExitCode::SUCCESS
 }
