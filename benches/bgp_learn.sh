@@ -372,7 +372,7 @@ EOF
     if [ -n "${L3HVD_WRAP:-}" ] && [ -n "$agent" ]; then
         kill -TERM "$agent"; wait "$pid" 2>/dev/null || true
     fi
-    kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+    kill -9 "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
 }
 
 # The agent's reconcile passes so far, their total time and kernel
