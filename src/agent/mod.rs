@@ -1004,6 +1004,10 @@ impl Agent {
                 applied = report.applied,
                 failed = report.failed.len(),
                 duration_ms = report.duration.as_secs_f64() * 1e3,
+                dump_ms = report.dump.as_secs_f64() * 1e3,
+                sysctls_ms = report.sysctls.as_secs_f64() * 1e3,
+                compute_ms = report.compute.as_secs_f64() * 1e3,
+                apply_ms = report.apply.as_secs_f64() * 1e3,
                 observed = report.observed,
                 "reconciled"
             );
