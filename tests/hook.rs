@@ -360,4 +360,11 @@ fn latency() {
             );
         }
     }
+    // L3HV_HOOK_LOG=1: the agent's pass lines (dump, sysctls, compute and
+    // apply times of every prepare and release) for a breakdown.
+    if std::env::var_os("L3HV_HOOK_LOG").is_some() {
+        for line in agent.log().lines().filter(|l| l.contains("reconciled")) {
+            println!("{line}");
+        }
+    }
 }

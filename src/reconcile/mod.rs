@@ -14,18 +14,23 @@ pub use model::*;
 pub use plan::{KernelOp, Plan, plan};
 
 /// Which sysctl files to read before planning: the host and uplink ones
-/// (few), those of VM links not yet verified at their current ifindex, and
-/// those of adopted links being released (with the kernel's defaults).
+/// (few; with `host`), those of VM links not yet verified at their current
+/// ifindex, and those of adopted links being released (with the kernel's
+/// defaults).
 /// `verified` maps a link name to the ifindex whose sysctls were last
 /// confirmed; a recreated link gets a new ifindex and is read again.
 pub fn sysctls_to_read(
     desired: &DesiredKernel,
     observed: &ObservedKernel,
     verified: &BTreeMap<String, u32>,
+    host: bool,
 ) -> Vec<SysctlPath> {
-    let mut out: Vec<SysctlPath> = desired.host_sysctls.keys().cloned().collect();
-    for (name, u) in &desired.uplinks {
-        out.extend(u.sysctls.keys().map(|s| s.path(name)));
+    let mut out: Vec<SysctlPath> = Vec::new();
+    if host {
+        out.extend(desired.host_sysctls.keys().cloned());
+        for (name, u) in &desired.uplinks {
+            out.extend(u.sysctls.keys().map(|s| s.path(name)));
+        }
     }
     for (name, l) in &desired.links {
         let current = observed.links.get(name).map(|o| o.ifindex);
