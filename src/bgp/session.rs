@@ -1040,18 +1040,6 @@ mod tests {
     use std::net::Ipv4Addr;
     use tokio::net::TcpListener;
 
-    const CONFIG: &str = r#"
-[hypervisor]
-name = "hv1"
-router_id = "198.51.100.101"
-
-[fabrics.public]
-table = 90
-catch_all = true
-subnets = ["203.0.113.0/24"]
-gateway_v4 = "203.0.113.254"
-"#;
-
     /// Runs `f` on a thread of its own in a new network namespace (only
     /// its loopback, up), on a current-thread runtime: the test's TCP
     /// never touches the machine's namespaces, and the namespace goes
@@ -1115,7 +1103,7 @@ gateway_v4 = "203.0.113.254"
     #[test]
     fn keepalives_go_on_while_the_agent_is_too_busy_to_take_updates() {
         in_private_netns(|| async {
-            let config = crate::config::parse("t.toml", CONFIG).expect("config");
+            let config = crate::config::parse("t.toml", crate::config::tests::MIN).expect("config");
             // Room for one event: the agent is "in a pass" until the test
             // starts reading.
             let (handle, mut agent) = AgentHandle::detached(1, config.clone());

@@ -1185,7 +1185,7 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const EXAMPLE: &str = include_str!("../../packaging/l3hv.toml");
@@ -1225,7 +1225,9 @@ mod tests {
         }
     }
 
-    const MIN: &str = r#"
+    /// The smallest valid configuration (one catch-all fabric), for tests
+    /// of other modules too.
+    pub(crate) const MIN: &str = r#"
 [hypervisor]
 name = "hv1"
 router_id = "198.51.100.101"
