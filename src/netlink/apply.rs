@@ -296,7 +296,7 @@ impl Kernel {
             KernelOp::DelRoute { id, attrs } => {
                 // The route may have gone with its link: resolve the oif
                 // leniently and treat "no such route" as done.
-                let mut attrs = attrs.clone();
+                let mut attrs = RouteAttrs::clone(attrs);
                 // Matched by table, destination, metric and protocol: the
                 // group it pointed at may be gone already.
                 attrs.nh_id = None;

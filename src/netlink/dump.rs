@@ -219,6 +219,8 @@ impl Kernel {
         names: &BTreeMap<u32, String>,
         o: &mut ObservedKernel,
     ) -> Result<(), NetlinkError> {
+        // A million learned routes have a handful of distinct attributes.
+        let mut shared = crate::reconcile::AttrsInterner::default();
         for family in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
@@ -245,6 +247,7 @@ impl Kernel {
                     continue;
                 }
                 if let Some((id, attrs)) = route_of(&msg, names) {
+                    let attrs = shared.share(attrs);
                     match o.routes.entry(id) {
                         std::collections::btree_map::Entry::Occupied(_) => {
                             o.duplicate_routes.push((id, attrs))

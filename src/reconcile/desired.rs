@@ -176,7 +176,7 @@ pub fn desired_with(
                         dst,
                         metric: u32::MAX,
                     },
-                    attrs.clone(),
+                    std::sync::Arc::new(attrs.clone()),
                 );
             }
         }
@@ -201,7 +201,7 @@ pub fn desired_with(
                     dst: net.trunc(),
                     metric: u32::MAX,
                 },
-                RouteAttrs {
+                std::sync::Arc::new(RouteAttrs {
                     kind: RouteKind::Unicast,
                     oif: Some(k.sink_interface.clone()),
                     gateway: None,
@@ -209,7 +209,7 @@ pub fn desired_with(
                     pref_src: None,
                     multipath: Vec::new(),
                     nh_id: None,
-                },
+                }),
             );
         }
     }
@@ -329,7 +329,7 @@ pub fn desired_with(
                 metric: k.vm_route_metric,
             };
             if let Some(existing) = d.routes.get(&id) {
-                if *existing != attrs {
+                if **existing != attrs {
                     d.conflicts.push(format!(
                         "vm {vm}: {dst} in table {table} is already routed via {}",
                         existing.oif.as_deref().unwrap_or("?")
@@ -337,7 +337,7 @@ pub fn desired_with(
                 }
                 return;
             }
-            d.routes.insert(id, attrs);
+            d.routes.insert(id, std::sync::Arc::new(attrs));
         };
         let pref_src = |dst: &IpNet| match dst {
             IpNet::V4(_) => config.hypervisor.private_source_v4.map(IpAddr::V4),
@@ -440,7 +440,9 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
     // ascending inserts keeps its nodes half full (232 bytes per route at
     // 1,000,000 instead of 126, benches/memory.rs). Later entries win, as
     // inserts would; what is local is decided from `d` before any of them.
-    let mut routes: Vec<(RouteId, RouteAttrs)> = Vec::new();
+    let mut routes: Vec<(RouteId, SharedAttrs)> = Vec::new();
+    // One shared copy per distinct attributes (per group and table).
+    let mut shared = AttrsInterner::default();
     for (name, fabric) in &config.fabrics {
         let selected = rib.selected_with_origins(name);
         let group_ids = if nexthop_objects {
@@ -536,12 +538,12 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
                         dst,
                         metric: k.learned_route_metric,
                     },
-                    attrs,
+                    shared.share(attrs),
                 ));
             }
         }
     }
-    let mut routes: BTreeMap<RouteId, RouteAttrs> = routes.into_iter().collect();
+    let mut routes: BTreeMap<RouteId, SharedAttrs> = routes.into_iter().collect();
     d.routes.append(&mut routes);
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -38,6 +39,27 @@ pub struct RouteAttrs {
     pub multipath: Vec<NextHopSpec>,
     /// A nexthop group (RTA_NH_ID) instead of `oif`/`gateway`/`multipath`.
     pub nh_id: Option<u32>,
+}
+
+/// Route attributes as the route maps hold them: shared, since a million
+/// learned routes have a handful of distinct ones (one per nexthop group
+/// and table). Inline they were 96 of the 126 bytes per route of the kernel
+/// mirror and of each pass's desired map (benches/memory.rs).
+pub type SharedAttrs = Arc<RouteAttrs>;
+
+/// Hands out one shared copy per distinct value.
+#[derive(Debug, Default)]
+pub struct AttrsInterner(std::collections::HashMap<RouteAttrs, SharedAttrs>);
+
+impl AttrsInterner {
+    pub fn share(&mut self, attrs: RouteAttrs) -> SharedAttrs {
+        if let Some(a) = self.0.get(&attrs) {
+            return Arc::clone(a);
+        }
+        let a = Arc::new(attrs.clone());
+        self.0.insert(attrs, Arc::clone(&a));
+        a
+    }
 }
 
 /// One member of an ECMP route.
@@ -144,7 +166,7 @@ pub struct DesiredKernel {
     pub links: BTreeMap<String, DesiredLink>,
     pub uplinks: BTreeMap<String, DesiredUplink>,
     pub host_sysctls: BTreeMap<SysctlPath, String>,
-    pub routes: BTreeMap<RouteId, RouteAttrs>,
+    pub routes: BTreeMap<RouteId, SharedAttrs>,
     pub rules: BTreeSet<RuleSpec>,
     /// Kernel rules (v6, priority) to remove (`remove_default_rules`).
     pub absent_rules: BTreeSet<(bool, u32)>,
@@ -193,9 +215,9 @@ impl ObservedLink {
 pub struct ObservedKernel {
     pub links: BTreeMap<String, ObservedLink>,
     /// Routes carrying l3hv's protocol.
-    pub routes: BTreeMap<RouteId, RouteAttrs>,
+    pub routes: BTreeMap<RouteId, SharedAttrs>,
     /// Further routes with an id already seen (IPv4 `append`ed duplicates).
-    pub duplicate_routes: Vec<(RouteId, RouteAttrs)>,
+    pub duplicate_routes: Vec<(RouteId, SharedAttrs)>,
     /// Rules carrying l3hv's protocol.
     pub rules: BTreeSet<RuleSpec>,
     /// Every (v6, priority) of a rule that is not l3hv's.

@@ -49,12 +49,12 @@ pub enum KernelOp {
     },
     AddRoute {
         id: RouteId,
-        attrs: RouteAttrs,
+        attrs: SharedAttrs,
         replace: bool,
     },
     DelRoute {
         id: RouteId,
-        attrs: RouteAttrs,
+        attrs: SharedAttrs,
     },
     AddRule {
         rule: RuleSpec,
@@ -623,7 +623,7 @@ mod tests {
             .find(|(_, a)| a.oif.is_some())
             .map(|(id, a)| (*id, a))
             .unwrap();
-        attrs.oif = Some("other".into());
+        std::sync::Arc::make_mut(attrs).oif = Some("other".into());
         let p = plan(&d, &o);
         assert_eq!(p.len(), 1);
         assert!(
