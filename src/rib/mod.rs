@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use smallvec::SmallVec;
 
 /// A path as the RIB keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -98,12 +97,12 @@ pub struct Selected {
 /// A path as the RIB stores it, with what identifies it (session, path
 /// id): the session and uplink are indexes into the RIB's name table
 /// rather than two shared strings (16 bytes each), the AS_PATH length a
-/// u32: 48 bytes instead of 80 per path.
+/// u16 (an UPDATE cannot carry more): 44 bytes instead of 80 per path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stored {
     next_hop: IpAddr,
     local_pref: u32,
-    as_path_len: u32,
+    as_path_len: u16,
     originator: Option<Ipv4Addr>,
     session: u32,
     uplink: u32,
@@ -114,7 +113,7 @@ impl Stored {
     fn origin(&self) -> IpAddr {
         self.originator.map_or(self.next_hop, IpAddr::V4)
     }
-    fn rank(&self) -> (u32, std::cmp::Reverse<u32>) {
+    fn rank(&self) -> (u32, std::cmp::Reverse<u16>) {
         (self.local_pref, std::cmp::Reverse(self.as_path_len))
     }
     fn is(&self, session: u32, path_id: Option<u32>) -> bool {
@@ -124,8 +123,75 @@ impl Stored {
 
 /// The paths of one prefix: almost always one to four. One is kept inline,
 /// without an allocation of its own (a BTreeMap per prefix cost ~1 KiB at
-/// 100,000 prefixes; a Vec per prefix 80 bytes plus malloc's header).
-type Paths = SmallVec<[Stored; 1]>;
+/// 100,000 prefixes; a Vec per prefix 80 bytes plus malloc's header; a
+/// SmallVec 56 bytes where this takes 48).
+#[derive(Debug, Clone)]
+enum Paths {
+    One(Stored),
+    /// None (a prefix whose last path just went) or several.
+    Many(Vec<Stored>),
+}
+
+impl Paths {
+    fn new() -> Self {
+        Paths::Many(Vec::new())
+    }
+
+    fn push(&mut self, p: Stored) {
+        match self {
+            Paths::Many(v) if v.is_empty() => *self = Paths::One(p),
+            Paths::One(one) => *self = Paths::Many(vec![*one, p]),
+            Paths::Many(v) => {
+                // Exact growth: a spill past two makes room for one more.
+                v.reserve_exact(1);
+                v.push(p);
+            }
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&Stored) -> bool) {
+        match self {
+            Paths::One(p) => {
+                if !keep(p) {
+                    *self = Paths::new();
+                }
+            }
+            Paths::Many(v) => {
+                v.retain(|p| keep(p));
+                if let [one] = v.as_slice() {
+                    *self = Paths::One(*one);
+                }
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Paths {
+    type Target = [Stored];
+    fn deref(&self) -> &[Stored] {
+        match self {
+            Paths::One(p) => std::slice::from_ref(p),
+            Paths::Many(v) => v,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Paths {
+    fn deref_mut(&mut self) -> &mut [Stored] {
+        match self {
+            Paths::One(p) => std::slice::from_mut(p),
+            Paths::Many(v) => v,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Paths {
+    type Item = &'a Stored;
+    type IntoIter = std::slice::Iter<'a, Stored>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
 
 /// Session and uplink names, interned: a few dozen over the agent's life
 /// (a name stays when its session goes; it comes back with it).
@@ -232,7 +298,7 @@ impl Rib {
                     let new = Stored {
                         next_hop: path.next_hop,
                         local_pref: path.local_pref,
-                        as_path_len: u32::try_from(path.as_path_len).unwrap_or(u32::MAX),
+                        as_path_len: u16::try_from(path.as_path_len).unwrap_or(u16::MAX),
                         originator: path.originator,
                         session: sid,
                         uplink: self.names.intern(&path.uplink),
@@ -253,9 +319,6 @@ impl Rib {
                             }
                         }
                         None => {
-                            // Exact growth past the inline path: a first
-                            // spill would make room for four.
-                            paths.reserve_exact(1);
                             paths.push(new);
                             changed = true;
                         }
@@ -569,6 +632,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_prefix_keeps_one_path_inline_and_spills_and_shrinks_back() {
+        assert!(
+            std::mem::size_of::<Paths>() <= 48,
+            "{}",
+            std::mem::size_of::<Paths>()
+        );
+        let stored = |session| Stored {
+            next_hop: "192.0.2.1".parse().unwrap(),
+            local_pref: 100,
+            as_path_len: 0,
+            originator: None,
+            session,
+            uplink: 0,
+            path_id: None,
+        };
+        let mut p = Paths::new();
+        assert!(p.is_empty());
+        p.push(stored(1));
+        assert!(matches!(p, Paths::One(_)));
+        p.push(stored(2));
+        p.push(stored(3));
+        assert_eq!(p.iter().map(|s| s.session).collect::<Vec<_>>(), [1, 2, 3]);
+        p.retain(|s| s.session == 2);
+        assert!(matches!(p, Paths::One(s) if s.session == 2));
+        p.retain(|_| false);
+        assert!(p.is_empty());
+        p.push(stored(4));
+        assert!(matches!(p, Paths::One(s) if s.session == 4));
+    }
+
+    #[test]
     fn a_grown_map_is_rebuilt_whole_and_only_when_grown_enough() {
         let mut m: BTreeMap<u32, u32> = (0..200_000).map(|i| (i, i * 2)).collect();
         let mut grown = 70_000;
@@ -614,8 +708,8 @@ mod tests {
             assert_eq!(s.as_ref(), format!("s{i}"));
             assert_eq!(*id, Some(i as u32));
             assert_eq!(&*p.uplink, format!("up{}", i % 3));
-            // Saturated into the stored u32, still the longest.
-            assert_eq!(p.as_path_len, u32::MAX as usize);
+            // Saturated into the stored u16, still the longest.
+            assert_eq!(p.as_path_len, u16::MAX as usize);
         }
         rib.apply(RibEvent::SessionDown {
             session: "s7".into(),
