@@ -193,6 +193,21 @@ impl<'a> IntoIterator for &'a Paths {
     }
 }
 
+/// Paths per (origin, next hop, uplink name index) of one fabric.
+type HopCounts = HashMap<(IpAddr, IpAddr, u32), usize>;
+
+fn count(hops: &mut HopCounts, p: &Stored, added: bool) {
+    let key = (p.origin(), p.next_hop, p.uplink);
+    if added {
+        *hops.entry(key).or_default() += 1;
+    } else if let Some(n) = hops.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            hops.remove(&key);
+        }
+    }
+}
+
 /// Session and uplink names, interned: a few dozen over the agent's life
 /// (a name stays when its session goes; it comes back with it).
 #[derive(Debug, Clone, Default)]
@@ -247,6 +262,9 @@ pub struct Rib {
     /// Prefixes added since the tables were last rebuilt (compact_when_grown).
     grown: usize,
     names: Names,
+    /// fabric → how many paths each (origin, next hop, uplink) has: what
+    /// the failover fast path reads instead of scanning every path.
+    hops: BTreeMap<String, HopCounts>,
     /// Sessions in a graceful restart: the generation, and the paths the
     /// peer announced again since (the others are stale).
     stale: BTreeMap<Arc<str>, Stale>,
@@ -276,13 +294,20 @@ impl Rib {
                     self.syncing
                         .insert(session.clone(), Instant::now() + SYNC_WINDOW);
                 }
+                let hops = self.hops.entry(fabric.clone()).or_default();
                 let table = self.fabrics.entry(fabric).or_default();
                 let mut changed = false;
                 if let Some(sid) = self.names.get(&session) {
                     for (prefix, id) in withdraw {
                         if let Some(paths) = table.get_mut(&prefix) {
                             let before = paths.len();
-                            paths.retain(|p| !p.is(sid, id));
+                            paths.retain(|p| {
+                                let gone = p.is(sid, id);
+                                if gone {
+                                    count(hops, p, false);
+                                }
+                                !gone
+                            });
                             changed |= paths.len() != before;
                             if paths.is_empty() {
                                 table.remove(&prefix);
@@ -314,11 +339,14 @@ impl Rib {
                     match paths.iter_mut().find(|p| p.is(sid, id)) {
                         Some(old) => {
                             if *old != new {
+                                count(hops, old, false);
+                                count(hops, &new, true);
                                 *old = new;
                                 changed = true;
                             }
                         }
                         None => {
+                            count(hops, &new, true);
                             paths.push(new);
                             changed = true;
                         }
@@ -397,10 +425,17 @@ impl Rib {
             return false;
         };
         let mut changed = false;
-        for table in self.fabrics.values_mut() {
+        for (fabric, table) in self.fabrics.iter_mut() {
+            let hops = self.hops.entry(fabric.clone()).or_default();
             table.retain(|prefix, paths| {
                 let before = paths.len();
-                paths.retain(|p| !(p.session == sid && doomed(prefix, p.path_id)));
+                paths.retain(|p| {
+                    let gone = p.session == sid && doomed(prefix, p.path_id);
+                    if gone {
+                        count(hops, p, false);
+                    }
+                    !gone
+                });
                 changed |= paths.len() != before;
                 !paths.is_empty()
             });
@@ -461,30 +496,25 @@ impl Rib {
         out
     }
 
-    /// Every (origin, hop) that some path of `fabric` still has: a scan of
-    /// the paths without building any per-prefix set (the failover fast
-    /// path checks group members against it).
+    /// Every (origin, hop) that some path of `fabric` still has (the
+    /// failover fast path checks group members against it): from counts
+    /// kept as paths come and go, O(hops) rather than a scan of every path
+    /// (2.9-22 ms of a failover at 100,000 paths).
     pub fn live_hops(&self, fabric: &str) -> BTreeSet<(IpAddr, Hop)> {
-        let mut out: BTreeSet<(IpAddr, Hop)> = BTreeSet::new();
-        let Some(table) = self.fabrics.get(fabric) else {
-            return out;
-        };
-        let mut last: Option<(IpAddr, IpAddr, u32)> = None;
-        for paths in table.values() {
-            for p in paths {
-                let key = (p.origin(), p.next_hop, p.uplink);
-                // Consecutive paths almost always repeat the same hop.
-                if last == Some(key) {
-                    continue;
-                }
-                last = Some(key);
-                let item = (p.origin(), self.hop(p));
-                if !out.contains(&item) {
-                    out.insert(item);
-                }
-            }
-        }
-        out
+        self.hops
+            .get(fabric)
+            .into_iter()
+            .flat_map(|h| h.keys())
+            .map(|&(origin, gateway, uplink)| {
+                (
+                    origin,
+                    Hop {
+                        gateway,
+                        uplink: self.names.name(uplink).clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     /// Every (origin, hop) that a path of `fabric` from a session still
@@ -630,6 +660,61 @@ impl Rib {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counted hops equal a scan of every path, whatever happened.
+    #[test]
+    fn live_hops_follow_every_kind_of_change() {
+        fn scanned(rib: &Rib, fabric: &str) -> BTreeSet<(IpAddr, Hop)> {
+            rib.fabrics
+                .get(fabric)
+                .into_iter()
+                .flat_map(|t| t.values())
+                .flat_map(|paths| paths.iter())
+                .map(|p| (p.origin(), rib.hop(p)))
+                .collect()
+        }
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut rib = Rib::default();
+        for step in 0..3000 {
+            let session: Arc<str> = format!("s{}", rng.u8(0..4)).into();
+            let prefix: IpNet = format!("203.0.113.{}/32", rng.u8(0..20)).parse().unwrap();
+            let id = rng.bool().then(|| rng.u32(0..3));
+            let path = Path {
+                next_hop: IpAddr::V4(Ipv4Addr::new(198, 51, 100, rng.u8(1..4))),
+                uplink: format!("up{}", rng.u8(0..2)).as_str().into(),
+                local_pref: 100,
+                as_path_len: 0,
+                originator: rng.bool().then(|| Ipv4Addr::new(10, 0, 0, rng.u8(1..3))),
+            };
+            let event = match rng.u8(0..10) {
+                0..=5 => RibEvent::Update {
+                    session,
+                    fabric: "public".into(),
+                    announce: vec![(prefix, id, path)],
+                    withdraw: vec![],
+                },
+                6..=7 => RibEvent::Update {
+                    session,
+                    fabric: "public".into(),
+                    announce: vec![],
+                    withdraw: vec![(prefix, id)],
+                },
+                8 => RibEvent::SessionDown { session },
+                _ => RibEvent::SessionStale {
+                    session,
+                    generation: step,
+                    keep_v4: rng.bool(),
+                    keep_v6: true,
+                },
+            };
+            rib.apply(event);
+            assert_eq!(
+                rib.live_hops("public"),
+                scanned(&rib, "public"),
+                "step {step}"
+            );
+        }
+    }
 
     #[test]
     fn a_prefix_keeps_one_path_inline_and_spills_and_shrinks_back() {
