@@ -495,8 +495,20 @@ impl Agent {
                                 rib_changed = true;
                             }
                         }
-                        RibEvent::SessionDown { session }
-                        | RibEvent::SessionStale { session, .. } => {
+                        RibEvent::SessionDown { session } => {
+                            self.end_of_rib.remove(session);
+                            session_down = true;
+                            if self.nexthop_objects() {
+                                // Forwarding first: the groups lose this
+                                // session's hops before the RIB drops its
+                                // paths one by one (O(paths)).
+                                let lost = self.rib.hops_only_of(session);
+                                if !lost.is_empty() {
+                                    self.failover_fast_path(false, &lost).await;
+                                }
+                            }
+                        }
+                        RibEvent::SessionStale { session, .. } => {
                             self.end_of_rib.remove(session);
                             session_down = true;
                         }
