@@ -12,16 +12,17 @@
 //! from one session (the feed of benches/bgp_learn.sh).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use ipnet::IpNet;
 use l3hv::bgp::codec::{Nlri, PathAttrs};
+use l3hv::bgp::session::AdjRibIn;
+use l3hv::btree::compact_past;
 use l3hv::intent::Intent;
 use l3hv::reconcile::{self, ObservedKernel};
-use l3hv::rib::{Path, Rib, RibEvent, compact_when_grown};
+use l3hv::rib::{Path, Rib, RibEvent};
 
 struct Counting;
 
@@ -118,7 +119,7 @@ fn main() {
     // Rebuilt with full nodes as it grows, like the session does after
     // each UPDATE (here: every 1,000 paths).
     let base = live();
-    let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
+    let mut adj_in = AdjRibIn::new();
     let mut compacted = 0;
     for chunk in prefixes.chunks(1000) {
         for p in chunk {
@@ -135,10 +136,7 @@ fn main() {
                 Arc::clone(a),
             );
         }
-        let mut grown = adj_in.len() - compacted;
-        if compact_when_grown(&mut adj_in, &mut grown) {
-            compacted = adj_in.len();
-        }
+        compact_past(&mut adj_in, &mut compacted);
     }
     println!("adj-rib-in   {}", per_path(live() - base, n));
 
@@ -195,8 +193,7 @@ fn main() {
     for (id, attrs) in &desired.routes {
         cache.routes.insert(*id, attrs.clone());
     }
-    let mut grown = cache.routes.len();
-    compact_when_grown(&mut cache.routes, &mut grown);
+    compact_past(&mut cache.routes, &mut 0);
     println!("kernel cache {}", per_path(live() - base, n));
     drop(desired);
     std::hint::black_box((&adj_in, &rib, &cache));

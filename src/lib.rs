@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod bfd;
 pub mod bgp;
+pub mod btree;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -288,7 +288,7 @@ pub struct Agent {
     /// nexthop objects and proxy entries are, and a pass dumps the rest.
     cache_host_valid: bool,
     /// The cache's route count when its map was last rebuilt with full
-    /// nodes (0 after a dump): see `rib::compact_when_grown`.
+    /// nodes (0 after a dump): see `btree::compact_past`.
     cache_compacted: usize,
     /// Prefixes the RIB has heard of since start: their kernel routes
     /// follow the RIB even during the hold (a withdrawal is a withdrawal).
@@ -1100,11 +1100,7 @@ impl Agent {
         drop(plan);
         let mut compacted = false;
         if let Some(cache) = &mut self.cache {
-            let mut grown = cache.routes.len().saturating_sub(self.cache_compacted);
-            if crate::rib::compact_when_grown(&mut cache.routes, &mut grown) {
-                self.cache_compacted = cache.routes.len();
-                compacted = true;
-            }
+            compacted = crate::btree::compact_past(&mut cache.routes, &mut self.cache_compacted);
         }
         if (big && self.rib.prefix_count() >= BIG_PASS) || compacted {
             // glibc keeps what a big pass freed (the desired state, the

@@ -27,6 +27,10 @@ use crate::config::{BgpConfig, Config};
 use crate::intent::Intent;
 use crate::rib::{Path, RibEvent};
 
+/// A session's Adj-RIB-In: every accepted path, with the attributes of
+/// the UPDATE that carried it (shared by its prefixes).
+pub type AdjRibIn = BTreeMap<Nlri, Arc<PathAttrs>>;
+
 /// How many received paths `l3hv peers --json` lists per session.
 const RECEIVED_SAMPLE: usize = 1000;
 
@@ -597,8 +601,8 @@ impl Session {
 
         // Attributes are shared by every prefix of the UPDATE that carried
         // them.
-        let mut adj_in: BTreeMap<Nlri, Arc<PathAttrs>> = BTreeMap::new();
-        // Its size when last rebuilt with full nodes (rib::compact_when_grown).
+        let mut adj_in = AdjRibIn::new();
+        // Its size when last rebuilt with full nodes (btree::compact_past).
         let mut adj_in_compacted = 0;
         // Enhanced route refresh in progress, per family (IPv4, IPv6): the
         // paths not announced again yet.
@@ -798,10 +802,7 @@ impl Session {
                                     }
                                 }
                                 let (event, close) = self.on_update(u, &mut adj_in);
-                                let mut grown = adj_in.len().saturating_sub(adj_in_compacted);
-                                if crate::rib::compact_when_grown(&mut adj_in, &mut grown) {
-                                    adj_in_compacted = adj_in.len();
-                                }
+                                crate::btree::compact_past(&mut adj_in, &mut adj_in_compacted);
                                 match (event, &close) {
                                     (Some(event), Some(_)) => self.rib.rib(event).await,
                                     (Some(event), None) => {
@@ -833,7 +834,7 @@ impl Session {
     fn on_update(
         &self,
         u: codec::Update,
-        adj_in: &mut BTreeMap<Nlri, Arc<PathAttrs>>,
+        adj_in: &mut AdjRibIn,
     ) -> (Option<RibEvent>, Option<Notification>) {
         let mut refused = Vec::new();
         let mut announce = Vec::new();

@@ -236,22 +236,6 @@ impl Names {
     }
 }
 
-/// A B-tree filled by ascending inserts (a BGP feed, a kernel dump) keeps
-/// its nodes about half full: at 1,000,000 entries that is the larger part
-/// of what the RIB, the Adj-RIB-In and the kernel mirror cost. Rebuilt
-/// from its sorted entries, every node is full. `grown` counts the inserts
-/// since the last rebuild; the map is rebuilt once they reach half its
-/// size (and `COMPACT_MIN`), so the rebuilds cost O(1) per insert.
-pub fn compact_when_grown<K: Ord, V>(map: &mut BTreeMap<K, V>, grown: &mut usize) -> bool {
-    const COMPACT_MIN: usize = 65_536;
-    if *grown < COMPACT_MIN || *grown < map.len() / 2 {
-        return false;
-    }
-    *map = std::mem::take(map).into_iter().collect();
-    *grown = 0;
-    true
-}
-
 /// How long a session that came back counts as relearning its table when
 /// it sends no End-of-RIB (FRR without graceful restart sends none).
 pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
@@ -260,7 +244,7 @@ pub const SYNC_WINDOW: Duration = Duration::from_secs(10);
 pub struct Rib {
     /// fabric → prefix → paths.
     fabrics: BTreeMap<String, BTreeMap<IpNet, Paths>>,
-    /// Prefixes added since the tables were last rebuilt (compact_when_grown).
+    /// Prefixes added since the tables were last rebuilt (btree::compact_when_grown).
     grown: usize,
     names: Names,
     /// fabric → how many paths each (session, origin, next hop, uplink)
@@ -354,7 +338,7 @@ impl Rib {
                         }
                     }
                 }
-                compact_when_grown(table, &mut self.grown);
+                crate::btree::compact_when_grown(table, &mut self.grown);
                 changed
             }
             RibEvent::EndOfRib { session } => {
@@ -600,10 +584,7 @@ impl Rib {
     }
 
     fn hop(&self, p: &Stored) -> Hop {
-        Hop {
-            gateway: p.next_hop,
-            uplink: self.names.name(p.uplink).clone(),
-        }
+        self.hop_of(p.next_hop, p.uplink)
     }
 
     fn path(&self, p: &Stored) -> Path {
@@ -788,32 +769,6 @@ mod tests {
         assert!(p.is_empty());
         p.push(stored(4));
         assert!(matches!(p, Paths::One(s) if s.session == 4));
-    }
-
-    #[test]
-    fn a_grown_map_is_rebuilt_whole_and_only_when_grown_enough() {
-        let mut m: BTreeMap<u32, u32> = (0..200_000).map(|i| (i, i * 2)).collect();
-        let mut grown = 70_000;
-        assert!(
-            !compact_when_grown(&mut m, &mut grown),
-            "less than half its size"
-        );
-        assert_eq!(grown, 70_000);
-        grown = 100_000;
-        assert!(compact_when_grown(&mut m, &mut grown));
-        assert_eq!(grown, 0);
-        assert_eq!(m.len(), 200_000);
-        assert!(
-            m.iter()
-                .enumerate()
-                .all(|(i, (k, v))| *k == i as u32 && *v == k * 2)
-        );
-        let mut small: BTreeMap<u32, u32> = (0..60_000).map(|i| (i, i)).collect();
-        let mut grown = 60_000;
-        assert!(
-            !compact_when_grown(&mut small, &mut grown),
-            "small maps are left alone"
-        );
     }
 
     #[test]
