@@ -889,13 +889,15 @@ impl Agent {
         // shared-/64 fabric wants proxy_ndp), so the cache's pass may not
         // have settled the ones an intent change adds.
         let host = !incremental || kind == Pass::Intent;
-        let paths = reconcile::sysctls_to_read(&desired, &observed, &self.verified, host);
-        if !paths.is_empty() {
-            let read = tokio::task::spawn_blocking(move || sysctl::read_many(&paths))
-                .await
-                .unwrap_or_default();
-            observed.sysctls.extend(read);
-        }
+        let reads = reconcile::sysctls_to_read(&desired, &observed, &self.verified, host);
+        // Read in place: the agent has this thread to itself (see
+        // [`spawn`]), and /proc/sys reads take microseconds, where a hop to
+        // a blocking thread and back costs two wake-ups (tens of µs each on
+        // a virtual machine, much more in the tail).
+        observed.sysctls.extend(sysctl::read_many(&reads.read));
+        observed
+            .sysctls
+            .extend(reads.absent.into_iter().map(|p| (p, None)));
         report.sysctls = t.elapsed();
         let t = Instant::now();
         let mut plan = reconcile::plan(&desired, &observed);

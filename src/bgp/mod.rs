@@ -302,6 +302,12 @@ async fn listen(local: IpAddr, port: u16, gtsm: bool, password: Option<String>, 
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
+                // As on the active side: an UPDATE must not wait behind
+                // an unacknowledged segment (Nagle), whichever side won
+                // the connection collision.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(%from, error = %e, "TCP_NODELAY");
+                }
                 match peers.lock().ok().and_then(|m| m.get(&from.ip()).cloned()) {
                     Some(tx) => {
                         let _ = tx.try_send(stream);

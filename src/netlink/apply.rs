@@ -64,7 +64,7 @@ impl Kernel {
                 continue;
             }
             // Nexthop objects go over their own socket (hand codec), in
-            // acknowledged batches on a blocking thread.
+            // acknowledged batches.
             let (nexthop_ops, phase): (Vec<&KernelOp>, Vec<&KernelOp>) =
                 phase.iter().partition(|op| {
                     matches!(
@@ -78,8 +78,11 @@ impl Kernel {
                 self.apply_nexthops(nexthop_ops, &mut refused_nexthops, &mut report)
                     .await;
             }
-            // Sysctls and tap ioctls are synchronous file/ioctl calls: run
-            // them together off the async threads.
+            // Sysctls and tap ioctls are synchronous file/ioctl calls of
+            // microseconds, made in place: the agent runs on a thread of its
+            // own (`agent::spawn`), and a hop to a blocking thread and back
+            // cost a VM start two wake-ups per phase. A sysctl write that
+            // waits for RTNL blocks only the agent, which would wait anyway.
             let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) =
                 phase.into_iter().partition(|op| {
                     matches!(
@@ -89,33 +92,19 @@ impl Kernel {
                             | KernelOp::CreateSink { .. }
                     )
                 });
-            if !blocking.is_empty() {
-                let ops: Vec<KernelOp> = blocking.into_iter().cloned().collect();
-                let results = tokio::task::spawn_blocking(move || {
-                    ops.into_iter()
-                        .map(|op| {
-                            let r = match &op {
-                                KernelOp::Sysctl { path, value } => sysctl::write(path, value),
-                                KernelOp::CreateTap { name, multi_queue } => {
-                                    tap::create(name, *multi_queue)
-                                }
-                                KernelOp::CreateSink { name } => tap::create_sink(name),
-                                _ => Ok(()),
-                            };
-                            (op, r)
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .await
-                .unwrap_or_default();
-                for (op, r) in results {
-                    match r {
-                        Ok(()) => report.applied += 1,
-                        Err(e) => report.failed.push(OpFailure {
-                            op,
-                            error: e.to_string(),
-                        }),
-                    }
+            for op in blocking {
+                let r = match op {
+                    KernelOp::Sysctl { path, value } => sysctl::write(path, value),
+                    KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue),
+                    KernelOp::CreateSink { name } => tap::create_sink(name),
+                    _ => Ok(()),
+                };
+                match r {
+                    Ok(()) => report.applied += 1,
+                    Err(e) => report.failed.push(OpFailure {
+                        op: op.clone(),
+                        error: e.to_string(),
+                    }),
                 }
             }
             // By reference, one result at a time: at 1,000,000 routes a
@@ -137,7 +126,8 @@ impl Kernel {
         report
     }
 
-    /// Nexthop objects, groups and their deletion, in one blocking batch.
+    /// Nexthop objects, groups and their deletion, in acknowledged batches
+    /// on their own socket, in place.
     async fn apply_nexthops(
         &self,
         ops: Vec<&KernelOp>,
@@ -200,10 +190,11 @@ impl Kernel {
             };
             sent.push((op.clone(), request));
         }
+        // In place, like the sysctls (see `apply`): on the failover path
+        // the hop to a blocking thread was two wake-ups before the groups
+        // changed.
         let requests: Vec<nexthop::Request> = sent.iter().map(|(_, r)| r.clone()).collect();
-        let results = tokio::task::spawn_blocking(move || nexthop::execute(&requests))
-            .await
-            .unwrap_or_default();
+        let results = nexthop::execute(&requests);
         for ((op, _), r) in sent.into_iter().zip(results) {
             let r = match (&op, r) {
                 // Already gone (with its uplink, or by hand): done.

@@ -19,13 +19,18 @@ pub use plan::{KernelOp, Plan, plan};
 /// defaults).
 /// `verified` maps a link name to the ifindex whose sysctls were last
 /// confirmed; a recreated link gets a new ifindex and is read again.
+///
+/// The sysctls of VM links the kernel does not have yet come back in
+/// [`SysctlReads::absent`]: there is nothing to read (the files appear with
+/// the link), they are all to be written.
 pub fn sysctls_to_read(
     desired: &DesiredKernel,
     observed: &ObservedKernel,
     verified: &BTreeMap<String, u32>,
     host: bool,
-) -> Vec<SysctlPath> {
+) -> SysctlReads {
     let mut out: Vec<SysctlPath> = Vec::new();
+    let mut absent: Vec<SysctlPath> = Vec::new();
     if host {
         out.extend(desired.host_sysctls.keys().cloned());
         for (name, u) in &desired.uplinks {
@@ -33,9 +38,12 @@ pub fn sysctls_to_read(
         }
     }
     for (name, l) in &desired.links {
-        let current = observed.links.get(name).map(|o| o.ifindex);
-        if current.is_none() || verified.get(name) != current.as_ref() {
-            out.extend(l.sysctls.keys().map(|s| s.path(name)));
+        match observed.links.get(name).map(|o| o.ifindex) {
+            None => absent.extend(l.sysctls.keys().map(|s| s.path(name))),
+            Some(idx) if verified.get(name) != Some(&idx) => {
+                out.extend(l.sysctls.keys().map(|s| s.path(name)));
+            }
+            Some(_) => {}
         }
     }
     let releasing: Vec<&String> = observed
@@ -52,5 +60,12 @@ pub fn sysctls_to_read(
             out.extend(releasing.iter().map(|n| s.path(n)));
         }
     }
-    out
+    SysctlReads { read: out, absent }
+}
+
+/// What [`sysctls_to_read`] found to read, and what has no file yet.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SysctlReads {
+    pub read: Vec<SysctlPath>,
+    pub absent: Vec<SysctlPath>,
 }

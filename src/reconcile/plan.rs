@@ -426,6 +426,7 @@ mod tests {
     use crate::config::{self, Config};
     use crate::intent::{Intent, InterfaceIntent, LinkMode, VmIntent};
     use crate::reconcile::desired::desired;
+    use std::collections::BTreeMap;
 
     fn cfg() -> Config {
         config::parse("t", include_str!("../../packaging/l3hv.toml")).unwrap()
@@ -665,6 +666,43 @@ mod tests {
                 value: "1".into()
             }]
         );
+    }
+
+    #[test]
+    fn sysctls_of_a_link_not_created_yet_are_written_unread() {
+        use crate::reconcile::sysctls_to_read;
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
+        let mut o = converged(&d);
+        let idx = o.links["tap1"].ifindex;
+        let verified = BTreeMap::from([("tap1".to_string(), idx)]);
+        let r = sysctls_to_read(&d, &o, &verified, false);
+        assert!(r.read.is_empty() && r.absent.is_empty(), "{r:?}");
+        // Not verified at this ifindex (recreated under us): read.
+        let r = sysctls_to_read(
+            &d,
+            &o,
+            &BTreeMap::from([("tap1".to_string(), idx + 1)]),
+            false,
+        );
+        assert!(r.absent.is_empty());
+        assert_eq!(r.read.len(), d.links["tap1"].sysctls.len());
+        assert!(r.read.iter().all(|p| p.contains("/tap1/")));
+        // Not in the kernel yet: nothing to read, everything to write.
+        o.links.remove("tap1");
+        let r = sysctls_to_read(&d, &o, &BTreeMap::new(), false);
+        assert!(r.read.is_empty(), "{r:?}");
+        assert_eq!(r.absent.len(), d.links["tap1"].sysctls.len());
+        o.sysctls.clear();
+        o.sysctls.extend(r.absent.iter().map(|p| (p.clone(), None)));
+        let p = plan(&d, &o);
+        for path in &r.absent {
+            assert!(
+                p.configure_links
+                    .iter()
+                    .any(|op| matches!(op, KernelOp::Sysctl { path: q, .. } if q == path)),
+                "{path} not written: {p:#?}"
+            );
+        }
     }
 
     #[test]
