@@ -140,6 +140,48 @@ fn lifecycle_over_the_control_socket() {
     lifecycle(&hv, &agent.config);
 }
 
+/// Installed as libvirt runs it: a link named `50-l3hv` to the binary, no
+/// `hook` word and no options, the configuration at the default path.
+#[test]
+fn called_by_a_hook_name_it_is_the_hook() {
+    if std::path::Path::new(l3hv::config::DEFAULT_PATH).exists() {
+        eprintln!("skipped: this machine has {}", l3hv::config::DEFAULT_PATH);
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("l3hv-hookname-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let link = dir.join("50-l3hv");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_l3hv"), &link).expect("link");
+    let run = |op: &str, subop: &str, xml: &str| {
+        let mut child = Command::new(&link)
+            .env_clear()
+            .args(["vm1", op, subop, "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the hook link");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let _ = stdin.write_all(xml.as_bytes());
+        drop(stdin);
+        child.wait_with_output().expect("wait")
+    };
+    // A domain of l3hv's: prepare reads the default configuration (absent
+    // here) and fails the start with that reason; release never fails.
+    fails_with(&run("prepare", "begin", &vm1()), l3hv::config::DEFAULT_PATH);
+    let out = run("release", "end", &vm1());
+    assert!(out.status.success(), "{out:?}");
+    // Not l3hv's domain: nothing read, nothing called, exit 0.
+    let out = run(
+        "prepare",
+        "begin",
+        "<domain type='qemu'><name>other</name><devices/></domain>",
+    );
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn lifecycle_over_dbus() {
     require_root();

