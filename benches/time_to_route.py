@@ -28,6 +28,8 @@ L3HVD = os.path.join(ROOT, "target/release/l3hvd")
 L3HV = os.path.join(ROOT, "target/release/l3hv")
 P = f"l3tr{os.getpid()}"
 WORK = tempfile.mkdtemp(prefix="l3tr.")
+KEEP = None
+LOG_LEVEL = "warn"
 PROCS = []
 
 
@@ -54,6 +56,10 @@ def cleanup():
             pass
     for n in ("sw", "rr", "hv1", "hv2"):
         subprocess.run(["ip", "netns", "del", ns(n)], capture_output=True)
+    if KEEP:
+        # The agents' logs and the monitor captures, for a breakdown.
+        shutil.copytree(WORK, KEEP, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.sock", "*.ctl"))
     shutil.rmtree(WORK, ignore_errors=True)
 
 
@@ -93,7 +99,7 @@ state_dir = "{d}/state"
 [control]
 socket = "{d}/l3hvd.sock"
 [log]
-level = "warn"
+level = "{LOG_LEVEL}"
 [kernel]
 reconcile_interval = "1h"
 [bgp]
@@ -151,7 +157,11 @@ def pct(xs, q):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--keep", metavar="DIR", help="copy the agents' logs and the captures here at exit")
+    ap.add_argument("--log", default="warn", help="the agents' log level (info: a line per pass)")
     a = ap.parse_args()
+    global KEEP, LOG_LEVEL
+    KEEP, LOG_LEVEL = a.keep, a.log
     atexit.register(cleanup)
     setup()
     m1, m2 = Monitor("hv1"), Monitor("hv2")
