@@ -63,6 +63,8 @@ L3HV = os.path.join(ROOT, "target/release/l3hv")
 P = f"bfdb{os.getpid()}"
 NAMES = ("sw", "rr1", "rr2", "hv1", "hv2", "vm1", "vm3")
 PROCS = []       # Popen objects we started
+CAPTURES = []    # tcpdump processes (--capture), stopped with SIGINT so the pcap is complete
+CAPTURE = False
 PIDFILES = []    # pid files of the daemons we started (BIRD forks)
 FAILED_DEV, OTHER_DEV = "a-public", "b-public"
 FAULT_PORT = "p-hv1a"
@@ -111,6 +113,7 @@ def kill_pid(pid):
 
 def teardown():
     """Kills what we started (by PID) and deletes our namespaces."""
+    capture_stop()
     for p in PROCS:
         if p.poll() is None:
             kill_pid(p.pid)
@@ -133,6 +136,40 @@ def teardown():
         for pid in pids.split():
             kill_pid(int(pid))
         subprocess.run(["ip", "netns", "del", ns(n)], capture_output=True)
+
+
+def capture_start(work):
+    """--capture: tcpdump of the BGP packets on hv1's a-public uplink (the
+    path that is faulted), in hv1's namespace, to <work>/hv1.a-public.bgp.pcap.
+    `ip netns exec` execs tcpdump, so the PID is tcpdump's."""
+    path = os.path.join(work, "hv1.a-public.bgp.pcap")
+    err_path = os.path.join(work, "tcpdump.hv1.log")
+    err = open(err_path, "w")
+    p = subprocess.Popen(["ip", "netns", "exec", ns("hv1"), "tcpdump", "-n", "-Z", "root", "-U", "--immediate-mode",
+                          "-i", FAILED_DEV,
+                          "-w", path, "tcp", "port", "179"], stdout=err, stderr=err)
+    CAPTURES.append(p)
+    PROCS.append(p)
+    for _ in range(50):
+        if "listening on" in open(err_path).read() or p.poll() is not None:
+            break
+        time.sleep(0.1)
+    if p.poll() is not None:
+        raise RuntimeError(f"tcpdump exited: {open(err_path).read().strip()[:300]}")
+    log(f"capturing BGP on hv1 {FAILED_DEV} to {path} (tcpdump pid {p.pid})")
+
+
+def capture_stop():
+    for p in CAPTURES:
+        if p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGINT)
+                p.wait(timeout=5)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                kill_pid(p.pid)
+    CAPTURES.clear()
 
 
 def on_signal(sig, _frame):
@@ -838,6 +875,8 @@ def bench_one(impl, bfd_ms, sizes, args, out, results):
     os.makedirs(work)
     log(f"=== {impl}, BFD {bfd_ms} ms x 3: topology")
     setup(work)
+    if CAPTURE:
+        capture_start(work)
     reflectors(work, bfd_ms)
     spk = (L3hv if impl == "l3hv" else Bird)(work, bfd_ms)
     try:
@@ -1006,6 +1045,9 @@ def main():
                          "otherwise holds up 10-route recoveries by up to 4 s")
     ap.add_argument("--load", type=int, default=0,
                     help="N busy-loop processes (nice 0) for the whole run: BFD under CPU contention")
+    ap.add_argument("--capture", action="store_true",
+                    help="tcpdump the BGP packets (tcp port 179) on hv1's a-public uplink, in hv1's "
+                         "namespace, to <out>/<impl>-<bfd>/hv1.a-public.bgp.pcap")
     ap.add_argument("--report", nargs="+", metavar="DIR",
                     help="only print the summary of earlier runs' results.json (merged)")
     a = ap.parse_args()
@@ -1022,14 +1064,15 @@ def main():
         meta.setdefault("machine", "?")
         print(report(results, meta))
         return
-    global REP_GAP
+    global REP_GAP, CAPTURE
     REP_GAP = a.rep_gap
+    CAPTURE = a.capture
     big = a.big or (10000 if a.quick else 100000)
     rs = a.reps_small or (2 if a.quick else 5)
     rb = a.reps_big or (1 if a.quick else 3)
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces)")
-    for tool in ("bird", "birdc", "nft", "ip"):
+    for tool in ("bird", "birdc", "nft", "ip") + (("tcpdump",) if a.capture else ()):
         if not shutil.which(tool):
             sys.exit(f"missing {tool} (apt-get install bird2 nftables iproute2)")
     if "l3hv" in a.impl and not (os.access(L3HVD, os.X_OK) and os.access(L3HV, os.X_OK)):
