@@ -24,3 +24,5 @@ pub mod reconcile;
 pub mod rib;
 pub mod services;
 pub mod systemd;
+#[cfg(test)]
+mod testutil;

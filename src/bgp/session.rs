@@ -1038,42 +1038,9 @@ pub(crate) fn gtsm(socket: &impl std::os::fd::AsRawFd, v6: bool) -> std::io::Res
 mod tests {
     use super::*;
     use crate::agent::Command;
+    use crate::testutil::in_private_netns;
     use std::net::Ipv4Addr;
     use tokio::net::TcpListener;
-
-    /// Runs `f` on a thread of its own in a new network namespace (only
-    /// its loopback, up), on a current-thread runtime: the test's TCP
-    /// never touches the machine's namespaces, and the namespace goes
-    /// with the thread.
-    fn in_private_netns<F, Fut>(f: F)
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()>,
-    {
-        std::thread::spawn(move || {
-            // SAFETY: unshare(2) with CLONE_NEWNET changes only the
-            // calling thread's network namespace; no memory is involved.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            assert_eq!(
-                r,
-                0,
-                "unshare(CLONE_NEWNET): {}",
-                std::io::Error::last_os_error()
-            );
-            let up = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .expect("ip link set lo up");
-            assert!(up.success());
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f());
-        })
-        .join()
-        .expect("test thread");
-    }
 
     /// Reads whole messages from `stream` into `out` until `deadline`.
     async fn read_until(

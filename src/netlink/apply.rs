@@ -194,7 +194,11 @@ impl Kernel {
         // the hop to a blocking thread was two wake-ups before the groups
         // changed.
         let requests: Vec<nexthop::Request> = sent.iter().map(|(_, r)| r.clone()).collect();
-        let results = nexthop::execute(&requests);
+        let results = match self.nexthops.lock() {
+            Ok(mut channel) => channel.execute(&requests),
+            // Poisoned: a panic in another batch; this one opens its own.
+            Err(poisoned) => poisoned.into_inner().execute(&requests),
+        };
         for ((op, _), r) in sent.into_iter().zip(results) {
             let r = match (&op, r) {
                 // Already gone (with its uplink, or by hand): done.

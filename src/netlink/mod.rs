@@ -42,6 +42,8 @@ pub enum NetlinkError {
 pub struct Kernel {
     handle: Handle,
     protocol: u8,
+    /// Nexthop objects have their own socket (hand codec), kept open.
+    nexthops: std::sync::Arc<std::sync::Mutex<nexthop::Channel>>,
 }
 
 impl Kernel {
@@ -61,7 +63,11 @@ impl Kernel {
             tracing::debug!(error = %e, "NETLINK_GET_STRICT_CHK unavailable");
         }
         tokio::spawn(conn);
-        Ok(Self { handle, protocol })
+        Ok(Self {
+            handle,
+            protocol,
+            nexthops: Default::default(),
+        })
     }
 
     pub fn protocol(&self) -> u8 {

@@ -323,23 +323,60 @@ fn open() -> std::io::Result<Socket> {
 /// One request: message type, extra flags (NLM_F_CREATE...), message.
 pub type Request = (u16, u16, NexthopMessage);
 
-/// Sends `requests` (blocking), `BATCH` to a datagram, each acknowledged;
-/// the result of each, in order. The kernel processes every message of a
-/// datagram even when one is refused.
-pub fn execute(requests: &[Request]) -> Vec<Result<(), NexthopError>> {
-    let mut out: Vec<Result<(), NexthopError>> = Vec::with_capacity(requests.len());
-    let socket = match open() {
-        Ok(s) => s,
-        Err(e) => {
-            return requests
-                .iter()
-                .map(|_| Err(NexthopError::Io(std::io::Error::from(e.kind()))))
-                .collect();
+/// The socket nexthop requests go over, kept open between batches: a
+/// socket per batch was seven system calls before the first request (a
+/// learned route's first group paid them twice, object then group).
+/// Sequence numbers keep growing across batches, so an answer left over
+/// from an interrupted batch (ENOBUFS) is never taken for a new one's.
+#[derive(Default)]
+pub struct Channel {
+    socket: Option<Socket>,
+    seq: u32,
+}
+
+impl Channel {
+    /// Sends `requests` (blocking), `BATCH` to a datagram, each
+    /// acknowledged; the result of each, in order. The kernel processes
+    /// every message of a datagram even when one is refused.
+    pub fn execute(&mut self, requests: &[Request]) -> Vec<Result<(), NexthopError>> {
+        let socket = match self.socket.take() {
+            Some(s) => s,
+            None => match open() {
+                Ok(s) => s,
+                Err(e) => {
+                    return requests
+                        .iter()
+                        .map(|_| Err(NexthopError::Io(std::io::Error::from(e.kind()))))
+                        .collect();
+                }
+            },
+        };
+        let (out, healthy) = execute_on(&socket, &mut self.seq, requests);
+        // A socket that failed to send or receive is not trusted again.
+        if healthy {
+            self.socket = Some(socket);
         }
-    };
+        out
+    }
+}
+
+/// [`Channel::execute`] on `socket`, numbering from `seq`; false when the
+/// socket failed.
+fn execute_on(
+    socket: &Socket,
+    seq: &mut u32,
+    requests: &[Request],
+) -> (Vec<Result<(), NexthopError>>, bool) {
+    let mut out: Vec<Result<(), NexthopError>> = Vec::with_capacity(requests.len());
+    let mut healthy = true;
     let mut buf = vec![0u8; 1 << 16];
-    for (chunk_no, chunk) in requests.chunks(BATCH).enumerate() {
-        let base = (chunk_no * BATCH) as u32 + 1;
+    for chunk in requests.chunks(BATCH) {
+        // Leaves room below u32::MAX for the chunk; 0 is never used.
+        if *seq > u32::MAX - 2 * BATCH as u32 {
+            *seq = 0;
+        }
+        let base = *seq + 1;
+        *seq += chunk.len() as u32;
         let mut datagram = Vec::with_capacity(chunk.len() * 64);
         for (i, (kind, flags, msg)) in chunk.iter().enumerate() {
             datagram.extend(frame(
@@ -352,6 +389,7 @@ pub fn execute(requests: &[Request]) -> Vec<Result<(), NexthopError>> {
         let mut results: Vec<Option<Result<(), NexthopError>>> =
             (0..chunk.len()).map(|_| None).collect();
         if let Err(e) = socket.send(&datagram, 0) {
+            healthy = false;
             out.extend(
                 chunk
                     .iter()
@@ -364,6 +402,7 @@ pub fn execute(requests: &[Request]) -> Vec<Result<(), NexthopError>> {
             let n = match socket.recv(&mut &mut buf[..], 0) {
                 Ok(n) => n,
                 Err(e) => {
+                    healthy = false;
                     // ENOBUFS included: what is unanswered is reported as
                     // failed, so the agent re-dumps on its next pass.
                     for r in results.iter_mut().filter(|r| r.is_none()) {
@@ -374,11 +413,11 @@ pub fn execute(requests: &[Request]) -> Vec<Result<(), NexthopError>> {
                     break;
                 }
             };
-            for (kind, flags, seq, payload) in messages(&buf[..n]) {
-                if kind != NLMSG_ERROR || seq < base {
+            for (kind, flags, answered, payload) in messages(&buf[..n]) {
+                if kind != NLMSG_ERROR || answered < base {
                     continue;
                 }
-                let i = (seq - base) as usize;
+                let i = (answered - base) as usize;
                 if let Some(slot) = results.get_mut(i) {
                     if slot.is_none() {
                         *slot = Some(error_of(flags, payload));
@@ -395,7 +434,7 @@ pub fn execute(requests: &[Request]) -> Vec<Result<(), NexthopError>> {
             })
         }));
     }
-    out
+    (out, healthy)
 }
 
 /// Dumps every nexthop object of the namespace (blocking). A kernel
@@ -449,6 +488,53 @@ pub fn supported() -> Result<bool, NexthopError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// One socket for every batch, answers matched across batches and a
+    /// sequence number wrapping, against the kernel (a private namespace).
+    #[test]
+    fn the_channel_keeps_its_socket_and_matches_every_answer() {
+        crate::testutil::in_private_netns(|| async {
+            for args in [
+                &["link", "add", "nh0", "type", "veth", "peer", "name", "nh1"][..],
+                &["link", "set", "nh0", "up"],
+                &["link", "set", "nh1", "up"],
+            ] {
+                let ok = std::process::Command::new("ip").args(args).status();
+                assert!(ok.is_ok_and(|s| s.success()), "ip {args:?}");
+            }
+            let dev = crate::netlink::tap::ifindex("nh0").expect("nh0");
+            let add = |id: u32| {
+                (
+                    RTM_NEWNEXTHOP,
+                    NLM_F_CREATE | NLM_F_EXCL,
+                    NexthopMessage::gateway(id, "192.0.2.2".parse().unwrap(), dev, true, 203),
+                )
+            };
+            let del = |id: u32| (RTM_DELNEXTHOP, 0, NexthopMessage::by_id(id));
+            let enoent = |r: &Result<(), NexthopError>| matches!(r, Err(e) if e.errno() == Some(libc::ENOENT));
+            let mut ch = Channel::default();
+            // Three batches' worth: acknowledged successes and refusals,
+            // each where it belongs.
+            let mut reqs: Vec<Request> = (1..=150).map(add).collect();
+            reqs.push(del(9999));
+            reqs.push(add(7)); // exists: EEXIST
+            let r = ch.execute(&reqs);
+            assert_eq!(r.len(), 152);
+            assert!(r[..150].iter().all(|r| r.is_ok()), "{:?}", &r[..3]);
+            assert!(enoent(&r[150]), "{:?}", r[150]);
+            assert!(matches!(&r[151], Err(e) if e.errno() == Some(libc::EEXIST)));
+            let fd = ch.socket.as_ref().map(|s| s.as_raw_fd()).expect("kept");
+            // Near the end of the sequence space: it wraps, still matched.
+            ch.seq = u32::MAX - 70;
+            let r = ch.execute(&(1..=100).map(del).collect::<Vec<_>>());
+            assert!(r.iter().all(|r| r.is_ok()), "{r:?}");
+            assert_eq!(ch.seq, 100, "wrapped to 0 before the first chunk");
+            let r = ch.execute(&[del(1), add(1)]);
+            assert!(enoent(&r[0]) && r[1].is_ok(), "{r:?}");
+            assert_eq!(ch.socket.as_ref().map(|s| s.as_raw_fd()), Some(fd));
+        });
+    }
 
     // Requests captured with `strace -e write=3` from iproute2 6.1 on
     // kernel 6.18 (veth0 had ifindex 3), netlink header stripped:
