@@ -17,7 +17,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -149,6 +151,63 @@ class Monitor:
         return None
 
 
+class Capture:
+    """BGP on the reflector's port (both directions), kernel timestamps:
+    splits HV1 kernel -> HV2 kernel into HV1 (route to UPDATE on the wire),
+    the reflector (UPDATE in to UPDATE out) and HV2 (UPDATE to route)."""
+
+    def __init__(self):
+        self.path = os.path.join(WORK, "rr.bgp.pcap")
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns("rr"), "tcpdump", "-n", "-Z", "root", "-U",
+                                   "--immediate-mode", "-i", "eth0", "-w", self.path, "tcp port 179"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        PROCS.append(self.p)
+
+    def stop(self):
+        self.p.send_signal(signal.SIGINT)
+        try:
+            self.p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+    def segments(self):
+        """(time, source IPv4, TCP payload) of every segment with data."""
+        out = []
+        with open(self.path, "rb") as f:
+            head = f.read(24)
+            if len(head) < 24:
+                return out
+            endian = "<" if head[:4] == b"\xd4\xc3\xb2\xa1" else ">"
+            while True:
+                rec = f.read(16)
+                if len(rec) < 16:
+                    break
+                sec, usec, incl, _ = struct.unpack(endian + "IIII", rec)
+                frame = f.read(incl)
+                if len(frame) < 14 + 20 or frame[12:14] != b"\x08\x00":
+                    continue
+                ip = frame[14:]
+                ihl = (ip[0] & 15) * 4
+                tcp = ip[ihl:]
+                if len(tcp) < 20:
+                    continue
+                payload = tcp[(tcp[12] >> 4) * 4:]
+                if payload:
+                    out.append((sec + usec / 1e6, socket.inet_ntoa(ip[12:16]), socket.inet_ntoa(ip[16:20]),
+                                payload))
+        return out
+
+    @staticmethod
+    def first(segs, src, dst, prefix, after):
+        """First segment src -> dst after `after` carrying the /32 NLRI of
+        `prefix` (announcement or withdrawal: the announcement comes first)."""
+        needle = bytes([32]) + socket.inet_aton(prefix)
+        for t, s, d, payload in segs:
+            if t >= after and s == src and d == dst and needle in payload:
+                return t
+        return None
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(round(q * len(xs))) - 1))]
@@ -158,6 +217,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--keep", metavar="DIR", help="copy the agents' logs and the captures here at exit")
+    ap.add_argument("--capture", action="store_true",
+                    help="tcpdump BGP at the reflector and split the time into HV1, reflector, HV2")
     ap.add_argument("--log", default="warn", help="the agents' log level (info: a line per pass)")
     a = ap.parse_args()
     global KEEP, LOG_LEVEL
@@ -165,7 +226,9 @@ def main():
     atexit.register(cleanup)
     setup()
     m1, m2 = Monitor("hv1"), Monitor("hv2")
+    cap = Capture() if a.capture else None
     time.sleep(0.5)
+    samples = []
     s1 = os.path.join(WORK, "hv1", "l3hvd.sock")
     kk, ck = [], []
     for i in range(a.n):
@@ -189,10 +252,25 @@ def main():
         if t_remote and t_local:
             kk.append((t_remote - t_local) * 1e3)
             ck.append((t_remote - t0) * 1e3)
+            samples.append((prefix, t0, t_local, t_remote))
         subprocess.run([L3HV, "--socket", s1, "vm", "remove", f"vm{i}"], check=True, capture_output=True)
         time.sleep(0.05)
     print(f"samples: {len(kk)} of {a.n}")
-    for name, xs in (("HV1 kernel -> HV2 kernel", kk), ("CLI call -> HV2 kernel", ck)):
+    parts = {}
+    if cap:
+        time.sleep(0.2)
+        cap.stop()
+        segs = cap.segments()
+        hv1, hv2, rr = "198.51.100.101", "198.51.100.102", "198.51.100.126"
+        for prefix, t0, t_local, t_remote in samples:
+            t_in = cap.first(segs, hv1, rr, prefix, t0)
+            t_out = t_in and cap.first(segs, rr, hv2, prefix, t_in)
+            if t_in and t_out:
+                parts.setdefault("HV1 kernel -> UPDATE at the reflector", []).append((t_in - t_local) * 1e3)
+                parts.setdefault("reflector: UPDATE in -> UPDATE out", []).append((t_out - t_in) * 1e3)
+                parts.setdefault("UPDATE out of the reflector -> HV2 kernel", []).append((t_remote - t_out) * 1e3)
+        print(f"captured: {len(parts.get('reflector: UPDATE in -> UPDATE out', []))} of {len(samples)}")
+    for name, xs in (("HV1 kernel -> HV2 kernel", kk), ("CLI call -> HV2 kernel", ck), *parts.items()):
         if xs:
             print(f"{name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms, "
                   f"min {min(xs):.2f}, max {max(xs):.2f}")
