@@ -94,41 +94,98 @@ pub struct Selected {
     pub origins: Vec<IpAddr>,
 }
 
-/// A path as the RIB stores it, with what identifies it (session, path
-/// id): the session and uplink are indexes into the RIB's name table
-/// rather than two shared strings (16 bytes each), the AS_PATH length a
-/// u16 (an UPDATE cannot carry more): 44 bytes instead of 80 per path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stored {
+/// What a stored path says besides its id, interned ([`AttrTable`]): the
+/// paths of a reflector's feed share a handful of these (one per origin,
+/// fabric path and policy), so a path costs its 12-byte [`Stored`] rather
+/// than these 36 bytes. Session and uplink are indexes into the RIB's name
+/// table, the AS_PATH length a u16 (an UPDATE cannot carry more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Attrs {
     next_hop: IpAddr,
     local_pref: u32,
     as_path_len: u16,
     originator: Option<Ipv4Addr>,
     session: u32,
     uplink: u32,
-    path_id: Option<u32>,
 }
 
-impl Stored {
+impl Attrs {
     fn origin(&self) -> IpAddr {
         self.originator.map_or(self.next_hop, IpAddr::V4)
     }
     fn rank(&self) -> (u32, std::cmp::Reverse<u16>) {
         (self.local_pref, std::cmp::Reverse(self.as_path_len))
     }
-    fn is(&self, session: u32, path_id: Option<u32>) -> bool {
-        self.session == session && self.path_id == path_id
+}
+
+/// Interned [`Attrs`] with a count of the paths holding each; a slot whose
+/// last path went is reused.
+#[derive(Debug, Clone, Default)]
+struct AttrTable {
+    slots: Vec<(Attrs, u32)>,
+    index: HashMap<Attrs, u32>,
+    free: Vec<u32>,
+}
+
+impl AttrTable {
+    /// One more path with `a`: its index.
+    fn intern(&mut self, a: Attrs) -> u32 {
+        if let Some(&i) = self.index.get(&a) {
+            self.slots[i as usize].1 += 1;
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = (a, 1);
+                i
+            }
+            None => {
+                self.slots.push((a, 1));
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.index.insert(a, i);
+        i
+    }
+
+    /// One path fewer with `i`.
+    fn release(&mut self, i: u32) {
+        let slot = &mut self.slots[i as usize];
+        slot.1 -= 1;
+        if slot.1 == 0 {
+            self.index.remove(&slot.0);
+            self.free.push(i);
+        }
+    }
+
+    fn get(&self, i: u32) -> &Attrs {
+        // Every index comes from `intern` and is released once.
+        &self.slots[i as usize].0
+    }
+
+    /// Distinct attribute sets in use.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.index.len()
     }
 }
 
-/// The paths of one prefix: almost always one to four. One is kept inline,
-/// without an allocation of its own (a BTreeMap per prefix cost ~1 KiB at
-/// 100,000 prefixes; a Vec per prefix 80 bytes plus malloc's header; a
-/// SmallVec 56 bytes where this takes 48).
+/// A path as the RIB stores it: its interned attributes and its path id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stored {
+    attrs: u32,
+    path_id: Option<u32>,
+}
+
+/// The paths of one prefix: almost always one (one fabric path, one
+/// origin) or two (both fabric paths), kept inline without an allocation
+/// of their own; more spill into a vector. 32 bytes (48 when a path was
+/// 44 bytes itself; a BTreeMap per prefix cost ~1 KiB).
 #[derive(Debug, Clone)]
 enum Paths {
     One(Stored),
-    /// None (a prefix whose last path just went) or several.
+    Two([Stored; 2]),
+    /// None (a prefix whose last path just went) or three and more.
     Many(Vec<Stored>),
 }
 
@@ -140,9 +197,14 @@ impl Paths {
     fn push(&mut self, p: Stored) {
         match self {
             Paths::Many(v) if v.is_empty() => *self = Paths::One(p),
-            Paths::One(one) => *self = Paths::Many(vec![*one, p]),
+            Paths::One(one) => *self = Paths::Two([*one, p]),
+            Paths::Two([a, b]) => {
+                let mut v = Vec::with_capacity(3);
+                v.extend([*a, *b, p]);
+                *self = Paths::Many(v);
+            }
             Paths::Many(v) => {
-                // Exact growth: a spill past two makes room for one more.
+                // Exact growth: paths past three come one at a time.
                 v.reserve_exact(1);
                 v.push(p);
             }
@@ -150,19 +212,25 @@ impl Paths {
     }
 
     fn retain(&mut self, mut keep: impl FnMut(&Stored) -> bool) {
-        match self {
-            Paths::One(p) => {
-                if !keep(p) {
-                    *self = Paths::new();
-                }
-            }
+        *self = match self {
+            Paths::One(p) if keep(p) => return,
+            Paths::One(_) => Paths::new(),
+            Paths::Two([a, b]) => match (keep(a), keep(b)) {
+                (true, true) => return,
+                (true, false) => Paths::One(*a),
+                (false, true) => Paths::One(*b),
+                (false, false) => Paths::new(),
+            },
             Paths::Many(v) => {
                 v.retain(|p| keep(p));
-                if let [one] = v.as_slice() {
-                    *self = Paths::One(*one);
+                match v.as_slice() {
+                    [] => Paths::new(),
+                    [one] => Paths::One(*one),
+                    [a, b] => Paths::Two([*a, *b]),
+                    _ => return,
                 }
             }
-        }
+        };
     }
 }
 
@@ -171,6 +239,7 @@ impl std::ops::Deref for Paths {
     fn deref(&self) -> &[Stored] {
         match self {
             Paths::One(p) => std::slice::from_ref(p),
+            Paths::Two(two) => two,
             Paths::Many(v) => v,
         }
     }
@@ -180,6 +249,7 @@ impl std::ops::DerefMut for Paths {
     fn deref_mut(&mut self) -> &mut [Stored] {
         match self {
             Paths::One(p) => std::slice::from_mut(p),
+            Paths::Two(two) => two,
             Paths::Many(v) => v,
         }
     }
@@ -197,7 +267,7 @@ impl<'a> IntoIterator for &'a Paths {
 /// and uplink as name indexes).
 type HopCounts = HashMap<(u32, IpAddr, IpAddr, u32), usize>;
 
-fn count(hops: &mut HopCounts, p: &Stored, added: bool) {
+fn count(hops: &mut HopCounts, p: &Attrs, added: bool) {
     let key = (p.session, p.origin(), p.next_hop, p.uplink);
     if added {
         *hops.entry(key).or_default() += 1;
@@ -247,6 +317,8 @@ pub struct Rib {
     /// Prefixes added since the tables were last rebuilt (btree::compact_when_grown).
     grown: usize,
     names: Names,
+    /// The attributes of every stored path, interned.
+    attrs: AttrTable,
     /// fabric → how many paths each (session, origin, next hop, uplink)
     /// has: what the failover fast path reads instead of scanning every
     /// path.
@@ -282,15 +354,18 @@ impl Rib {
                 }
                 let hops = self.hops.entry(fabric.clone()).or_default();
                 let table = self.fabrics.entry(fabric).or_default();
+                let attrs = &mut self.attrs;
                 let mut changed = false;
                 if let Some(sid) = self.names.get(&session) {
                     for (prefix, id) in withdraw {
                         if let Some(paths) = table.get_mut(&prefix) {
                             let before = paths.len();
                             paths.retain(|p| {
-                                let gone = p.is(sid, id);
+                                let a = *attrs.get(p.attrs);
+                                let gone = a.session == sid && p.path_id == id;
                                 if gone {
-                                    count(hops, p, false);
+                                    count(hops, &a, false);
+                                    attrs.release(p.attrs);
                                 }
                                 !gone
                             });
@@ -306,14 +381,13 @@ impl Rib {
                 }
                 let sid = self.names.intern(&session);
                 for (prefix, id, path) in announce {
-                    let new = Stored {
+                    let new = Attrs {
                         next_hop: path.next_hop,
                         local_pref: path.local_pref,
                         as_path_len: u16::try_from(path.as_path_len).unwrap_or(u16::MAX),
                         originator: path.originator,
                         session: sid,
                         uplink: self.names.intern(&path.uplink),
-                        path_id: id,
                     };
                     let paths = match table.entry(prefix) {
                         std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
@@ -322,18 +396,26 @@ impl Rib {
                             e.insert(Paths::new())
                         }
                     };
-                    match paths.iter_mut().find(|p| p.is(sid, id)) {
+                    match paths
+                        .iter_mut()
+                        .find(|p| attrs.get(p.attrs).session == sid && p.path_id == id)
+                    {
                         Some(old) => {
-                            if *old != new {
-                                count(hops, old, false);
+                            let was = *attrs.get(old.attrs);
+                            if was != new {
+                                count(hops, &was, false);
                                 count(hops, &new, true);
-                                *old = new;
+                                attrs.release(old.attrs);
+                                old.attrs = attrs.intern(new);
                                 changed = true;
                             }
                         }
                         None => {
                             count(hops, &new, true);
-                            paths.push(new);
+                            paths.push(Stored {
+                                attrs: attrs.intern(new),
+                                path_id: id,
+                            });
                             changed = true;
                         }
                     }
@@ -411,14 +493,17 @@ impl Rib {
             return false;
         };
         let mut changed = false;
+        let attrs = &mut self.attrs;
         for (fabric, table) in self.fabrics.iter_mut() {
             let hops = self.hops.entry(fabric.clone()).or_default();
             table.retain(|prefix, paths| {
                 let before = paths.len();
                 paths.retain(|p| {
-                    let gone = p.session == sid && doomed(prefix, p.path_id);
+                    let a = *attrs.get(p.attrs);
+                    let gone = a.session == sid && doomed(prefix, p.path_id);
                     if gone {
-                        count(hops, p, false);
+                        count(hops, &a, false);
+                        attrs.release(p.attrs);
                     }
                     !gone
                 });
@@ -457,20 +542,20 @@ impl Rib {
         };
         let mut out = Vec::with_capacity(table.len());
         for (prefix, paths) in table {
-            let Some(top) = paths.iter().map(Stored::rank).max() else {
+            let Some(top) = paths.iter().map(|p| self.a(p).rank()).max() else {
                 continue;
             };
             // Exact-size sorted vectors: a BTreeSet per prefix allocated
             // a whole B-tree node (~45 MB at 100,000 prefixes).
-            let tied = paths.iter().filter(|p| p.rank() == top).count();
+            let tied = paths.iter().filter(|p| self.a(p).rank() == top).count();
             let mut s = Selected {
                 hops: Vec::with_capacity(tied),
                 origins: Vec::with_capacity(tied),
             };
             for p in paths {
-                if p.rank() == top {
+                if self.a(p).rank() == top {
                     s.hops.push(self.hop(p));
-                    s.origins.push(p.origin());
+                    s.origins.push(self.a(p).origin());
                 }
             }
             s.hops.sort_unstable();
@@ -552,8 +637,8 @@ impl Rib {
         };
         for paths in table.values() {
             for p in paths {
-                if live.contains(&p.session) {
-                    let item = (p.origin(), self.hop(p));
+                if live.contains(&self.a(p).session) {
+                    let item = (self.a(p).origin(), self.hop(p));
                     if !out.contains(&item) {
                         out.insert(item);
                     }
@@ -578,34 +663,41 @@ impl Rib {
                     prefix,
                     paths
                         .iter()
-                        .map(|p| (self.names.name(p.session), p.path_id, self.path(p))),
+                        .map(|p| (self.names.name(self.a(p).session), p.path_id, self.path(p))),
                 )
             })
     }
 
+    /// The attributes of a stored path.
+    fn a(&self, p: &Stored) -> &Attrs {
+        self.attrs.get(p.attrs)
+    }
+
     fn hop(&self, p: &Stored) -> Hop {
-        self.hop_of(p.next_hop, p.uplink)
+        let a = self.a(p);
+        self.hop_of(a.next_hop, a.uplink)
     }
 
     fn path(&self, p: &Stored) -> Path {
+        let a = self.a(p);
         Path {
-            next_hop: p.next_hop,
-            uplink: self.names.name(p.uplink).clone(),
-            local_pref: p.local_pref,
-            as_path_len: p.as_path_len as usize,
-            originator: p.originator,
+            next_hop: a.next_hop,
+            uplink: self.names.name(a.uplink).clone(),
+            local_pref: a.local_pref,
+            as_path_len: a.as_path_len as usize,
+            originator: a.originator,
         }
     }
 
     /// Best paths: highest LOCAL_PREF, then shortest AS_PATH; every path
     /// tied on both is a member of the ECMP set (one member per next hop).
     fn best(&self, paths: &[Stored]) -> BTreeSet<Hop> {
-        let Some(top) = paths.iter().map(Stored::rank).max() else {
+        let Some(top) = paths.iter().map(|p| self.a(p).rank()).max() else {
             return BTreeSet::new();
         };
         paths
             .iter()
-            .filter(|p| p.rank() == top)
+            .filter(|p| self.a(p).rank() == top)
             .map(|p| self.hop(p))
             .collect()
     }
@@ -638,17 +730,22 @@ impl Rib {
             let Some(paths) = table.get(prefix) else {
                 continue;
             };
-            let Some(p) = paths.iter().find(|p| p.is(sid, *id)) else {
+            let Some(p) = paths
+                .iter()
+                .find(|p| self.a(p).session == sid && p.path_id == *id)
+            else {
                 continue;
             };
             let hop = self.hop(p);
+            let origin = self.a(p).origin();
             // Another path of the same origin survives this UPDATE.
             let survivors = paths.iter().any(|q| {
-                q.origin() == p.origin()
-                    && !(q.session == sid && withdrawn.contains(&(*prefix, q.path_id)))
+                let qa = self.a(q);
+                qa.origin() == origin
+                    && !(qa.session == sid && withdrawn.contains(&(*prefix, q.path_id)))
             });
-            if survivors && !out.iter().any(|(o, h)| *o == p.origin() && *h == hop) {
-                out.push((p.origin(), hop));
+            if survivors && !out.iter().any(|(o, h)| *o == origin && *h == hop) {
+                out.push((origin, hop));
             }
         }
         out
@@ -680,7 +777,7 @@ mod tests {
                 .into_iter()
                 .flat_map(|t| t.values())
                 .flat_map(|paths| paths.iter())
-                .map(|p| (p.origin(), rib.hop(p)))
+                .map(|p| (rib.a(p).origin(), rib.hop(p)))
                 .collect()
         }
         let mut rng = fastrand::Rng::with_seed(7);
@@ -725,8 +822,8 @@ mod tests {
                     .values()
                     .flat_map(|t| t.values())
                     .flat_map(|paths| paths.iter())
-                    .filter(|p| (**rib.names.name(p.session) == *s0) == mine)
-                    .map(|p| (p.origin(), rib.hop(p)))
+                    .filter(|p| (**rib.names.name(rib.a(p).session) == *s0) == mine)
+                    .map(|p| (rib.a(p).origin(), rib.hop(p)))
                     .collect()
             };
             let want: BTreeSet<_> = of(true).difference(&of(false)).cloned().collect();
@@ -737,38 +834,58 @@ mod tests {
                 scanned(&rib, "public"),
                 "step {step}"
             );
+            // Every interned attribute set counts exactly the paths that
+            // hold it; none outlives its last path.
+            let mut held: HashMap<u32, u32> = HashMap::new();
+            for paths in rib.fabrics.values().flat_map(|t| t.values()) {
+                for p in paths {
+                    *held.entry(p.attrs).or_default() += 1;
+                }
+            }
+            assert_eq!(rib.attrs.len(), held.len(), "step {step}");
+            for (i, n) in &held {
+                assert_eq!(rib.attrs.slots[*i as usize].1, *n, "step {step}");
+                assert_eq!(rib.attrs.index.get(rib.attrs.get(*i)), Some(i));
+            }
         }
     }
 
     #[test]
     fn a_prefix_keeps_one_path_inline_and_spills_and_shrinks_back() {
         assert!(
-            std::mem::size_of::<Paths>() <= 48,
+            std::mem::size_of::<Paths>() <= 32,
             "{}",
             std::mem::size_of::<Paths>()
         );
-        let stored = |session| Stored {
-            next_hop: "192.0.2.1".parse().unwrap(),
-            local_pref: 100,
-            as_path_len: 0,
-            originator: None,
-            session,
-            uplink: 0,
+        let stored = |attrs| Stored {
+            attrs,
             path_id: None,
         };
+        let ids = |p: &Paths| p.iter().map(|s| s.attrs).collect::<Vec<_>>();
         let mut p = Paths::new();
         assert!(p.is_empty());
         p.push(stored(1));
         assert!(matches!(p, Paths::One(_)));
         p.push(stored(2));
+        assert!(matches!(p, Paths::Two(_)));
         p.push(stored(3));
-        assert_eq!(p.iter().map(|s| s.session).collect::<Vec<_>>(), [1, 2, 3]);
-        p.retain(|s| s.session == 2);
-        assert!(matches!(p, Paths::One(s) if s.session == 2));
+        p.push(stored(5));
+        assert!(matches!(p, Paths::Many(_)));
+        assert_eq!(ids(&p), [1, 2, 3, 5]);
+        p.retain(|s| s.attrs != 3);
+        assert!(matches!(p, Paths::Many(_)));
+        p.retain(|s| s.attrs != 5);
+        assert!(matches!(p, Paths::Two(_)));
+        assert_eq!(ids(&p), [1, 2]);
+        p.retain(|s| s.attrs == 2);
+        assert!(matches!(p, Paths::One(s) if s.attrs == 2));
+        p.push(stored(6));
+        p.retain(|s| s.attrs == 2);
+        assert!(matches!(p, Paths::One(s) if s.attrs == 2));
         p.retain(|_| false);
         assert!(p.is_empty());
         p.push(stored(4));
-        assert!(matches!(p, Paths::One(s) if s.session == 4));
+        assert!(matches!(p, Paths::One(s) if s.attrs == 4));
     }
 
     #[test]
