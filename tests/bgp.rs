@@ -1050,6 +1050,46 @@ fn ecmp_over_both_fabric_paths_and_failover_to_one() {
     assert_eq!(peers(&a1).as_array().unwrap().len(), 2);
 }
 
+/// A remote hypervisor's fabric path failing: the reflector of path B
+/// loses hv2 and withdraws hv2's routes from hv1 while path A still has
+/// them (a partial withdrawal). hv1 shrinks the nexthop group in place at
+/// that first UPDATE, and traffic stays on path A.
+#[test]
+fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
+    let lab = ecmp_lab("");
+    let hv1 = &lab.t.hv1;
+    let (_, nhid) = groups_and_nhid(hv1, "203.0.113.3");
+    let nhid = nhid.expect("route on a group");
+    let sock = lab.rr2.dir.join("bird.ctl");
+    lab.t
+        .rr2
+        .exec(&["birdc", "-s", sock.to_str().unwrap(), "disable", "hv2"]);
+    wait_for("group without path B", Duration::from_secs(30), || {
+        groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, vec![BOTH[0].to_string()])]
+    });
+    // hv1's own sessions stayed up: it was a withdrawal, not a session down.
+    let p = peers(&lab.a1);
+    let states: Vec<&str> = p
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(states, ["Established", "Established"], "{p}");
+    let log = lab.a1.log();
+    assert!(
+        log.contains("path lost: nexthop groups replaced in place"),
+        "{log}"
+    );
+    assert!(lab.vm1.ping("203.0.113.3"));
+    lab.t
+        .rr2
+        .exec(&["birdc", "-s", sock.to_str().unwrap(), "enable", "hv2"]);
+    wait_for("path B back in the group", Duration::from_secs(30), || {
+        groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, BOTH.map(String::from).to_vec())]
+    });
+}
+
 #[test]
 fn agent_restart_keeps_learned_routes_installed() {
     let f = fabric();

@@ -517,7 +517,22 @@ impl Agent {
                             announce, withdraw, ..
                         } => {
                             if !withdraw.is_empty() && self.nexthop_objects() {
-                                lost_hops.extend(self.rib.partially_withdrawn(&event));
+                                // Forwarding first, at the first UPDATE
+                                // that shows a path failing: a batch taken
+                                // late holds a reflector's withdrawals of
+                                // thousands of prefixes, and applying them
+                                // all to the RIB first cost a failover
+                                // 6-12 ms (BENCHMARKS.md).
+                                let new: Vec<_> = self
+                                    .rib
+                                    .partially_withdrawn(&event)
+                                    .into_iter()
+                                    .filter(|h| !lost_hops.contains(h))
+                                    .collect();
+                                if !new.is_empty() {
+                                    self.failover_fast_path(false, &new).await;
+                                    lost_hops.extend(new);
+                                }
                             }
                             if self.learned_hold.is_some() {
                                 self.relearned.extend(announce.iter().map(|(p, _, _)| *p));
@@ -551,10 +566,11 @@ impl Agent {
         let asked = later
             .iter()
             .any(|c| matches!(c, Command::Reconcile { .. } | Command::LinksChanged));
-        if rib_changed && (session_down || !lost_hops.is_empty()) {
+        if rib_changed && session_down {
             // Forwarding first: the groups lose their dead members in place
-            // (O(groups)) before the full recompute (O(routes)).
-            self.failover_fast_path(session_down, &lost_hops).await;
+            // (O(groups)) before the full recompute (O(routes)). Partial
+            // withdrawals had theirs in the loop.
+            self.failover_fast_path(true, &[]).await;
         }
         if asked {
             self.reconcile().await;
