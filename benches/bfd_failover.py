@@ -138,14 +138,16 @@ def teardown():
         subprocess.run(["ip", "netns", "del", ns(n)], capture_output=True)
 
 
-def capture_start(work):
-    """--capture: tcpdump of the BGP packets on hv1's a-public uplink (the
-    path that is faulted), in hv1's namespace, to <work>/hv1.a-public.bgp.pcap.
-    `ip netns exec` execs tcpdump, so the PID is tcpdump's."""
-    path = os.path.join(work, "hv1.a-public.bgp.pcap")
-    err_path = os.path.join(work, "tcpdump.hv1.log")
+def capture_start(work, hv):
+    """--capture: tcpdump of the BGP packets on hv's a-public uplink (the
+    faulted path: hv1's own sessions on it, and on hv2 the reflector rr1's
+    withdraws of hv1's paths), in hv's namespace, to
+    <work>/<hv>.a-public.bgp.pcap. `ip netns exec` execs tcpdump, so the
+    PID is tcpdump's."""
+    path = os.path.join(work, f"{hv}.{FAILED_DEV}.bgp.pcap")
+    err_path = os.path.join(work, f"tcpdump.{hv}.log")
     err = open(err_path, "w")
-    p = subprocess.Popen(["ip", "netns", "exec", ns("hv1"), "tcpdump", "-n", "-Z", "root", "-U", "--immediate-mode",
+    p = subprocess.Popen(["ip", "netns", "exec", ns(hv), "tcpdump", "-n", "-Z", "root", "-U", "--immediate-mode", "-B", "32768",
                           "-i", FAILED_DEV,
                           "-w", path, "tcp", "port", "179"], stdout=err, stderr=err)
     CAPTURES.append(p)
@@ -156,7 +158,7 @@ def capture_start(work):
         time.sleep(0.1)
     if p.poll() is not None:
         raise RuntimeError(f"tcpdump exited: {open(err_path).read().strip()[:300]}")
-    log(f"capturing BGP on hv1 {FAILED_DEV} to {path} (tcpdump pid {p.pid})")
+    log(f"capturing BGP on {hv} {FAILED_DEV} to {path} (tcpdump pid {p.pid})")
 
 
 def capture_stop():
@@ -876,7 +878,8 @@ def bench_one(impl, bfd_ms, sizes, args, out, results):
     log(f"=== {impl}, BFD {bfd_ms} ms x 3: topology")
     setup(work)
     if CAPTURE:
-        capture_start(work)
+        for hv in ("hv1", "hv2"):
+            capture_start(work, hv)
     reflectors(work, bfd_ms)
     spk = (L3hv if impl == "l3hv" else Bird)(work, bfd_ms)
     try:
@@ -1046,8 +1049,9 @@ def main():
     ap.add_argument("--load", type=int, default=0,
                     help="N busy-loop processes (nice 0) for the whole run: BFD under CPU contention")
     ap.add_argument("--capture", action="store_true",
-                    help="tcpdump the BGP packets (tcp port 179) on hv1's a-public uplink, in hv1's "
-                         "namespace, to <out>/<impl>-<bfd>/hv1.a-public.bgp.pcap")
+                    help="tcpdump the BGP packets (tcp port 179) on hv1's and hv2's a-public uplinks, "
+                         "each in its hypervisor's namespace, to <out>/<impl>-<bfd>/hv1.a-public.bgp.pcap "
+                         "and hv2.a-public.bgp.pcap")
     ap.add_argument("--report", nargs="+", metavar="DIR",
                     help="only print the summary of earlier runs' results.json (merged)")
     a = ap.parse_args()
