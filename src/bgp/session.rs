@@ -31,6 +31,10 @@ use crate::rib::{Path, RibEvent};
 /// the UPDATE that carried it (shared by its prefixes).
 pub type AdjRibIn = BTreeMap<Nlri, Arc<PathAttrs>>;
 
+/// How long after Established the initial table goes out (see
+/// `Session::established`).
+const INITIAL_EXPORT_DELAY: Duration = Duration::from_millis(5);
+
 /// How many received paths `l3hv peers --json` lists per session.
 const RECEIVED_SAMPLE: usize = 1000;
 
@@ -587,6 +591,13 @@ impl Session {
         negotiated: Negotiated,
     ) -> Result<(), SessionEnd> {
         let mut intent = self.intent.clone();
+        // A moment between our KEEPALIVE and our table: BIRD 2 before 2.14
+        // (Debian 12 ships 2.0.12) that reads both in one go enters
+        // Established, queues its own export and then sleeps in poll() with
+        // it queued, up to 3 s (its fix "IO: Fix race condition in event
+        // processing", 6a242b3ec). Our table arriving after that read wakes
+        // it. The first KEEPALIVE below bounds what is left of the race.
+        tokio::time::sleep(INITIAL_EXPORT_DELAY).await;
         let mut advertised = self.wanted();
         let initial: Vec<IpNet> = advertised.iter().copied().collect();
         self.advertise(&mut stream, &codec, &negotiated, &initial, &[])
@@ -609,12 +620,19 @@ impl Session {
         let mut refreshing: [Option<BTreeSet<Nlri>>; 2] = [None, None];
         let keepalive = negotiated.keepalive;
         let hold = negotiated.hold_time;
-        let mut ka = tokio::time::interval(if keepalive.is_zero() {
+        // The first KEEPALIVE one second after Established (RFC 4271 §4.4:
+        // no more often than one per second), the next every `keepalive`:
+        // a peer that sleeps with its table queued (the BIRD race above)
+        // wakes on it instead of at its next timer, seconds later.
+        let period = if keepalive.is_zero() {
             Duration::from_secs(3600)
         } else {
             keepalive
-        });
-        ka.tick().await;
+        };
+        let mut ka = tokio::time::interval_at(
+            tokio::time::Instant::now() + period.min(Duration::from_secs(1)),
+            period,
+        );
         let mut last_in = Instant::now();
         let (bfd_failures, _) = self.bfd_counts();
         let mut bfd = self.bfd.clone();
@@ -1064,6 +1082,98 @@ mod tests {
         }
     }
 
+    /// A session on loopback whose peer (returned) has sent its OPEN with
+    /// `hold_time` and a KEEPALIVE; the agent's queue has room for one
+    /// event.
+    async fn session_with_peer(
+        hold_time: u16,
+    ) -> (
+        TcpStream,
+        tokio::task::JoinHandle<Result<(), SessionEnd>>,
+        crate::agent::Detached,
+    ) {
+        let config = crate::config::parse("t.toml", crate::config::tests::MIN).expect("config");
+        let (handle, agent) = AgentHandle::detached(1, config.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut peer = TcpStream::connect(addr).await.expect("connect");
+        let (ours, _) = listener.accept().await.expect("accept");
+        let spec = PeerSpec {
+            name: "public-a".into(),
+            fabric: "public".into(),
+            path: "a".into(),
+            local: addr.ip(),
+            remote: addr.ip(),
+            uplink: "lo".into(),
+            next_hop_v4: Some(addr.ip()),
+            next_hop_v6: None,
+            uplink_addresses: vec!["10.0.0.1/24".parse().expect("net")],
+        };
+        let (_incoming_tx, incoming) = mpsc::channel(1);
+        let (_stop_tx, stop) = watch::channel(None);
+        let (session, _status) = Session::new(spec, Arc::new(config), handle, incoming, None, stop);
+        let session = tokio::spawn(async move { session.serve(ours).await });
+        let open = codec::open(&LocalOpen {
+            asn: 65000,
+            hold_time,
+            bgp_id: Ipv4Addr::new(198, 51, 100, 1),
+            add_path_send: false,
+            graceful_restart: None,
+        })
+        .expect("open");
+        peer.write_all(&open).await.expect("write");
+        peer.write_all(&codec::keepalive()).await.expect("write");
+        (peer, session, agent)
+    }
+
+    /// With a 90 s hold time (KEEPALIVEs every 30 s) the first KEEPALIVE
+    /// after Established still comes after one second: it wakes a peer that
+    /// sleeps with its table queued (BIRD 2.0.12), and no sooner, since
+    /// RFC 4271 allows one per second.
+    #[test]
+    fn the_first_keepalive_comes_one_second_after_established() {
+        in_private_netns(|| async {
+            let (mut peer, session, _agent) = session_with_peer(90).await;
+            let peer_codec = Codec::default();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let t0 = tokio::time::Instant::now();
+            // OPEN, the KEEPALIVE of OpenConfirm, End-of-RIB.
+            read_until(
+                &mut peer,
+                &mut buf,
+                &peer_codec,
+                t0 + Duration::from_millis(900),
+                &mut got,
+            )
+            .await;
+            let early = got
+                .iter()
+                .filter(|m| matches!(m, Message::KeepAlive))
+                .count();
+            assert_eq!(early, 1, "{got:?}");
+            assert!(
+                got.iter().any(|m| matches!(m, Message::Update(_))),
+                "{got:?}"
+            );
+            read_until(
+                &mut peer,
+                &mut buf,
+                &peer_codec,
+                t0 + Duration::from_millis(1600),
+                &mut got,
+            )
+            .await;
+            let all = got
+                .iter()
+                .filter(|m| matches!(m, Message::KeepAlive))
+                .count();
+            assert_eq!(all, 2, "{got:?}");
+            assert!(!session.is_finished());
+            session.abort();
+        });
+    }
+
     /// The bug this guards against: the session handed each UPDATE to the
     /// agent and waited when the agent's queue was full (a pass of several
     /// seconds at 1,000,000 routes), sending no KEEPALIVE meanwhile, and
@@ -1071,43 +1181,10 @@ mod tests {
     #[test]
     fn keepalives_go_on_while_the_agent_is_too_busy_to_take_updates() {
         in_private_netns(|| async {
-            let config = crate::config::parse("t.toml", crate::config::tests::MIN).expect("config");
-            // Room for one event: the agent is "in a pass" until the test
-            // starts reading.
-            let (handle, mut agent) = AgentHandle::detached(1, config.clone());
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = listener.local_addr().expect("addr");
-            let mut peer = TcpStream::connect(addr).await.expect("connect");
-            let (ours, _) = listener.accept().await.expect("accept");
-            let spec = PeerSpec {
-                name: "public-a".into(),
-                fabric: "public".into(),
-                path: "a".into(),
-                local: addr.ip(),
-                remote: addr.ip(),
-                uplink: "lo".into(),
-                next_hop_v4: Some(addr.ip()),
-                next_hop_v6: None,
-                uplink_addresses: vec!["10.0.0.1/24".parse().expect("net")],
-            };
-            let (_incoming_tx, incoming) = mpsc::channel(1);
-            let (_stop_tx, stop) = watch::channel(None);
-            let (session, _status) =
-                Session::new(spec, Arc::new(config), handle, incoming, None, stop);
-            let session = tokio::spawn(async move { session.serve(ours).await });
-
             // The reflector's side: OPEN with a 3 s hold time (a KEEPALIVE
-            // every second from the session), KEEPALIVE, then 40 UPDATEs.
-            let open = codec::open(&LocalOpen {
-                asn: 65000,
-                hold_time: 3,
-                bgp_id: Ipv4Addr::new(198, 51, 100, 1),
-                add_path_send: false,
-                graceful_restart: None,
-            })
-            .expect("open");
-            peer.write_all(&open).await.expect("write");
-            peer.write_all(&codec::keepalive()).await.expect("write");
+            // every second from the session), KEEPALIVE, then 40 UPDATEs;
+            // the agent is "in a pass" until the test starts reading.
+            let (mut peer, session, mut agent) = session_with_peer(3).await;
             let peer_codec = Codec::default();
             let updates = 40;
             for i in 0..updates {
