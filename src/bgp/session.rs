@@ -633,6 +633,9 @@ impl Session {
             tokio::time::Instant::now() + period.min(Duration::from_secs(1)),
             period,
         );
+        // Ticks missed while a write waited on the peer are not made up in
+        // a burst: still one KEEPALIVE per period at most.
+        ka.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_in = Instant::now();
         let (bfd_failures, _) = self.bfd_counts();
         let mut bfd = self.bfd.clone();

@@ -59,7 +59,8 @@ enum Cmd {
         json: bool,
     },
     /// libvirt's qemu hook: `l3hv hook <guest> <op> <subop> <extra>`,
-    /// domain XML on stdin (install hooks/qemu.d/50-l3hv).
+    /// domain XML on stdin. Installed as a link
+    /// /etc/libvirt/hooks/qemu.d/50-l3hv -> l3hv, it runs as the hook.
     Hook {
         #[arg(allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
@@ -177,18 +178,23 @@ fn main() -> ExitCode {
     }
 }
 
-/// Called by another name, l3hv is libvirt's hook: installed as the
+/// Called by a hook's name, l3hv is libvirt's hook: installed as the
 /// symlink `/etc/libvirt/hooks/qemu.d/50-l3hv` (or `hooks/qemu`) to this
 /// binary, libvirt's `50-l3hv <guest> <op> <subop> <extra>` becomes
 /// `l3hv hook <guest> <op> <subop> <extra>` with no shell started in
-/// between (0.7 ms of every hook call on these machines).
+/// between (0.7 ms of every hook call on these machines). Only `qemu` and
+/// `<digits>-l3hv` (how qemu.d entries are ordered) count: a link named
+/// `my-l3hv` is still the CLI.
 fn hook_argv(mut argv: Vec<OsString>) -> Vec<OsString> {
     let name = argv
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or("l3hv");
-    if name == "qemu" || (name.ends_with("-l3hv") && name != "l3hv") {
+    let ordered = name
+        .strip_suffix("-l3hv")
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
+    if name == "qemu" || ordered {
         argv.insert(1, "hook".into());
     }
     argv
@@ -257,7 +263,14 @@ mod tests {
             );
             assert_eq!(parsed.config, PathBuf::from(config::DEFAULT_PATH));
         }
-        for name in ["l3hv", "/usr/bin/l3hv", "./target/release/l3hv"] {
+        for name in [
+            "l3hv",
+            "/usr/bin/l3hv",
+            "./target/release/l3hv",
+            "/usr/local/bin/my-l3hv",
+            "-l3hv",
+            "50a-l3hv",
+        ] {
             let a = argv(&[name, "status"]);
             assert_eq!(hook_argv(a.clone()), a);
         }

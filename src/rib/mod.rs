@@ -793,7 +793,7 @@ mod tests {
                 as_path_len: 0,
                 originator: rng.bool().then(|| Ipv4Addr::new(10, 0, 0, rng.u8(1..3))),
             };
-            let event = match rng.u8(0..10) {
+            let event = match rng.u8(0..13) {
                 0..=5 => RibEvent::Update {
                     session,
                     fabric: "public".into(),
@@ -807,12 +807,32 @@ mod tests {
                     withdraw: vec![(prefix, id)],
                 },
                 8 => RibEvent::SessionDown { session },
-                _ => RibEvent::SessionStale {
+                9 => RibEvent::SessionStale {
                     session,
                     generation: step,
                     keep_v4: rng.bool(),
                     keep_v6: true,
                 },
+                10 => RibEvent::EndOfRib { session },
+                11 => RibEvent::SweepStale {
+                    session,
+                    generation: step.saturating_sub(u64::from(rng.u8(0..30))),
+                },
+                _ => {
+                    // Several paths at once, announced and withdrawn.
+                    let mut announce = vec![(prefix, id, path.clone())];
+                    let other: IpNet = format!("203.0.113.{}/32", rng.u8(0..20)).parse().unwrap();
+                    announce.push((other, id, path));
+                    RibEvent::Update {
+                        session,
+                        fabric: "public".into(),
+                        announce,
+                        withdraw: vec![(
+                            format!("203.0.113.{}/32", rng.u8(0..20)).parse().unwrap(),
+                            rng.bool().then(|| rng.u32(0..3)),
+                        )],
+                    }
+                }
             };
             // What a session going down would take away, by a scan.
             let s0: Arc<str> = "s0".into();
