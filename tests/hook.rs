@@ -47,17 +47,23 @@ fn vm1() -> String {
 /// Runs `l3hv --config CONFIG hook GUEST OP SUBOP -` with `xml` on stdin,
 /// with libvirt's minimal environment.
 fn hook(config: &Path, guest: &str, op: &str, xml: &str) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_l3hv"));
+    cmd.arg("--config").arg(config).arg("hook");
+    run_hook(cmd, guest, op, xml)
+}
+
+/// Runs `cmd` with libvirt's hook arguments for `op` and `xml` on stdin,
+/// in libvirt's stripped environment.
+fn run_hook(mut cmd: Command, guest: &str, op: &str, xml: &str) -> Output {
     let subop = match op {
         "stopped" | "release" => "end",
         _ => "begin",
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_l3hv"))
+    let mut child = cmd
         .env_clear()
         .env("LC_ALL", "C")
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .arg("--config")
-        .arg(config)
-        .args(["hook", guest, op, subop, "-"])
+        .args([guest, op, subop, "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -153,29 +159,15 @@ fn called_by_a_hook_name_it_is_the_hook() {
     std::fs::create_dir_all(&dir).expect("dir");
     let link = dir.join("50-l3hv");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_l3hv"), &link).expect("link");
-    let run = |op: &str, subop: &str, xml: &str| {
-        let mut child = Command::new(&link)
-            .env_clear()
-            .args(["vm1", op, subop, "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn the hook link");
-        let mut stdin = child.stdin.take().expect("stdin");
-        let _ = stdin.write_all(xml.as_bytes());
-        drop(stdin);
-        child.wait_with_output().expect("wait")
-    };
+    let run = |op: &str, xml: &str| run_hook(Command::new(&link), "vm1", op, xml);
     // A domain of l3hv's: prepare reads the default configuration (absent
     // here) and fails the start with that reason; release never fails.
-    fails_with(&run("prepare", "begin", &vm1()), l3hv::config::DEFAULT_PATH);
-    let out = run("release", "end", &vm1());
+    fails_with(&run("prepare", &vm1()), l3hv::config::DEFAULT_PATH);
+    let out = run("release", &vm1());
     assert!(out.status.success(), "{out:?}");
     // Not l3hv's domain: nothing read, nothing called, exit 0.
     let out = run(
         "prepare",
-        "begin",
         "<domain type='qemu'><name>other</name><devices/></domain>",
     );
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
