@@ -97,10 +97,13 @@ pub struct Selected {
 /// What a stored path says besides its id, interned ([`AttrTable`]): the
 /// paths of a reflector's feed share a handful of these (one per origin,
 /// fabric path and policy), so a path costs its 12-byte [`Stored`] rather
-/// than these 36 bytes. Session and uplink are indexes into the RIB's name
-/// table, the AS_PATH length a u16 (an UPDATE cannot carry more).
+/// than these 40 bytes. Fabric, session and uplink are indexes into the
+/// RIB's name table, the AS_PATH length a u16 (an UPDATE cannot carry
+/// more). With their path counts, they are also what the failover fast
+/// path asks which hops are still alive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Attrs {
+    fabric: u32,
     next_hop: IpAddr,
     local_pref: u32,
     as_path_len: u16,
@@ -163,6 +166,11 @@ impl AttrTable {
         &self.slots[i as usize].0
     }
 
+    /// Every attribute set some path holds.
+    fn in_use(&self) -> impl Iterator<Item = &Attrs> {
+        self.slots.iter().filter(|(_, n)| *n > 0).map(|(a, _)| a)
+    }
+
     /// Distinct attribute sets in use.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -180,7 +188,10 @@ struct Stored {
 /// The paths of one prefix: almost always one (one fabric path, one
 /// origin) or two (both fabric paths), kept inline without an allocation
 /// of their own; more spill into a vector. 32 bytes (48 when a path was
-/// 44 bytes itself; a BTreeMap per prefix cost ~1 KiB).
+/// 44 bytes itself; a BTreeMap per prefix cost ~1 KiB). By hand rather
+/// than a `SmallVec<[Stored; 2]>` (as small only with smallvec's `union`
+/// feature): a spill here grows by one path, not by doubling, and goes
+/// back inline when paths leave, which a SmallVec does only when asked.
 #[derive(Debug, Clone)]
 enum Paths {
     One(Stored),
@@ -263,24 +274,9 @@ impl<'a> IntoIterator for &'a Paths {
     }
 }
 
-/// Paths per (session, origin, next hop, uplink) of one fabric (session
-/// and uplink as name indexes).
-type HopCounts = HashMap<(u32, IpAddr, IpAddr, u32), usize>;
-
-fn count(hops: &mut HopCounts, p: &Attrs, added: bool) {
-    let key = (p.session, p.origin(), p.next_hop, p.uplink);
-    if added {
-        *hops.entry(key).or_default() += 1;
-    } else if let Some(n) = hops.get_mut(&key) {
-        *n -= 1;
-        if *n == 0 {
-            hops.remove(&key);
-        }
-    }
-}
-
-/// Session and uplink names, interned: a few dozen over the agent's life
-/// (a name stays when its session goes; it comes back with it).
+/// Fabric, session and uplink names, interned: a few dozen over the
+/// agent's life (a name stays when its session goes; it comes back with
+/// it).
 #[derive(Debug, Clone, Default)]
 struct Names {
     list: Vec<Arc<str>>,
@@ -288,13 +284,14 @@ struct Names {
 }
 
 impl Names {
-    fn intern(&mut self, name: &Arc<str>) -> u32 {
+    fn intern(&mut self, name: &str) -> u32 {
         if let Some(i) = self.index.get(name) {
             return *i;
         }
         let i = u32::try_from(self.list.len()).unwrap_or(u32::MAX);
+        let name: Arc<str> = name.into();
         self.list.push(name.clone());
-        self.index.insert(name.clone(), i);
+        self.index.insert(name, i);
         i
     }
     fn get(&self, name: &str) -> Option<u32> {
@@ -317,12 +314,9 @@ pub struct Rib {
     /// Prefixes added since the tables were last rebuilt (btree::compact_when_grown).
     grown: usize,
     names: Names,
-    /// The attributes of every stored path, interned.
+    /// The attributes of every stored path, interned, with their path
+    /// counts.
     attrs: AttrTable,
-    /// fabric → how many paths each (session, origin, next hop, uplink)
-    /// has: what the failover fast path reads instead of scanning every
-    /// path.
-    hops: BTreeMap<String, HopCounts>,
     /// Sessions in a graceful restart: the generation, and the paths the
     /// peer announced again since (the others are stale).
     stale: BTreeMap<Arc<str>, Stale>,
@@ -352,7 +346,7 @@ impl Rib {
                     self.syncing
                         .insert(session.clone(), Instant::now() + SYNC_WINDOW);
                 }
-                let hops = self.hops.entry(fabric.clone()).or_default();
+                let fid = self.names.intern(&fabric);
                 let table = self.fabrics.entry(fabric).or_default();
                 let attrs = &mut self.attrs;
                 let mut changed = false;
@@ -361,10 +355,8 @@ impl Rib {
                         if let Some(paths) = table.get_mut(&prefix) {
                             let before = paths.len();
                             paths.retain(|p| {
-                                let a = *attrs.get(p.attrs);
-                                let gone = a.session == sid && p.path_id == id;
+                                let gone = attrs.get(p.attrs).session == sid && p.path_id == id;
                                 if gone {
-                                    count(hops, &a, false);
                                     attrs.release(p.attrs);
                                 }
                                 !gone
@@ -382,6 +374,7 @@ impl Rib {
                 let sid = self.names.intern(&session);
                 for (prefix, id, path) in announce {
                     let new = Attrs {
+                        fabric: fid,
                         next_hop: path.next_hop,
                         local_pref: path.local_pref,
                         as_path_len: u16::try_from(path.as_path_len).unwrap_or(u16::MAX),
@@ -401,17 +394,13 @@ impl Rib {
                         .find(|p| attrs.get(p.attrs).session == sid && p.path_id == id)
                     {
                         Some(old) => {
-                            let was = *attrs.get(old.attrs);
-                            if was != new {
-                                count(hops, &was, false);
-                                count(hops, &new, true);
+                            if *attrs.get(old.attrs) != new {
                                 attrs.release(old.attrs);
                                 old.attrs = attrs.intern(new);
                                 changed = true;
                             }
                         }
                         None => {
-                            count(hops, &new, true);
                             paths.push(Stored {
                                 attrs: attrs.intern(new),
                                 path_id: id,
@@ -494,15 +483,12 @@ impl Rib {
         };
         let mut changed = false;
         let attrs = &mut self.attrs;
-        for (fabric, table) in self.fabrics.iter_mut() {
-            let hops = self.hops.entry(fabric.clone()).or_default();
+        for table in self.fabrics.values_mut() {
             table.retain(|prefix, paths| {
                 let before = paths.len();
                 paths.retain(|p| {
-                    let a = *attrs.get(p.attrs);
-                    let gone = a.session == sid && doomed(prefix, p.path_id);
+                    let gone = attrs.get(p.attrs).session == sid && doomed(prefix, p.path_id);
                     if gone {
-                        count(hops, &a, false);
                         attrs.release(p.attrs);
                     }
                     !gone
@@ -568,16 +554,18 @@ impl Rib {
     }
 
     /// Every (origin, hop) that some path of `fabric` still has (the
-    /// failover fast path checks group members against it): from counts
-    /// kept as paths come and go, O(hops) rather than a scan of every path
-    /// (2.9-22 ms of a failover at 100,000 paths).
+    /// failover fast path checks group members against it): from the
+    /// attribute sets paths hold, O(distinct attributes) rather than a scan
+    /// of every path (2.9-22 ms of a failover at 100,000 paths).
     pub fn live_hops(&self, fabric: &str) -> BTreeSet<(IpAddr, Hop)> {
+        let Some(fid) = self.names.get(fabric) else {
+            return BTreeSet::new();
+        };
         let keys: BTreeSet<(IpAddr, IpAddr, u32)> = self
-            .hops
-            .get(fabric)
-            .into_iter()
-            .flat_map(|h| h.keys())
-            .map(|&(_, origin, gateway, uplink)| (origin, gateway, uplink))
+            .attrs
+            .in_use()
+            .filter(|a| a.fabric == fid)
+            .map(|a| (a.origin(), a.next_hop, a.uplink))
             .collect();
         keys.into_iter()
             .map(|(origin, gateway, uplink)| (origin, self.hop_of(gateway, uplink)))
@@ -585,27 +573,29 @@ impl Rib {
     }
 
     /// The (origin, hop) pairs only `session` has paths through: what its
-    /// going down takes out of the nexthop groups. O(hops), so the groups
-    /// can shrink before the RIB drops the session's paths one by one
-    /// (tens of ms at 100,000 paths).
+    /// going down takes out of the nexthop groups. O(distinct attributes),
+    /// so the groups can shrink before the RIB drops the session's paths
+    /// one by one (tens of ms at 100,000 paths).
     pub fn hops_only_of(&self, session: &str) -> Vec<(IpAddr, Hop)> {
         let Some(sid) = self.names.get(session) else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for hops in self.hops.values() {
-            let (mine, others): (Vec<&(u32, IpAddr, IpAddr, u32)>, Vec<_>) =
-                hops.keys().partition(|k| k.0 == sid);
-            let others: BTreeSet<(IpAddr, IpAddr, u32)> =
-                others.into_iter().map(|k| (k.1, k.2, k.3)).collect();
-            let mine: BTreeSet<(IpAddr, IpAddr, u32)> =
-                mine.into_iter().map(|k| (k.1, k.2, k.3)).collect();
-            out.extend(
-                mine.difference(&others)
-                    .map(|&(origin, gateway, uplink)| (origin, self.hop_of(gateway, uplink))),
-            );
-        }
-        out
+        let (mine, others): (BTreeSet<_>, BTreeSet<_>) = self
+            .attrs
+            .in_use()
+            .map(|a| {
+                (
+                    a.session == sid,
+                    (a.fabric, a.origin(), a.next_hop, a.uplink),
+                )
+            })
+            .partition(|(is_mine, _)| *is_mine);
+        let others: BTreeSet<_> = others.into_iter().map(|(_, k)| k).collect();
+        mine.into_iter()
+            .map(|(_, k)| k)
+            .filter(|k| !others.contains(k))
+            .map(|(_, origin, gateway, uplink)| (origin, self.hop_of(gateway, uplink)))
+            .collect()
     }
 
     fn hop_of(&self, gateway: IpAddr, uplink: u32) -> Hop {
