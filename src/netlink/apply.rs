@@ -75,8 +75,7 @@ impl Kernel {
                     )
                 });
             if !nexthop_ops.is_empty() {
-                self.apply_nexthops(nexthop_ops, &mut refused_nexthops, &mut report)
-                    .await;
+                self.apply_nexthops(nexthop_ops, &mut refused_nexthops, &mut report);
             }
             // Sysctls and tap ioctls are synchronous file/ioctl calls of
             // microseconds, made in place: the agent runs on a thread of its
@@ -127,14 +126,15 @@ impl Kernel {
     }
 
     /// Nexthop objects, groups and their deletion, in acknowledged batches
-    /// on their own socket, in place.
-    async fn apply_nexthops(
+    /// on their own socket, in place (blocking: see `apply`).
+    fn apply_nexthops(
         &self,
         ops: Vec<&KernelOp>,
         refused: &mut BTreeSet<u32>,
         report: &mut ApplyReport,
     ) {
-        let mut sent: Vec<(KernelOp, nexthop::Request)> = Vec::with_capacity(ops.len());
+        let mut sent: Vec<&KernelOp> = Vec::with_capacity(ops.len());
+        let mut requests: Vec<nexthop::Request> = Vec::with_capacity(ops.len());
         for op in ops {
             let request = match op {
                 KernelOp::AddNexthop { id, spec, replace } => {
@@ -188,19 +188,20 @@ impl Kernel {
                 ),
                 _ => continue,
             };
-            sent.push((op.clone(), request));
+            sent.push(op);
+            requests.push(request);
         }
         // In place, like the sysctls (see `apply`): on the failover path
         // the hop to a blocking thread was two wake-ups before the groups
         // changed.
-        let requests: Vec<nexthop::Request> = sent.iter().map(|(_, r)| r.clone()).collect();
         let results = match self.nexthops.lock() {
             Ok(mut channel) => channel.execute(&requests),
-            // Poisoned: a panic in another batch; this one opens its own.
+            // Poisoned (a batch panicked half-way): its socket was taken
+            // out of the channel, so this batch opens a new one.
             Err(poisoned) => poisoned.into_inner().execute(&requests),
         };
-        for ((op, _), r) in sent.into_iter().zip(results) {
-            let r = match (&op, r) {
+        for (op, r) in sent.into_iter().zip(results) {
+            let r = match (op, r) {
                 // Already gone (with its uplink, or by hand): done.
                 (KernelOp::DelNexthop { .. }, Err(e)) if e.errno() == Some(libc::ENOENT) => Ok(()),
                 (_, r) => r,
@@ -208,11 +209,11 @@ impl Kernel {
             match r {
                 Ok(()) => report.applied += 1,
                 Err(e) => {
-                    if let KernelOp::AddNexthop { id, .. } = &op {
+                    if let KernelOp::AddNexthop { id, .. } = op {
                         refused.insert(*id);
                     }
                     report.failed.push(OpFailure {
-                        op,
+                        op: op.clone(),
                         error: e.to_string(),
                     });
                 }
