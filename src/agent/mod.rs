@@ -823,13 +823,13 @@ impl Agent {
         };
         // RIB and intent changes plan against the cache as it is when the
         // pass it comes from changed only routes (its mirror is whole): a
-        // VM start then dumps nothing (0.2 ms of a 1.3 ms prepare). Otherwise they dump links,
-        // addresses and rules (what grows with VMs) and take routes,
-        // nexthop objects and proxy entries (what grows with learned
-        // routes) from the cache: a VM start never dumps 100,000 learned
-        // routes. The full dump stays the repair path (timer, link events,
-        // which also cover links changed under us, `l3hv reconcile`, after
-        // any refusal).
+        // VM start then dumps nothing (0.2 ms of a 1.3 ms prepare).
+        // Otherwise they dump links, addresses and rules (what grows with
+        // VMs) and take routes, nexthop objects and proxy entries (what
+        // grows with learned routes) from the cache: a VM start never
+        // dumps 100,000 learned routes. The full dump stays the repair path
+        // (timer, link events, which also cover links changed under us,
+        // `l3hv reconcile`, after any refusal).
         // An intent change also needs every link it wants to be known: an
         // interface created under us moments ago (its link event is still
         // in the 50 ms debounce) is not in the cache, so that pass dumps.
