@@ -59,23 +59,30 @@ impl Kernel {
         // whole; the refusal is reported on the object, and the next pass
         // (retry, link event) adds it back.
         let mut refused_nexthops: BTreeSet<u32> = BTreeSet::new();
+        // Operations that go over the synchronous batch socket wait here
+        // while the phases after theirs hold only more of them: a learned
+        // route's object, its group and the route itself leave in one
+        // datagram (the kernel takes a datagram's messages in order) where
+        // they were three round trips, one of them through rtnetlink's
+        // connection task. They are sent before any other operation of a
+        // later phase, so the order of phases holds.
+        let mut pending: Vec<&KernelOp> = Vec::new();
         for phase in plan.phases() {
             if phase.is_empty() {
                 continue;
             }
-            // Nexthop objects go over their own socket (hand codec), in
-            // acknowledged batches.
-            let (nexthop_ops, phase): (Vec<&KernelOp>, Vec<&KernelOp>) =
-                phase.iter().partition(|op| {
-                    matches!(
-                        op,
-                        KernelOp::AddNexthop { .. }
-                            | KernelOp::AddGroup { .. }
-                            | KernelOp::DelNexthop { .. }
-                    )
-                });
-            if !nexthop_ops.is_empty() {
-                self.apply_nexthops(nexthop_ops, &mut refused_nexthops, &mut report);
+            let (batched, phase): (Vec<&KernelOp>, Vec<&KernelOp>) =
+                phase.iter().partition(|op| batched(op));
+            pending.extend(batched);
+            if phase.is_empty() {
+                continue;
+            }
+            if !pending.is_empty() {
+                self.apply_batched(
+                    std::mem::take(&mut pending),
+                    &mut refused_nexthops,
+                    &mut report,
+                );
             }
             // Sysctls and tap ioctls are synchronous file/ioctl calls of
             // microseconds, made in place: the agent runs on a thread of its
@@ -122,74 +129,88 @@ impl Kernel {
                 }
             }
         }
+        if !pending.is_empty() {
+            self.apply_batched(pending, &mut refused_nexthops, &mut report);
+        }
         report
     }
 
-    /// Nexthop objects, groups and their deletion, in acknowledged batches
-    /// on their own socket, in place (blocking: see `apply`).
-    fn apply_nexthops(
+    /// Nexthop objects, groups, their deletion and the routes of learned
+    /// prefixes on groups, in acknowledged batches on their own socket, in
+    /// place (blocking: see `apply`). An object the kernel refuses makes
+    /// every group naming it fail in the same batch: those groups go once
+    /// more without it, and the routes that failed on them after them.
+    fn apply_batched(
         &self,
         ops: Vec<&KernelOp>,
         refused: &mut BTreeSet<u32>,
         report: &mut ApplyReport,
     ) {
-        let mut sent: Vec<&KernelOp> = Vec::with_capacity(ops.len());
-        let mut requests: Vec<nexthop::Request> = Vec::with_capacity(ops.len());
-        for op in ops {
-            let request = match op {
-                KernelOp::AddNexthop { id, spec, replace } => {
-                    let Some(idx) = tap::ifindex(&spec.oif) else {
+        let mut outcome: Vec<Result<(), String>> = vec![Ok(()); ops.len()];
+        let first: Vec<usize> = (0..ops.len()).collect();
+        self.send_batch(&ops, &first, &mut outcome, refused);
+        let mut regrouped: BTreeSet<u32> = BTreeSet::new();
+        let mut again: Vec<usize> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            if outcome[i].is_ok() {
+                continue;
+            }
+            match op {
+                KernelOp::AddGroup { id, members, .. }
+                    if members.iter().any(|m| refused.contains(m)) =>
+                {
+                    regrouped.insert(*id);
+                    again.push(i);
+                }
+                KernelOp::AddRoute { attrs, .. }
+                    if attrs.nh_id.is_some_and(|g| regrouped.contains(&g)) =>
+                {
+                    again.push(i);
+                }
+                _ => {}
+            }
+        }
+        if !again.is_empty() {
+            self.send_batch(&ops, &again, &mut outcome, refused);
+        }
+        for (op, r) in ops.into_iter().zip(outcome) {
+            match r {
+                Ok(()) => report.applied += 1,
+                Err(error) => report.failed.push(OpFailure {
+                    op: op.clone(),
+                    error,
+                }),
+            }
+        }
+    }
+
+    /// Sends `ops[i]` for each `i` of `which` in one batch; their results go
+    /// to `outcome`, refused objects to `refused`.
+    fn send_batch(
+        &self,
+        ops: &[&KernelOp],
+        which: &[usize],
+        outcome: &mut [Result<(), String>],
+        refused: &mut BTreeSet<u32>,
+    ) {
+        let mut sent: Vec<usize> = Vec::with_capacity(which.len());
+        let mut requests: Vec<nexthop::Request> = Vec::with_capacity(which.len());
+        for &i in which {
+            match self.request(ops[i], refused) {
+                Ok(r) => {
+                    sent.push(i);
+                    requests.push(r);
+                }
+                Err(e) => {
+                    if let KernelOp::AddNexthop { id, .. } = ops[i] {
                         refused.insert(*id);
-                        report.failed.push(OpFailure {
-                            op: op.clone(),
-                            error: OpError::NoSuchLink(spec.oif.clone()).to_string(),
-                        });
-                        continue;
-                    };
-                    (
-                        nexthop::RTM_NEWNEXTHOP,
-                        create_flags(*replace),
-                        nexthop::NexthopMessage::gateway(
-                            *id,
-                            spec.gateway,
-                            idx,
-                            spec.onlink,
-                            self.protocol,
-                        ),
-                    )
-                }
-                KernelOp::AddGroup {
-                    id,
-                    members,
-                    replace,
-                } => {
-                    let members: Vec<u32> = members
-                        .iter()
-                        .copied()
-                        .filter(|m| !refused.contains(m))
-                        .collect();
-                    if members.is_empty() {
-                        report.failed.push(OpFailure {
-                            op: op.clone(),
-                            error: "every member object was refused".into(),
-                        });
-                        continue;
                     }
-                    (
-                        nexthop::RTM_NEWNEXTHOP,
-                        create_flags(*replace),
-                        nexthop::NexthopMessage::group(*id, &members, self.protocol),
-                    )
+                    outcome[i] = Err(e);
                 }
-                KernelOp::DelNexthop { id, .. } => (
-                    nexthop::RTM_DELNEXTHOP,
-                    0,
-                    nexthop::NexthopMessage::by_id(*id),
-                ),
-                _ => continue,
-            };
-            sent.push(op);
-            requests.push(request);
+            }
+        }
+        if requests.is_empty() {
+            return;
         }
         // In place, like the sysctls (see `apply`): on the failover path
         // the hop to a blocking thread was two wake-ups before the groups
@@ -200,25 +221,81 @@ impl Kernel {
             // out of the channel, so this batch opens a new one.
             Err(poisoned) => poisoned.into_inner().execute(&requests),
         };
-        for (op, r) in sent.into_iter().zip(results) {
-            let r = match (op, r) {
+        for (i, r) in sent.into_iter().zip(results) {
+            let r = match (ops[i], r) {
                 // Already gone (with its uplink, or by hand): done.
                 (KernelOp::DelNexthop { .. }, Err(e)) if e.errno() == Some(libc::ENOENT) => Ok(()),
+                (KernelOp::DelRoute { .. }, Err(e)) if e.errno() == Some(libc::ESRCH) => Ok(()),
                 (_, r) => r,
             };
-            match r {
-                Ok(()) => report.applied += 1,
-                Err(e) => {
-                    if let KernelOp::AddNexthop { id, .. } = op {
-                        refused.insert(*id);
-                    }
-                    report.failed.push(OpFailure {
-                        op: op.clone(),
-                        error: e.to_string(),
-                    });
+            if r.is_err() {
+                if let KernelOp::AddNexthop { id, .. } = ops[i] {
+                    refused.insert(*id);
                 }
             }
+            outcome[i] = r.map_err(|e| e.to_string());
         }
+    }
+
+    /// The wire request of a batched operation; Err is the reason it is
+    /// not sent (reported as the operation's failure).
+    fn request(&self, op: &KernelOp, refused: &BTreeSet<u32>) -> Result<nexthop::Request, String> {
+        Ok(match op {
+            KernelOp::AddNexthop { spec, .. } if tap::ifindex(&spec.oif).is_none() => {
+                return Err(OpError::NoSuchLink(spec.oif.clone()).to_string());
+            }
+            KernelOp::AddNexthop { id, spec, replace } => (
+                nexthop::RTM_NEWNEXTHOP,
+                create_flags(*replace),
+                nexthop::NexthopMessage::gateway(
+                    *id,
+                    spec.gateway,
+                    tap::ifindex(&spec.oif).unwrap_or_default(),
+                    spec.onlink,
+                    self.protocol,
+                )
+                .emit(),
+            ),
+            KernelOp::AddGroup {
+                id,
+                members,
+                replace,
+            } => {
+                let members: Vec<u32> = members
+                    .iter()
+                    .copied()
+                    .filter(|m| !refused.contains(m))
+                    .collect();
+                if members.is_empty() {
+                    return Err("every member object was refused".into());
+                }
+                (
+                    nexthop::RTM_NEWNEXTHOP,
+                    create_flags(*replace),
+                    nexthop::NexthopMessage::group(*id, &members, self.protocol).emit(),
+                )
+            }
+            KernelOp::DelNexthop { id, .. } => (
+                nexthop::RTM_DELNEXTHOP,
+                0,
+                nexthop::NexthopMessage::by_id(*id).emit(),
+            ),
+            KernelOp::AddRoute { id, attrs, replace } => (
+                libc::RTM_NEWROUTE,
+                create_flags(*replace),
+                emit(&self.route_message(id, attrs).map_err(|e| e.to_string())?),
+            ),
+            KernelOp::DelRoute { id, attrs } => (
+                libc::RTM_DELROUTE,
+                0,
+                emit(
+                    &self
+                        .del_route_message(id, attrs)
+                        .map_err(|e| e.to_string())?,
+                ),
+            ),
+            other => return Err(format!("not a batched operation: {other:?}")),
+        })
     }
 
     async fn exec(&self, op: &KernelOp) -> Result<(), OpError> {
@@ -284,23 +361,7 @@ impl Kernel {
                 }
             }
             KernelOp::DelRoute { id, attrs } => {
-                // The route may have gone with its link: resolve the oif
-                // leniently and treat "no such route" as done.
-                let mut attrs = RouteAttrs::clone(attrs);
-                // Matched by table, destination, metric and protocol: the
-                // group it pointed at may be gone already.
-                attrs.nh_id = None;
-                if attrs
-                    .oif
-                    .as_deref()
-                    .is_some_and(|n| tap::ifindex(n).is_none())
-                {
-                    attrs.oif = None;
-                }
-                let mut msg = self.route_message(id, &attrs)?;
-                // Any scope, as `ip route del` asks: a route on a group has
-                // scope universe although it names no gateway here.
-                msg.header.scope = RouteScope::NoWhere;
+                let msg = self.del_route_message(id, attrs)?;
                 ignore(self.handle.route().del(msg).execute().await, libc::ESRCH)?;
             }
             KernelOp::AddRule { rule } => {
@@ -363,7 +424,7 @@ impl Kernel {
             KernelOp::Sysctl { path, value } => sysctl::write(path, value)?,
             KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue)?,
             KernelOp::CreateSink { name } => tap::create_sink(name)?,
-            // Sent by apply_nexthops.
+            // Sent by apply_batched.
             KernelOp::AddNexthop { .. }
             | KernelOp::AddGroup { .. }
             | KernelOp::DelNexthop { .. } => {}
@@ -439,6 +500,26 @@ impl Kernel {
         Ok(m)
     }
 
+    /// The route to delete, matched by table, destination, metric and
+    /// protocol: the group it pointed at may be gone already, and the
+    /// route may have gone with its link ("no such route" is done).
+    fn del_route_message(&self, id: &RouteId, attrs: &RouteAttrs) -> Result<RouteMessage, OpError> {
+        let mut attrs = RouteAttrs::clone(attrs);
+        attrs.nh_id = None;
+        if attrs
+            .oif
+            .as_deref()
+            .is_some_and(|n| tap::ifindex(n).is_none())
+        {
+            attrs.oif = None;
+        }
+        let mut msg = self.route_message(id, &attrs)?;
+        // Any scope, as `ip route del` asks: a route on a group has
+        // scope universe although it names no gateway here.
+        msg.header.scope = RouteScope::NoWhere;
+        Ok(msg)
+    }
+
     fn rule_message(&self, r: &RuleSpec) -> RuleMessage {
         let mut m = RuleMessage::default();
         m.header.family = family(r.v6);
@@ -488,6 +569,30 @@ impl Kernel {
     }
 }
 
+/// Goes over the synchronous batch socket ([`nexthop::Channel`]) rather
+/// than rtnetlink: nexthop objects and groups (rtnetlink 0.23 has no
+/// nexthop messages) and the routes of learned prefixes, which point at a
+/// group (`nh_id`) sent just before them.
+fn batched(op: &KernelOp) -> bool {
+    match op {
+        KernelOp::AddNexthop { .. } | KernelOp::AddGroup { .. } | KernelOp::DelNexthop { .. } => {
+            true
+        }
+        KernelOp::AddRoute { attrs, .. } | KernelOp::DelRoute { attrs, .. } => {
+            attrs.nh_id.is_some()
+        }
+        _ => false,
+    }
+}
+
+/// A route message's payload as it goes on the wire.
+fn emit(msg: &RouteMessage) -> Vec<u8> {
+    use netlink_packet_core::Emitable;
+    let mut b = vec![0u8; msg.buffer_len()];
+    msg.emit(&mut b);
+    b
+}
+
 fn family(v6: bool) -> AddressFamily {
     if v6 {
         AddressFamily::Inet6
@@ -513,5 +618,119 @@ fn ignore(r: Result<(), rtnetlink::Error>, code: i32) -> Result<(), rtnetlink::E
     match r {
         Err(e) if errno(&e) == Some(code) => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconcile::{NextHopSpec, RouteAttrs};
+    use std::process::Command;
+    use std::sync::Arc;
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip").args(args).output().expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// A learned route's object, group and route go in one batch; an
+    /// object the kernel refuses in that batch (its uplink is down) leaves
+    /// the group written without it and the route on the group, with only
+    /// the object reported. A private namespace.
+    #[test]
+    fn a_refused_object_in_the_batch_leaves_the_group_without_it() {
+        crate::testutil::in_private_netns(|| async {
+            ip(&["link", "add", "up0", "type", "veth", "peer", "up1"]);
+            ip(&["link", "add", "dn0", "type", "veth", "peer", "dn1"]);
+            ip(&["link", "set", "up0", "up"]);
+            ip(&["link", "set", "up1", "up"]);
+            let kernel = Kernel::connect(203).expect("netlink");
+            let hop = |gw: &str, oif: &str| NextHopSpec {
+                gateway: gw.parse().unwrap(),
+                oif: oif.into(),
+                onlink: true,
+            };
+            let route = |dst: &str| KernelOp::AddRoute {
+                id: RouteId {
+                    table: 90,
+                    dst: dst.parse().unwrap(),
+                    metric: 20,
+                },
+                attrs: Arc::new(RouteAttrs {
+                    kind: RouteKind::Unicast,
+                    oif: None,
+                    gateway: None,
+                    onlink: false,
+                    pref_src: None,
+                    multipath: vec![],
+                    nh_id: Some(10),
+                }),
+                replace: false,
+            };
+            let plan = Plan {
+                add_nexthops: vec![
+                    KernelOp::AddNexthop {
+                        id: 1,
+                        spec: hop("192.0.2.1", "up0"),
+                        replace: false,
+                    },
+                    KernelOp::AddNexthop {
+                        id: 2,
+                        spec: hop("192.0.2.2", "dn0"),
+                        replace: false,
+                    },
+                ],
+                add_groups: vec![KernelOp::AddGroup {
+                    id: 10,
+                    members: vec![1, 2],
+                    replace: false,
+                }],
+                add_routes: vec![route("198.18.0.0/24"), route("198.18.1.0/24")],
+                ..Plan::default()
+            };
+            let report = kernel.apply(&plan).await;
+            assert_eq!(report.applied, 4, "{report:?}");
+            assert_eq!(report.failed.len(), 1, "{report:?}");
+            assert!(
+                matches!(report.failed[0].op, KernelOp::AddNexthop { id: 2, .. }),
+                "{report:?}"
+            );
+            let groups = ip(&["nexthop", "show", "id", "10"]);
+            assert!(groups.contains("group 1 "), "{groups}");
+            let v4 = ip(&["route", "show", "table", "90"]);
+            assert!(v4.contains("198.18.0.0/24 nhid 10"), "{v4}");
+            assert!(v4.contains("198.18.1.0/24 nhid 10"), "{v4}");
+
+            // Deleted in one batch too: the routes, then the group and the
+            // object; deleting what is gone already is done.
+            let del = |op: &KernelOp| match op {
+                KernelOp::AddRoute { id, attrs, .. } => KernelOp::DelRoute {
+                    id: *id,
+                    attrs: attrs.clone(),
+                },
+                _ => unreachable!(),
+            };
+            let gone = Plan {
+                remove: vec![
+                    del(&plan.add_routes[0]),
+                    del(&plan.add_routes[1]),
+                    del(&plan.add_routes[1]),
+                ],
+                remove_groups: vec![KernelOp::DelNexthop {
+                    id: 10,
+                    group: true,
+                }],
+                remove_nexthops: vec![KernelOp::DelNexthop {
+                    id: 1,
+                    group: false,
+                }],
+                ..Plan::default()
+            };
+            let report = kernel.apply(&gone).await;
+            assert_eq!((report.applied, report.failed.len()), (5, 0), "{report:?}");
+            assert_eq!(ip(&["route", "show", "table", "90"]), "");
+            assert_eq!(ip(&["nexthop", "show"]), "");
+        });
     }
 }

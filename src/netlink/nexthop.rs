@@ -320,10 +320,14 @@ fn open() -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// One request: message type, extra flags (NLM_F_CREATE...), message.
-pub type Request = (u16, u16, NexthopMessage);
+/// One request: message type, extra flags (NLM_F_CREATE...), the
+/// message's payload as it goes on the wire (a [`NexthopMessage`], or a
+/// route of a learned prefix that points at a group sent in the same
+/// batch: see `netlink::apply`).
+pub type Request = (u16, u16, Vec<u8>);
 
-/// The socket nexthop requests go over, kept open between batches: a
+/// The socket nexthop requests (and the routes on their groups) go over,
+/// kept open between batches: a
 /// socket per batch was seven system calls before the first request (a
 /// learned route's first group paid them twice, object then group).
 /// Sequence numbers keep growing across batches, so an answer left over
@@ -383,7 +387,7 @@ fn execute_on(
                 *kind,
                 NLM_F_REQUEST | NLM_F_ACK | flags,
                 base + i as u32,
-                &msg.emit(),
+                msg,
             ));
         }
         let mut results: Vec<Option<Result<(), NexthopError>>> =
@@ -508,10 +512,11 @@ mod tests {
                 (
                     RTM_NEWNEXTHOP,
                     NLM_F_CREATE | NLM_F_EXCL,
-                    NexthopMessage::gateway(id, "192.0.2.2".parse().unwrap(), dev, true, 203),
+                    NexthopMessage::gateway(id, "192.0.2.2".parse().unwrap(), dev, true, 203)
+                        .emit(),
                 )
             };
-            let del = |id: u32| (RTM_DELNEXTHOP, 0, NexthopMessage::by_id(id));
+            let del = |id: u32| (RTM_DELNEXTHOP, 0, NexthopMessage::by_id(id).emit());
             let enoent = |r: &Result<(), NexthopError>| matches!(r, Err(e) if e.errno() == Some(libc::ENOENT));
             let mut ch = Channel::default();
             // Three batches' worth: acknowledged successes and refusals,
