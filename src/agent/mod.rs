@@ -129,16 +129,26 @@ pub enum Command {
 pub struct AgentHandle {
     tx: mpsc::Sender<Command>,
     intent: watch::Receiver<Arc<Intent>>,
+    announce: watch::Receiver<Arc<Intent>>,
     stats: watch::Receiver<Arc<ReconcileStats>>,
     config: watch::Receiver<Arc<Config>>,
 }
 
 impl AgentHandle {
     /// A read-only view of the intent, updated after every change is
-    /// persisted. Services that serve VMs (DHCP, RA) follow it; they never
-    /// write intent.
+    /// persisted and its callers answered. Services that serve VMs (DHCP,
+    /// RA) and the D-Bus signals follow it; they never write intent.
     pub fn subscribe_intent(&self) -> watch::Receiver<Arc<Intent>> {
         self.intent.clone()
+    }
+
+    /// The intent as soon as the kernel has a change's local routes, before
+    /// it is durable and its caller answered: the BGP speaker announces
+    /// from it, so the route leaves this hypervisor without waiting for the
+    /// disk or the services. A change that cannot be persisted is undone
+    /// here too.
+    pub fn subscribe_announce(&self) -> watch::Receiver<Arc<Intent>> {
+        self.announce.clone()
     }
 
     /// The configuration in force, updated by every accepted reload (the
@@ -235,6 +245,7 @@ impl AgentHandle {
         (
             Self {
                 tx,
+                announce: intent.clone(),
                 intent,
                 stats,
                 config,
@@ -320,7 +331,13 @@ pub struct Agent {
     next_reconcile: Instant,
     retry: Duration,
     rx: mpsc::Receiver<Command>,
+    /// The intent once this hypervisor forwards to it (BGP announces it).
     published: watch::Sender<Arc<Intent>>,
+    /// A changed intent to publish as soon as the pass has applied it.
+    announce: Option<Arc<Intent>>,
+    /// The intent once it is durable and its callers were answered
+    /// (DHCP, RA, ND, D-Bus signals).
+    settled: watch::Sender<Arc<Intent>>,
     /// Counters of the DHCP/RA services, shown in status when set.
     services: Option<crate::services::Registry>,
     stats: ReconcileStats,
@@ -356,7 +373,8 @@ impl Agent {
             ),
         }
         let (tx, rx) = mpsc::channel(1024);
-        let (published, intent_rx) = watch::channel(Arc::new(intent.clone()));
+        let (published, announce_rx) = watch::channel(Arc::new(intent.clone()));
+        let (settled, intent_rx) = watch::channel(Arc::new(intent.clone()));
         let (stats_published, stats_rx) = watch::channel(Arc::new(ReconcileStats::default()));
         let (config_published, config_rx) = watch::channel(Arc::new(config.clone()));
         let sessions_expected = if config.bgp.enabled {
@@ -396,6 +414,8 @@ impl Agent {
                 retry: RETRY_MIN,
                 rx,
                 published,
+                announce: None,
+                settled,
                 services: None,
                 stats: ReconcileStats::default(),
                 stats_published,
@@ -405,6 +425,7 @@ impl Agent {
             AgentHandle {
                 tx,
                 intent: intent_rx,
+                announce: announce_rx,
                 stats: stats_rx,
                 config: config_rx,
             },
@@ -572,6 +593,11 @@ impl Agent {
             // withdrawals had theirs in the loop.
             self.failover_fast_path(true, &[]).await;
         }
+        let mut intent = changed.then(|| Arc::new(self.intent.clone()));
+        // Published once the kernel has the local routes (by the pass, right
+        // after its apply): BGP must not announce a VM before this
+        // hypervisor can forward to it.
+        self.announce = intent.clone();
         if asked {
             self.reconcile().await;
         } else if changed {
@@ -579,11 +605,9 @@ impl Agent {
         } else if rib_changed {
             self.reconcile_incremental().await;
         }
-        if changed {
-            // Published after the kernel has the local routes: BGP must not
-            // announce a VM before this hypervisor can forward to it, and
-            // DHCP/RA need the tap and its gateway addresses.
-            self.published.send_replace(Arc::new(self.intent.clone()));
+        if let Some(announce) = self.announce.take() {
+            // A pass that stopped before applying (a failed dump).
+            self.published.send_replace(announce);
         }
         if let Some(saving) = saving {
             let saved = match saving.await {
@@ -599,7 +623,10 @@ impl Agent {
                     Err(le) => warn!(error = %le, "cannot reload intent"),
                 }
                 self.reconcile().await;
-                self.published.send_replace(Arc::new(self.intent.clone()));
+                let undone = Arc::new(self.intent.clone());
+                self.published.send_replace(undone.clone());
+                self.settled.send_replace(undone);
+                intent = None;
                 for (_, reply) in waiting.drain(..) {
                     let _ = reply.send(Err(ApiError::Internal(e.clone())));
                 }
@@ -613,6 +640,13 @@ impl Agent {
             }
             self.stats_published
                 .send_replace(Arc::new(self.stats.clone()));
+        }
+        if let Some(intent) = intent {
+            // The services (DHCP and RA need the tap and its gateway
+            // addresses) start after the callers have their answer: their
+            // sockets and tasks, made on the same two cores, held the answer
+            // to a VM's `prepare` up when they went first.
+            self.settled.send_replace(intent);
         }
         for cmd in later {
             match cmd {
@@ -726,6 +760,18 @@ impl Agent {
         let applied = self.kernel.apply(&plan).await;
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
+        }
+        // The cached links follow (see `pass`); after a refusal the next
+        // pass dumps them.
+        match self.cache.as_mut() {
+            Some(cache) if applied.failed.is_empty() => {
+                for op in &plan.delete_links {
+                    if let KernelOp::DeleteLink { name } = op {
+                        cache.links.remove(name);
+                    }
+                }
+            }
+            _ => self.cache_host_valid = false,
         }
         if let Some(report) = self.last.as_mut() {
             report.applied += applied.applied;
@@ -994,31 +1040,24 @@ impl Agent {
             debug!(ops = plan.len(), "applying plan");
             self.kernel.apply(&plan).await
         };
+        if let Some(announce) = self.announce.take() {
+            // Before the pass's bookkeeping: the route leaves for the
+            // reflectors as soon as this hypervisor forwards to it.
+            self.published.send_replace(announce);
+        }
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
         }
         // The kernel's routes, nexthop objects and proxy entries are known
         // without a dump when every change went through (links, addresses
         // and sysctls do not move them; a tap deleted after the pass had
-        // its routes deleted by it first). The rest of it is known too when
-        // every change was one of those.
+        // its routes deleted by it first). Links, addresses and rules are
+        // known too: the mirror below applies this pass's changes to them
+        // (and `apply_deferred` its link deletions), so the next VM start
+        // dumps nothing (a host dump was 0.3 ms of every `prepare`).
+        // Changes made under us arrive as link events, whose pass dumps.
         let mirrorable = applied.failed.is_empty() && observed.duplicate_routes.is_empty();
-        let host_valid = mirrorable
-            && self.deferred.is_empty()
-            && plan.phases().iter().all(|phase| {
-                phase.iter().all(|op| {
-                    matches!(
-                        op,
-                        KernelOp::AddRoute { .. }
-                            | KernelOp::DelRoute { .. }
-                            | KernelOp::AddProxy { .. }
-                            | KernelOp::DelProxy { .. }
-                            | KernelOp::AddNexthop { .. }
-                            | KernelOp::AddGroup { .. }
-                            | KernelOp::DelNexthop { .. }
-                    )
-                })
-            });
+        let mut host_valid = mirrorable;
         // Links whose sysctls are now confirmed.
         self.verified.clear();
         let failed_links: BTreeSet<&str> = applied
@@ -1098,7 +1137,56 @@ impl Agent {
                         KernelOp::DelNexthop { id, group: false } => {
                             observed.nexthops.remove(id);
                         }
-                        _ => {}
+                        KernelOp::CreateTap { name, .. } | KernelOp::CreateSink { name } => {
+                            match crate::netlink::tap::ifindex(name) {
+                                Some(ifindex) => {
+                                    observed.links.insert(
+                                        name.clone(),
+                                        reconcile::ObservedLink {
+                                            name: name.clone(),
+                                            ifindex,
+                                            up: false,
+                                            alias: None,
+                                            addresses: BTreeSet::new(),
+                                        },
+                                    );
+                                }
+                                None => host_valid = false,
+                            }
+                        }
+                        KernelOp::SetAlias { name, alias } => match observed.links.get_mut(name) {
+                            Some(l) => l.alias = Some(alias.clone()),
+                            None => host_valid = false,
+                        },
+                        KernelOp::SetUp { name } => match observed.links.get_mut(name) {
+                            Some(l) => l.up = true,
+                            None => host_valid = false,
+                        },
+                        KernelOp::AddAddress { ifname, addr, .. } => {
+                            match observed.links.get_mut(ifname) {
+                                Some(l) => {
+                                    l.addresses.insert(*addr);
+                                }
+                                None => host_valid = false,
+                            }
+                        }
+                        KernelOp::DelAddress { ifname, addr } => {
+                            if let Some(l) = observed.links.get_mut(ifname) {
+                                l.addresses.remove(addr);
+                            }
+                        }
+                        KernelOp::AddRule { rule } => {
+                            observed.rules.insert(rule.clone());
+                        }
+                        KernelOp::DelRule { rule } => {
+                            observed.rules.remove(rule);
+                        }
+                        KernelOp::DelForeignRule { v6, priority } => {
+                            observed.foreign_rules.remove(&(*v6, *priority));
+                        }
+                        // Deleted links: in `apply_deferred`. Sysctls are
+                        // read again by every pass that wants them.
+                        KernelOp::DeleteLink { .. } | KernelOp::Sysctl { .. } => {}
                     }
                 }
             }

@@ -189,7 +189,7 @@ impl Session {
         bfd: Option<watch::Receiver<BfdStatus>>,
         stop: watch::Receiver<Option<Notification>>,
     ) -> (Self, watch::Receiver<SessionStatus>) {
-        let intent = rib.subscribe_intent();
+        let intent = rib.subscribe_announce();
         let spec_name = spec.name.clone();
         let spec_uplink = spec.uplink.clone();
         let bgp = config.bgp.clone();
