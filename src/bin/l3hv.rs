@@ -217,23 +217,13 @@ fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("l3hv hook: {e}");
-            return ExitCode::from(u8::from(hook::step(op).strict));
-        }
-    };
-    let outcome = runtime.block_on(hook::run(
+    let outcome = hook::run(
         &args.config,
         guest,
         op,
         &xml,
         Duration::from_secs(args.timeout),
-    ));
+    );
     if let Some(m) = outcome.message {
         eprintln!("{m}");
     }

@@ -185,6 +185,60 @@ async fn handle(req: Request, agent: &AgentHandle, bgp: &BgpHandle) -> Response 
     result.unwrap_or_else(Response::Error)
 }
 
+/// The longest answer [`request_blocking`] reads.
+const MAX_ANSWER: usize = 16 << 20;
+
+/// [`request`] without a runtime, for `l3hv hook`: a runtime's epoll,
+/// eventfd and signal pipe were most of the system calls of a hook besides
+/// its one round trip. The whole call is bounded by `timeout`.
+pub fn request_blocking(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
+    use std::io::{ErrorKind, Read, Write};
+    let err = |source| ControlError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let timed_out = || ControlError::Timeout {
+        path: path.to_path_buf(),
+        timeout,
+    };
+    let slow = |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    let deadline = std::time::Instant::now() + timeout;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| err(e.into()))?;
+    line.push(b'\n');
+    stream.set_write_timeout(Some(timeout)).map_err(err)?;
+    stream
+        .write_all(&line)
+        .map_err(|e| if slow(&e) { timed_out() } else { err(e) })?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.ends_with(b"\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        stream.set_read_timeout(Some(left)).map_err(err)?;
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if slow(&e) => return Err(timed_out()),
+            Err(e) => return Err(err(e)),
+        }
+        if answer.len() > MAX_ANSWER {
+            break;
+        }
+    }
+    serde_json::from_slice::<Response>(&answer).map_err(|e| ControlError::Protocol {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
 /// Sends one request and waits (bounded) for its answer.
 pub async fn request(
     path: &Path,
@@ -214,4 +268,48 @@ pub async fn request(
             path: path.to_path_buf(),
             timeout,
         })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+
+    /// The hook's blocking call: an answer, an agent that never answers
+    /// (bounded by the timeout) and one that hangs up.
+    #[test]
+    fn a_blocking_request_is_answered_or_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let server = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for (i, conn) in listener.incoming().take(3).enumerate() {
+                let mut conn = conn.expect("accept");
+                let mut line = String::new();
+                std::io::BufReader::new(&conn)
+                    .read_line(&mut line)
+                    .expect("request");
+                assert!(line.contains("remove_vm"), "{line}");
+                match i {
+                    0 => conn.write_all(b"{\"ok\":null}\n").expect("answer"),
+                    1 => held.push(conn),
+                    _ => drop(conn),
+                }
+            }
+            held
+        });
+        let req = Request::RemoveVm { name: "vm1".into() };
+        let r = request_blocking(&path, &req, Duration::from_secs(5));
+        assert!(matches!(r, Ok(Response::Ok(_))), "{r:?}");
+        let t = std::time::Instant::now();
+        let r = request_blocking(&path, &req, Duration::from_millis(200));
+        assert!(matches!(r, Err(ControlError::Timeout { .. })), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let r = request_blocking(&path, &req, Duration::from_secs(5));
+        assert!(matches!(r, Err(ControlError::Protocol { .. })), "{r:?}");
+        drop(server.join());
+        let r = request_blocking(&dir.path().join("none"), &req, Duration::from_secs(1));
+        assert!(matches!(r, Err(ControlError::Socket { .. })), "{r:?}");
+    }
 }

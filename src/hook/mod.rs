@@ -125,14 +125,11 @@ enum CallError {
 }
 
 /// Runs the hook for `op` on the domain XML `xml`, with the configuration at
-/// `config_path`.
-pub async fn run(
-    config_path: &Path,
-    guest: &str,
-    op: &str,
-    xml: &str,
-    timeout: Duration,
-) -> Outcome {
+/// `config_path`. Blocking, with no runtime unless the call goes over
+/// D-Bus (zbus needs one): the hook runs five times per VM start, and a
+/// runtime built for one round trip on the control socket was part of
+/// every one.
+pub fn run(config_path: &Path, guest: &str, op: &str, xml: &str, timeout: Duration) -> Outcome {
     let step = step(op);
     if step.action == Action::Nothing {
         return Outcome::ok();
@@ -168,10 +165,10 @@ pub async fn run(
                 // brings them.
                 return Outcome::ok();
             }
-            call(&transport, Call::Remove(vm.name.clone()), timeout).await
+            call(&transport, Call::Remove(vm.name.clone()), timeout)
         }
-        Action::Set => call(&transport, Call::Set(vm.clone()), timeout).await,
-        Action::Remove => call(&transport, Call::Remove(vm.name.clone()), timeout).await,
+        Action::Set => call(&transport, Call::Set(vm.clone()), timeout),
+        Action::Remove => call(&transport, Call::Remove(vm.name.clone()), timeout),
         Action::Nothing => return Outcome::ok(),
     };
     let what = match step.action {
@@ -200,14 +197,14 @@ enum Call {
     Remove(String),
 }
 
-async fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<(), CallError> {
+fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<(), CallError> {
     match transport {
         Transport::Socket(path) => {
             let req = match call {
                 Call::Set(vm) => Request::SetVm { vm },
                 Call::Remove(name) => Request::RemoveVm { name },
             };
-            match control::request(path, &req, timeout).await {
+            match control::request_blocking(path, &req, timeout) {
                 Ok(Response::Ok(_)) => Ok(()),
                 Ok(Response::Error(e)) => Err(CallError::Refused(e)),
                 Err(e) => Err(CallError::Unreachable(e.to_string())),
@@ -236,7 +233,11 @@ async fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<()
                     other => CallError::Refused(other.into_api()),
                 })
             };
-            match tokio::time::timeout(timeout, fut).await {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| CallError::Unreachable(format!("d-bus {bus}: {e}")))?;
+            match runtime.block_on(async { tokio::time::timeout(timeout, fut).await }) {
                 Ok(r) => r,
                 Err(_) => Err(CallError::Unreachable(format!(
                     "d-bus {bus}: no answer within {timeout:?}"
@@ -289,18 +290,18 @@ mod tests {
         assert_eq!(o.code, 1);
     }
 
-    #[tokio::test]
-    async fn no_metadata_and_filters_make_no_call() {
+    #[test]
+    fn no_metadata_and_filters_make_no_call() {
         let missing = Path::new("/nonexistent/l3hv.toml");
         let plain = "<domain><name>plain</name><devices/></domain>";
         for op in ["prepare", "started", "release", "migrate", "restore"] {
-            let o = run(missing, "plain", op, plain, Duration::from_secs(1)).await;
+            let o = run(missing, "plain", op, plain, Duration::from_secs(1));
             assert_eq!(o, Outcome::ok(), "{op}");
         }
         // Malformed XML: prepare fails, release does not.
-        let o = run(missing, "x", "prepare", "<domain", Duration::from_secs(1)).await;
+        let o = run(missing, "x", "prepare", "<domain", Duration::from_secs(1));
         assert_eq!(o.code, 1);
-        let o = run(missing, "x", "release", "<domain", Duration::from_secs(1)).await;
+        let o = run(missing, "x", "release", "<domain", Duration::from_secs(1));
         assert_eq!(o.code, 0);
     }
 }
