@@ -208,8 +208,7 @@ pub fn request_blocking(
     let slow = |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
     let deadline = std::time::Instant::now() + timeout;
     let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| err(e.into()))?;
-    line.push(b'\n');
+    let line = line(req).map_err(err)?;
     stream.set_write_timeout(Some(timeout)).map_err(err)?;
     stream
         .write_all(&line)
@@ -233,7 +232,18 @@ pub fn request_blocking(
             break;
         }
     }
-    serde_json::from_slice::<Response>(&answer).map_err(|e| ControlError::Protocol {
+    answer_of(path, &answer)
+}
+
+/// A request as it goes on the socket: one line of JSON.
+fn line(req: &Request) -> std::io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
+fn answer_of(path: &Path, answer: &[u8]) -> Result<Response, ControlError> {
+    serde_json::from_slice::<Response>(answer).map_err(|e| ControlError::Protocol {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })
@@ -251,16 +261,14 @@ pub async fn request(
     };
     let fut = async {
         let mut stream = UnixStream::connect(path).await.map_err(err)?;
-        let mut line = serde_json::to_vec(req).map_err(|e| err(e.into()))?;
-        line.push(b'\n');
-        stream.write_all(&line).await.map_err(err)?;
+        stream
+            .write_all(&line(req).map_err(err)?)
+            .await
+            .map_err(err)?;
         let mut reader = BufReader::new(stream);
         let mut answer = String::new();
         reader.read_line(&mut answer).await.map_err(err)?;
-        serde_json::from_str::<Response>(&answer).map_err(|e| ControlError::Protocol {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        answer_of(path, answer.as_bytes())
     };
     tokio::time::timeout(timeout, fut)
         .await
