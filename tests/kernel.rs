@@ -1138,3 +1138,34 @@ fn vm_starts_and_stops_in_a_row_plan_against_the_mirror_and_leave_exactly_the_ke
     assert_eq!(report["observed"], "full", "{report}");
     assert_eq!(report["planned"], 0, "{report}");
 }
+
+#[test]
+fn an_adopted_interface_made_again_under_the_agent_is_configured_by_the_next_change() {
+    let w = world();
+    let (agent, _vm1, _vm2) = two_vms(&w);
+    // vm1's interface deleted and made again (a new ifindex) by someone
+    // else; the agent's change to vm1 comes before that link event's pass
+    // (50 ms of debounce): it must not trust its mirror's entry of the
+    // same name.
+    w.hv.ip(&["link", "del", "vm1e0"]);
+    let _vm1b = vm_ns(
+        &w.hv,
+        &unique("vm1b"),
+        "vm1e0",
+        "203.0.113.1/24",
+        "203.0.113.254",
+    );
+    agent.set_vm(&vm_json(
+        "vm1",
+        "vm1e0",
+        "adopt",
+        "public",
+        "203.0.113.1",
+        Some("2001:db8:cb00:7100::11"),
+    ));
+    let addr = w.hv.ip(&["addr", "show", "vm1e0"]);
+    assert!(addr.contains("inet 203.0.113.254/32 scope link"), "{addr}");
+    assert_eq!(w.hv.sysctl("net.ipv4.conf.vm1e0.proxy_arp"), "1");
+    let t90 = w.hv.ip(&["route", "show", "table", "90", "203.0.113.1"]);
+    assert!(t90.contains("dev vm1e0"), "{t90}");
+}

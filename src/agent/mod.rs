@@ -335,6 +335,9 @@ pub struct Agent {
     published: watch::Sender<Arc<Intent>>,
     /// A changed intent to publish as soon as the pass has applied it.
     announce: Option<Arc<Intent>>,
+    /// Interfaces of the VMs the next pass changes: the mirror's entry for
+    /// each is checked against the kernel's ifindex before it is trusted.
+    touched: BTreeSet<String>,
     /// The intent once it is durable and its callers were answered
     /// (DHCP, RA, ND, D-Bus signals).
     settled: watch::Sender<Arc<Intent>>,
@@ -415,6 +418,7 @@ impl Agent {
                 rx,
                 published,
                 announce: None,
+                touched: BTreeSet::new(),
                 settled,
                 services: None,
                 stats: ReconcileStats::default(),
@@ -493,6 +497,10 @@ impl Agent {
                     Ok(()) => {
                         if self.intent.vms.get(&vm.name) != Some(&vm) {
                             changed = true;
+                            let before = self.intent.vms.get(&vm.name).into_iter();
+                            for i in before.chain([&vm]).flat_map(|v| &v.interfaces) {
+                                self.touched.insert(i.name.clone());
+                            }
                         }
                         let name = vm.name.clone();
                         info!(vm = %name, interfaces = vm.interfaces.len(), "set vm");
@@ -768,6 +776,9 @@ impl Agent {
                 for op in &plan.delete_links {
                     if let KernelOp::DeleteLink { name } = op {
                         cache.links.remove(name);
+                        // The kernel flushes its proxy entries with it (the
+                        // pass did not delete them one by one).
+                        cache.proxies.retain(|(link, _)| link != name);
                     }
                 }
             }
@@ -879,12 +890,24 @@ impl Agent {
         // An intent change also needs every link it wants to be known: an
         // interface created under us moments ago (its link event is still
         // in the 50 ms debounce) is not in the cache, so that pass dumps.
+        // And the interfaces of the VMs this pass changes must be the ones
+        // the mirror knows (same ifindex): an adopted interface deleted and
+        // created again under us moments ago looks unchanged by name.
+        let touched = std::mem::take(&mut self.touched);
         let links_known = |c: &reconcile::ObservedKernel| {
-            desired.links.iter().all(|(name, l)| {
-                c.links.contains_key(name)
-                    || (matches!(l.ownership, reconcile::Ownership::Created { .. })
-                        && crate::netlink::tap::ifindex(name).is_none())
-            })
+            desired
+                .links
+                .iter()
+                .all(|(name, l)| match c.links.get(name) {
+                    Some(o) => {
+                        !touched.contains(name)
+                            || crate::netlink::tap::ifindex(name) == Some(o.ifindex)
+                    }
+                    None => {
+                        matches!(l.ownership, reconcile::Ownership::Created { .. })
+                            && crate::netlink::tap::ifindex(name).is_none()
+                    }
+                })
         };
         let incremental = self.cache_host_valid
             && match (&cached, kind) {
@@ -900,11 +923,34 @@ impl Agent {
                 .dump_host(&self.uplink_names())
                 .await
                 .map(|mut o| {
-                    o.routes = c.routes;
-                    o.duplicate_routes = c.duplicate_routes;
+                    // A link gone, made again (a new ifindex) or set down
+                    // since the cache took its routes and proxy entries
+                    // with it: they are not carried over.
+                    let stale: BTreeSet<&String> = c
+                        .links
+                        .iter()
+                        .filter(|(name, was)| {
+                            o.links
+                                .get(*name)
+                                .is_none_or(|now| now.ifindex != was.ifindex || (was.up && !now.up))
+                        })
+                        .map(|(name, _)| name)
+                        .collect();
+                    let kept =
+                        |oif: &Option<String>| oif.as_ref().is_none_or(|l| !stale.contains(l));
+                    let mut routes = c.routes;
+                    let mut duplicates = c.duplicate_routes;
+                    let mut proxies = c.proxies;
+                    if !stale.is_empty() {
+                        routes.retain(|_, a| kept(&a.oif));
+                        duplicates.retain(|(_, a)| kept(&a.oif));
+                        proxies.retain(|(l, _)| !stale.contains(l));
+                    }
+                    o.routes = routes;
+                    o.duplicate_routes = duplicates;
                     o.nexthops = c.nexthops;
                     o.groups = c.groups;
-                    o.proxies = c.proxies;
+                    o.proxies = proxies;
                     o
                 }),
             None => self.kernel.dump(&self.uplink_names()).await,

@@ -207,20 +207,29 @@ pub fn request_blocking(
     };
     let slow = |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
     let deadline = std::time::Instant::now() + timeout;
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(err)?;
+    let left = || {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        (!left.is_zero()).then_some(left).ok_or_else(timed_out)
+    };
+    // SO_SNDTIMEO bounds connect() on a Unix socket too: an agent that no
+    // longer accepts, its backlog full, would otherwise block the hook (and
+    // libvirt behind it) for good.
+    let socket =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).map_err(err)?;
+    socket.set_write_timeout(Some(left()?)).map_err(err)?;
+    socket
+        .connect(&socket2::SockAddr::unix(path).map_err(err)?)
+        .map_err(|e| if slow(&e) { timed_out() } else { err(e) })?;
+    let mut stream = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(socket));
     let line = line(req).map_err(err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(err)?;
+    stream.set_write_timeout(Some(left()?)).map_err(err)?;
     stream
         .write_all(&line)
         .map_err(|e| if slow(&e) { timed_out() } else { err(e) })?;
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
     while !answer.ends_with(b"\n") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        stream.set_read_timeout(Some(left)).map_err(err)?;
+        stream.set_read_timeout(Some(left()?)).map_err(err)?;
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => answer.extend_from_slice(&buf[..n]),
@@ -319,5 +328,35 @@ mod tests {
         drop(server.join());
         let r = request_blocking(&dir.path().join("none"), &req, Duration::from_secs(1));
         assert!(matches!(r, Err(ControlError::Socket { .. })), "{r:?}");
+        // An agent that accepts nothing more, its backlog full: connect()
+        // itself is bounded.
+        let full = dir.path().join("full.sock");
+        let listener = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+            .expect("socket");
+        listener
+            .bind(&socket2::SockAddr::unix(&full).expect("addr"))
+            .expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = socket2::SockAddr::unix(&full).expect("addr");
+        let mut queued = Vec::new();
+        loop {
+            let c = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+                .expect("socket");
+            c.set_nonblocking(true).expect("nonblocking");
+            match c.connect(&addr) {
+                Ok(()) => queued.push(c),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(queued.len() < 1000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(request_blocking(&full, &req, Duration::from_millis(200)));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("connect() to a full backlog was not bounded");
+        assert!(matches!(r, Err(ControlError::Timeout { .. })), "{r:?}");
     }
 }

@@ -151,9 +151,10 @@ impl Store {
     /// of the machine never leaves an empty or partial file in its place);
     /// the rename itself is not (no fsync of the directory). What that
     /// could lose is only which of the two whole files a machine crash
-    /// leaves, and no VM survives the crash of its hypervisor: after a
-    /// reboot libvirt's hooks and the agent's domain reconcile set the
-    /// intent again either way. The agent answers a VM's `prepare` only
+    /// leaves: the last change before the crash. Either file then lists
+    /// VMs that died with their hypervisor; what runs after the reboot is
+    /// set again by libvirt's hooks (and the agent's domain reconcile when
+    /// `[libvirt]` is enabled) or by the orchestrator, with or without it. The agent answers a VM's `prepare` only
     /// once this returns, and the directory's fsync was one of two disk
     /// flushes on that path (about 1 ms here; perf sched showed the answer
     /// waiting for it after the kernel work was done).

@@ -73,6 +73,28 @@ impl Kernel {
             }
             let (batched, phase): (Vec<&KernelOp>, Vec<&KernelOp>) =
                 phase.iter().partition(|op| batched(op));
+            // Deletions of groups and objects wait for the adds before them,
+            // retries included: a group the first try refused (one of its
+            // objects was) must be in place, and its routes on it, before
+            // the group they leave is deleted, which takes its routes along.
+            let deletes = batched
+                .iter()
+                .any(|op| matches!(op, KernelOp::DelNexthop { .. }));
+            let adds = pending.iter().any(|op| {
+                matches!(
+                    op,
+                    KernelOp::AddNexthop { .. }
+                        | KernelOp::AddGroup { .. }
+                        | KernelOp::AddRoute { .. }
+                )
+            });
+            if deletes && adds {
+                self.apply_batched(
+                    std::mem::take(&mut pending),
+                    &mut refused_nexthops,
+                    &mut report,
+                );
+            }
             pending.extend(batched);
             if phase.is_empty() {
                 continue;
@@ -149,29 +171,34 @@ impl Kernel {
         let mut outcome: Vec<Result<(), String>> = vec![Ok(()); ops.len()];
         let first: Vec<usize> = (0..ops.len()).collect();
         self.send_batch(&ops, &first, &mut outcome, refused);
-        let mut regrouped: BTreeSet<u32> = BTreeSet::new();
-        let mut again: Vec<usize> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            if outcome[i].is_ok() {
-                continue;
+        let regroup: Vec<usize> = (0..ops.len())
+            .filter(|&i| {
+                outcome[i].is_err()
+                    && matches!(ops[i], KernelOp::AddGroup { members, .. }
+                        if members.iter().any(|m| refused.contains(m)))
+            })
+            .collect();
+        if !regroup.is_empty() {
+            self.send_batch(&ops, &regroup, &mut outcome, refused);
+            // Then the routes that failed on a group now in place.
+            let regrouped: BTreeSet<u32> = regroup
+                .iter()
+                .filter(|&&i| outcome[i].is_ok())
+                .filter_map(|&i| match ops[i] {
+                    KernelOp::AddGroup { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            let reroute: Vec<usize> = (0..ops.len())
+                .filter(|&i| {
+                    outcome[i].is_err()
+                        && matches!(ops[i], KernelOp::AddRoute { attrs, .. }
+                            if attrs.nh_id.is_some_and(|g| regrouped.contains(&g)))
+                })
+                .collect();
+            if !reroute.is_empty() {
+                self.send_batch(&ops, &reroute, &mut outcome, refused);
             }
-            match op {
-                KernelOp::AddGroup { id, members, .. }
-                    if members.iter().any(|m| refused.contains(m)) =>
-                {
-                    regrouped.insert(*id);
-                    again.push(i);
-                }
-                KernelOp::AddRoute { attrs, .. }
-                    if attrs.nh_id.is_some_and(|g| regrouped.contains(&g)) =>
-                {
-                    again.push(i);
-                }
-                _ => {}
-            }
-        }
-        if !again.is_empty() {
-            self.send_batch(&ops, &again, &mut outcome, refused);
         }
         for (op, r) in ops.into_iter().zip(outcome) {
             match r {
@@ -651,7 +678,7 @@ mod tests {
                 oif: oif.into(),
                 onlink: true,
             };
-            let route = |dst: &str| KernelOp::AddRoute {
+            let on = |dst: &str, group: u32, replace: bool| KernelOp::AddRoute {
                 id: RouteId {
                     table: 90,
                     dst: dst.parse().unwrap(),
@@ -664,10 +691,11 @@ mod tests {
                     onlink: false,
                     pref_src: None,
                     multipath: vec![],
-                    nh_id: Some(10),
+                    nh_id: Some(group),
                 }),
-                replace: false,
+                replace,
             };
+            let route = |dst: &str| on(dst, 10, false);
             let plan = Plan {
                 add_nexthops: vec![
                     KernelOp::AddNexthop {
@@ -702,6 +730,57 @@ mod tests {
             assert!(v4.contains("198.18.0.0/24 nhid 10"), "{v4}");
             assert!(v4.contains("198.18.1.0/24 nhid 10"), "{v4}");
 
+            // The routes move to a new group whose other object is refused,
+            // and the group they leave is deleted in the same plan: the new
+            // group (retried without the refused object) and the routes on
+            // it are in place before the old group goes, which would take
+            // them along (silently: no RTM_DELROUTE to watch for, so the
+            // order of the groups' own events is what shows it).
+            let monitor = Command::new("ip")
+                .args(["-o", "monitor", "nexthop"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("ip monitor");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let moved = Plan {
+                add_nexthops: vec![KernelOp::AddNexthop {
+                    id: 3,
+                    spec: hop("192.0.2.3", "dn0"),
+                    replace: false,
+                }],
+                add_groups: vec![KernelOp::AddGroup {
+                    id: 11,
+                    members: vec![1, 3],
+                    replace: false,
+                }],
+                add_routes: vec![on("198.18.0.0/24", 11, true), on("198.18.1.0/24", 11, true)],
+                remove_groups: vec![KernelOp::DelNexthop {
+                    id: 10,
+                    group: true,
+                }],
+                ..Plan::default()
+            };
+            let report = kernel.apply(&moved).await;
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let _ = Command::new("kill").arg(monitor.id().to_string()).status();
+            let events = monitor.wait_with_output().expect("monitor output");
+            let events = String::from_utf8_lossy(&events.stdout);
+            assert_eq!(report.applied, 4, "{report:?}");
+            assert!(
+                matches!(&report.failed[..], [f] if matches!(f.op, KernelOp::AddNexthop { id: 3, .. })),
+                "{report:?}"
+            );
+            let created = events.find("id 11 group 1 ");
+            let deleted = events.find("Deleted id 10 ");
+            assert!(
+                created.is_some() && deleted.is_some() && created < deleted,
+                "the new group must exist before the old one goes:\n{events}"
+            );
+            let v4 = ip(&["route", "show", "table", "90"]);
+            assert!(v4.contains("198.18.0.0/24 nhid 11"), "{v4}");
+            assert!(v4.contains("198.18.1.0/24 nhid 11"), "{v4}");
+            assert!(ip(&["nexthop", "show", "id", "11"]).contains("group 1 "));
+
             // Deleted in one batch too: the routes, then the group and the
             // object; deleting what is gone already is done.
             let del = |op: &KernelOp| match op {
@@ -713,12 +792,12 @@ mod tests {
             };
             let gone = Plan {
                 remove: vec![
-                    del(&plan.add_routes[0]),
-                    del(&plan.add_routes[1]),
-                    del(&plan.add_routes[1]),
+                    del(&moved.add_routes[0]),
+                    del(&moved.add_routes[1]),
+                    del(&moved.add_routes[1]),
                 ],
                 remove_groups: vec![KernelOp::DelNexthop {
-                    id: 10,
+                    id: 11,
                     group: true,
                 }],
                 remove_nexthops: vec![KernelOp::DelNexthop {
