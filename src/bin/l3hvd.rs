@@ -136,7 +136,13 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     }
     // DHCP and RA follow the agent's intent; they start after the first
     // reconcile so the taps and gateway addresses exist.
-    services::spawn(shared, handle.subscribe_intent(), registry);
+    let _services = match services::spawn(shared, handle.subscribe_intent(), registry) {
+        Ok(t) => t,
+        Err(e) => {
+            error!(error = %e, "cannot start the services' thread");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(l) = metrics_listener {
         tokio::spawn(metrics::http::serve(
             l,
