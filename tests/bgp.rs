@@ -867,6 +867,45 @@ fn learned_routes_point_at_a_group_of_both_paths() {
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("public 203.0.113.3/32"), "{text}");
     assert!(text.contains(": installed"), "{text}");
+
+    // Another VM of hv2 comes and goes: hv1 plans its routes (and its
+    // group shrinking to the first path announced, then growing back)
+    // from the changed prefix alone, and a full pass then finds nothing to
+    // do.
+    let scoped = |st: &serde_json::Value| st["reconcile_scoped_passes"].as_u64().unwrap();
+    let before = scoped(&lab.a1.status_json());
+    let _vm4 = vm_ns(
+        &lab.t.hv2,
+        &unique("vm4"),
+        "vm4e0",
+        "203.0.113.4/24",
+        "203.0.113.254",
+    );
+    lab._a2.set_vm(&vm_json(
+        "vm4",
+        "vm4e0",
+        "adopt",
+        "public",
+        "203.0.113.4",
+        None,
+    ));
+    wait_for("vm4's ECMP route", Duration::from_secs(30), || {
+        groups_and_nhid(&lab.t.hv1, "203.0.113.4") == (groups.clone(), nhid)
+    });
+    assert!(lab.vm1.ping("203.0.113.4"));
+    let full = lab.a1.cli(&["reconcile", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert_eq!(report["planned"], 0, "{report}\n{}", lab.a1.log());
+    lab._a2.remove_vm("vm4");
+    wait_for("vm4's route gone", Duration::from_secs(30), || {
+        groups_and_nhid(&lab.t.hv1, "203.0.113.4").1.is_none()
+    });
+    let st = lab.a1.status_json();
+    assert!(scoped(&st) >= before + 2, "{st}\n{}", lab.a1.log());
+    let full = lab.a1.cli(&["reconcile", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert_eq!(report["planned"], 0, "{report}\n{}", lab.a1.log());
+    assert_eq!(groups_and_nhid(&lab.t.hv1, "203.0.113.3"), (groups, nhid));
 }
 
 #[test]

@@ -264,6 +264,11 @@ impl AgentHandle {
 /// enough freed memory behind to be worth handing back to the system.
 const BIG_PASS: usize = 10_000;
 
+/// At most this many changed prefixes in one batch are planned alone
+/// (`pass_scoped`); a larger batch (a table being learned) takes the pass
+/// over everything, which is cheaper per prefix by then.
+const SCOPED_MAX: usize = 4096;
+
 /// What a reconcile pass starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pass {
@@ -491,6 +496,10 @@ impl Agent {
         let mut lost_hops: Vec<(std::net::IpAddr, crate::rib::Hop)> = Vec::new();
         let mut waiting: Vec<(Option<String>, Reply)> = Vec::new();
         let mut later = Vec::new();
+        // The learned prefixes this batch changes, with their selections
+        // before it, while only UPDATEs changed the RIB: a pass over them
+        // alone (`pass_scoped`). `None`: the pass over everything.
+        let mut scope: Option<reconcile::scoped::Before> = Some(BTreeMap::new());
         for cmd in batch {
             match cmd {
                 Command::SetVm { vm, reply } => match self.check_vm(&vm) {
@@ -522,6 +531,7 @@ impl Agent {
                                 self.learned_hold = None;
                                 self.relearned.clear();
                                 rib_changed = true;
+                                scope = None;
                             }
                         }
                         RibEvent::SessionDown { session } => {
@@ -561,6 +571,8 @@ impl Agent {
                                 if !new.is_empty() {
                                     self.failover_fast_path(false, &new).await;
                                     lost_hops.extend(new);
+                                    // Groups changed: they are recomputed.
+                                    scope = None;
                                 }
                             }
                             if self.learned_hold.is_some() {
@@ -569,7 +581,36 @@ impl Agent {
                             }
                         }
                     }
-                    rib_changed |= self.rib.apply(event);
+                    let update = match (&event, scope.as_mut()) {
+                        (
+                            RibEvent::Update {
+                                fabric,
+                                announce,
+                                withdraw,
+                                ..
+                            },
+                            Some(before),
+                        ) => {
+                            let prefixes = announce.iter().map(|(p, _, _)| p);
+                            for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
+                                let fabrics = before.entry(*p).or_default();
+                                if !fabrics.contains_key(fabric) {
+                                    fabrics.insert(fabric.clone(), self.rib.selection(fabric, p));
+                                }
+                            }
+                            if before.len() > SCOPED_MAX {
+                                scope = None;
+                            }
+                            true
+                        }
+                        (RibEvent::Update { .. }, None) => true,
+                        _ => false,
+                    };
+                    let changed_rib = self.rib.apply(event);
+                    if changed_rib && !update {
+                        scope = None;
+                    }
+                    rib_changed |= changed_rib;
                 }
                 Command::RemoveVm { name, reply } => {
                     if self.intent.vms.remove(&name).is_some() {
@@ -611,7 +652,13 @@ impl Agent {
         } else if changed {
             self.pass(Pass::Intent).await;
         } else if rib_changed {
-            self.reconcile_incremental().await;
+            let scoped = match scope {
+                Some(before) if !before.is_empty() => self.pass_scoped(before).await,
+                _ => false,
+            };
+            if !scoped {
+                self.reconcile_incremental().await;
+            }
         }
         if let Some(announce) = self.announce.take() {
             // A pass that stopped before applying (a failed dump).
@@ -837,6 +884,99 @@ impl Agent {
             .iter()
             .map(|u| u.config.interface.clone())
             .collect()
+    }
+
+    /// A pass over the learned prefixes `before` names alone, against the
+    /// cached kernel state ([`reconcile::scoped`]): O(changed prefixes)
+    /// where the other passes are O(learned routes). False when it cannot
+    /// run (no whole cache, the hold, a session relearning, RTA_MULTIPATH
+    /// mode) or the change touches a nexthop group: the caller runs the
+    /// pass over everything.
+    async fn pass_scoped(&mut self, before: reconcile::scoped::Before) -> bool {
+        let start = Instant::now();
+        if !self.nexthop_objects()
+            || self.learned_hold.is_some()
+            || !self.cache_host_valid
+            || self.rib.is_syncing(Instant::now())
+        {
+            return false;
+        }
+        let Some(cache) = self.cache.as_ref() else {
+            return false;
+        };
+        let plan = match reconcile::scoped::plan(
+            &self.config,
+            &self.intent,
+            &self.rib,
+            &before,
+            &mut self.last_groups,
+            cache,
+        ) {
+            Ok(p) => p,
+            Err(reason) => {
+                debug!(
+                    reason,
+                    prefixes = before.len(),
+                    "the change needs the pass over every route"
+                );
+                return false;
+            }
+        };
+        let mut report = ReconcileReport {
+            at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            observed: "scoped",
+            compute: start.elapsed(),
+            planned: plan.len(),
+            conflicts: self
+                .last
+                .as_ref()
+                .map(|r| r.conflicts.clone())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let applied = if plan.is_empty() {
+            ApplyReport::default()
+        } else {
+            self.kernel.apply(&plan).await
+        };
+        report.apply = t.elapsed();
+        for f in &applied.failed {
+            warn!(op = ?f.op, error = %f.error, "kernel refused");
+        }
+        if applied.failed.is_empty() {
+            if let Some(cache) = self.cache.as_mut() {
+                for op in plan.phases().into_iter().flatten() {
+                    cache.mirror(op);
+                }
+            }
+        } else {
+            // The kernel is not what the cache says: the next pass dumps
+            // it and repairs, soon (backing off).
+            self.cache = None;
+            self.cache_host_valid = false;
+            self.schedule_next(true);
+        }
+        report.applied = applied.applied;
+        report.failed = applied.failed;
+        report.duration = start.elapsed();
+        if report.planned > 0 {
+            info!(
+                planned = report.planned,
+                applied = report.applied,
+                failed = report.failed.len(),
+                prefixes = before.len(),
+                duration_ms = report.duration.as_secs_f64() * 1e3,
+                compute_ms = report.compute.as_secs_f64() * 1e3,
+                apply_ms = report.apply.as_secs_f64() * 1e3,
+                observed = report.observed,
+                "reconciled"
+            );
+        }
+        self.finish(report);
+        true
     }
 
     /// One level-based pass: dump, read sysctls, plan, apply.
@@ -1156,33 +1296,10 @@ impl Agent {
         if mirrorable {
             for phase in plan.phases() {
                 for op in phase {
+                    if observed.mirror(op) {
+                        continue;
+                    }
                     match op {
-                        KernelOp::AddRoute { id, attrs, .. } => {
-                            observed.routes.insert(*id, attrs.clone());
-                        }
-                        KernelOp::DelRoute { id, .. } => {
-                            observed.routes.remove(id);
-                        }
-                        KernelOp::AddProxy { ifname, addr } => {
-                            observed.proxies.insert((ifname.clone(), *addr));
-                        }
-                        KernelOp::DelProxy { ifname, addr } => {
-                            observed.proxies.remove(&(ifname.clone(), *addr));
-                        }
-                        KernelOp::AddNexthop { id, spec, .. } => {
-                            observed.nexthops.insert(*id, spec.clone());
-                        }
-                        KernelOp::AddGroup { id, members, .. } => {
-                            observed
-                                .groups
-                                .insert(*id, members.iter().copied().collect());
-                        }
-                        KernelOp::DelNexthop { id, group: true } => {
-                            observed.groups.remove(id);
-                        }
-                        KernelOp::DelNexthop { id, group: false } => {
-                            observed.nexthops.remove(id);
-                        }
                         KernelOp::CreateTap { name, .. } | KernelOp::CreateSink { name } => {
                             match crate::netlink::tap::ifindex(name) {
                                 Some(ifindex) => {
@@ -1233,6 +1350,14 @@ impl Agent {
                         // Deleted links: in `apply_deferred`. Sysctls are
                         // read again by every pass that wants them.
                         KernelOp::DeleteLink { .. } | KernelOp::Sysctl { .. } => {}
+                        // Mirrored above.
+                        KernelOp::AddRoute { .. }
+                        | KernelOp::DelRoute { .. }
+                        | KernelOp::AddProxy { .. }
+                        | KernelOp::DelProxy { .. }
+                        | KernelOp::AddNexthop { .. }
+                        | KernelOp::AddGroup { .. }
+                        | KernelOp::DelNexthop { .. } => {}
                     }
                 }
             }
@@ -1243,6 +1368,8 @@ impl Agent {
             nexthops: std::mem::take(&mut desired.nexthops),
             groups: std::mem::take(&mut desired.groups),
             group_keys: std::mem::take(&mut desired.group_keys),
+            group_use: std::mem::take(&mut desired.group_use),
+            local: std::mem::take(&mut desired.local),
             ..Default::default()
         };
         // What this pass built is dropped before the mirror is rebuilt, so
@@ -1276,7 +1403,8 @@ impl Agent {
             .send_replace(Arc::new(self.stats.clone()));
         // Trimming costs a few hundred microseconds: only after passes big
         // enough to have left much memory behind.
-        let large = report.planned > 1000 || self.rib.prefix_count() > 10_000;
+        let large = report.planned > 1000
+            || (report.observed != "scoped" && self.rib.prefix_count() > 10_000);
         self.last = Some(report);
         if large {
             trim_heap();
@@ -1337,6 +1465,8 @@ impl Agent {
             self.started,
         );
         s.services = self.services.as_ref().map(|r| r.snapshot());
+        s.reconcile_passes = self.stats.passes;
+        s.reconcile_scoped_passes = self.stats.scoped;
         s.nexthops = status::NexthopStatus {
             mode: nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support).into(),
             setting: self.config.kernel.nexthop_objects.as_str().into(),

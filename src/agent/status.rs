@@ -21,7 +21,9 @@ pub struct ReconcileReport {
     pub dump: Duration,
     /// What the pass planned against: `full` (a whole dump), `host` (links,
     /// addresses and rules dumped, routes, nexthop objects and proxy
-    /// entries as the previous passes left them) or `cache` (no dump).
+    /// entries as the previous passes left them), `cache` (no dump) or
+    /// `scoped` (no dump, and only the learned prefixes that changed were
+    /// computed).
     pub observed: &'static str,
     #[serde(serialize_with = "as_millis")]
     pub sysctls: Duration,
@@ -95,6 +97,10 @@ pub struct Status {
     pub rib_paths: usize,
     pub rib_prefixes: usize,
     pub last_reconcile: Option<ReconcileReport>,
+    /// Reconcile passes since start, and how many of them computed only
+    /// the learned prefixes that changed (`reconcile::scoped`).
+    pub reconcile_passes: u64,
+    pub reconcile_scoped_passes: u64,
     /// How learned routes are programmed (`kernel.nexthop_objects`).
     pub nexthops: NexthopStatus,
     /// DHCP and RA counters per VM interface, when those services run.
@@ -315,6 +321,8 @@ pub fn build(
         rib_paths: rib.path_count(),
         rib_prefixes: rib.prefix_count(),
         last_reconcile: last.cloned(),
+        reconcile_passes: 0,
+        reconcile_scoped_passes: 0,
         nexthops: NexthopStatus::default(),
         services: None,
     }
@@ -332,6 +340,9 @@ pub const RECONCILE_BUCKETS: [f64; 12] = [
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReconcileStats {
     pub passes: u64,
+    /// Of those, passes over the changed learned prefixes alone
+    /// (`reconcile::scoped`).
+    pub scoped: u64,
     /// Passes that could not run (the dump failed).
     pub errors: u64,
     pub operations_applied: u64,
@@ -371,6 +382,9 @@ impl ReconcileStats {
     /// Adds one pass.
     pub fn record(&mut self, report: &ReconcileReport) {
         self.passes += 1;
+        if report.observed == "scoped" {
+            self.scoped += 1;
+        }
         if report.error.is_some() {
             self.errors += 1;
         }

@@ -235,6 +235,11 @@ pub fn encode(
         ConstCounter::new(stats.passes),
     );
     r.register(
+        "reconcile_scoped_runs",
+        "Reconcile passes over the changed learned prefixes alone",
+        ConstCounter::new(stats.scoped),
+    );
+    r.register(
         "reconcile_errors",
         "Reconcile passes that could not run (kernel dump failed)",
         ConstCounter::new(stats.errors),
@@ -515,6 +520,8 @@ mod tests {
             rib_paths: 7,
             rib_prefixes: 4,
             last_reconcile: None,
+            reconcile_passes: 0,
+            reconcile_scoped_passes: 0,
             nexthops: Default::default(),
             services: None,
         }

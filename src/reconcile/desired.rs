@@ -367,6 +367,14 @@ pub fn desired_with(
             );
         }
     }
+    // What learned routes must not shadow: routes out of a VM link or the
+    // sink (kept for the scoped passes of `super::scoped`).
+    d.local = d
+        .routes
+        .iter()
+        .filter(|(_, a)| a.oif.as_ref().is_some_and(|o| d.links.contains_key(o)))
+        .map(|(id, _)| (id.table, id.dst))
+        .collect();
     learned(config, rib, &mut d, nexthop_objects);
     proxies(config, intent, rib, &mut d);
     d
@@ -513,21 +521,7 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
                 n_tables = 2;
             }
             for &(table, src) in &tables[..n_tables] {
-                let first = RouteId {
-                    table,
-                    dst,
-                    metric: 0,
-                };
-                let last = RouteId {
-                    table,
-                    dst,
-                    metric: u32::MAX,
-                };
-                let local = d
-                    .routes
-                    .range(first..=last)
-                    .any(|(_, a)| a.oif.as_ref().is_some_and(|o| d.links.contains_key(o)));
-                if local {
+                if d.local.contains(&(table, dst)) {
                     continue;
                 }
                 let mut attrs = template.clone();

@@ -68,7 +68,7 @@ use std::ops::Range;
 
 use ipnet::IpNet;
 
-use super::model::{DesiredKernel, GroupKey, NextHopSpec};
+use super::model::{DesiredKernel, GroupKey, GroupUse, NextHopSpec};
 use crate::rib::{Hop, Rib, Selected};
 
 /// Ids of l3hv's nexthop objects (below 2^31: some tools print ids signed).
@@ -98,7 +98,7 @@ fn place(range: &Range<u32>, name: &str, used: &impl Fn(u32) -> bool) -> u32 {
     }
 }
 
-fn spec(h: &Hop) -> NextHopSpec {
+pub(super) fn spec(h: &Hop) -> NextHopSpec {
     NextHopSpec {
         gateway: h.gateway,
         oif: h.uplink.to_string(),
@@ -117,42 +117,39 @@ pub fn build(
     returning: &BTreeSet<(IpAddr, Hop)>,
     d: &mut DesiredKernel,
 ) -> Vec<Option<u32>> {
-    // Intern the keys: (v6, origins) → index, members unioned.
+    // Intern the keys: (v6, origins) → index.
     let mut index: BTreeMap<(bool, &[IpAddr]), usize> = BTreeMap::new();
-    // Per key: the hops every prefix has (what the group gets), and the
-    // union (the fallback when the prefixes have no hop in common).
-    let mut members: Vec<BTreeSet<&Hop>> = Vec::new();
-    let mut union: Vec<BTreeSet<&Hop>> = Vec::new();
+    // Per key: the distinct hop sets of its prefixes, with how many
+    // prefixes have each (a handful per key: one in the steady state).
+    let mut sets: Vec<BTreeMap<BTreeSet<&Hop>, usize>> = Vec::new();
     let mut of_prefix: Vec<Option<usize>> = Vec::with_capacity(selected.len());
     for (dst, s) in selected {
         let v6 = dst.addr().is_ipv6();
-        let mut hops = s
+        let hops: BTreeSet<&Hop> = s
             .hops
             .iter()
             // IPv4 routes may use IPv6 next hops (RFC 8950; the kernel
             // takes them in a group); IPv6 routes never IPv4 ones.
             .filter(|h| !v6 || h.gateway.is_ipv6())
-            .peekable();
-        if hops.peek().is_none() {
+            .collect();
+        if hops.is_empty() {
             of_prefix.push(None);
             continue;
         }
-        let mut fresh = false;
         let i = *index.entry((v6, s.origins.as_slice())).or_insert_with(|| {
-            members.push(BTreeSet::new());
-            union.push(BTreeSet::new());
-            fresh = true;
-            members.len() - 1
+            sets.push(BTreeMap::new());
+            sets.len() - 1
         });
-        let hops: BTreeSet<&Hop> = hops.collect();
-        if fresh {
-            members[i] = hops.clone();
-        } else {
-            members[i].retain(|h| hops.contains(h));
-        }
-        union[i].extend(hops);
+        *sets[i].entry(hops).or_default() += 1;
         of_prefix.push(Some(i));
     }
+    // Per key: the hops every prefix has (what the group gets), and the
+    // union (the fallback when the prefixes have no hop in common).
+    let mut members: Vec<BTreeSet<&Hop>> = sets.iter().map(|s| intersection(s.keys())).collect();
+    let union: Vec<BTreeSet<&Hop>> = sets
+        .iter()
+        .map(|s| s.keys().flatten().copied().collect())
+        .collect();
     // A fabric path that came back (its session relearning) rejoins the
     // groups of its origins at its first re-announcement: the intersection
     // alone would wait for the last of an origin's prefixes (over a second
@@ -209,26 +206,69 @@ pub fn build(
     keys.sort();
     let mut group_of: Vec<u32> = vec![0; members.len()];
     for (key, i) in keys {
-        let name = format!(
-            "{}|{}|{}",
-            key.fabric,
-            if key.v6 { 6 } else { 4 },
-            key.origins
-                .iter()
-                .map(|o| o.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
-        let id = place(&GROUP_IDS, &name, &|id| d.groups.contains_key(&id));
+        let id = place(&GROUP_IDS, &group_name(&key), &|id| {
+            d.groups.contains_key(&id)
+        });
         let ids = members[i].iter().map(|h| by_spec[&spec(h)]).collect();
         d.groups.insert(id, ids);
         d.group_keys.insert(id, key);
+        d.group_use.insert(
+            id,
+            GroupUse {
+                sets: sets[i]
+                    .iter()
+                    .map(|(hops, n)| (hops.iter().map(|h| spec(h)).collect(), *n))
+                    .collect(),
+                returning: !returning.is_empty(),
+            },
+        );
         group_of[i] = id;
     }
     of_prefix
         .into_iter()
         .map(|i| i.map(|i| group_of[i]))
         .collect()
+}
+
+/// The hops every one of `sets` has.
+pub(super) fn intersection<'a, T: Ord + Clone + 'a>(
+    mut sets: impl Iterator<Item = &'a BTreeSet<T>>,
+) -> BTreeSet<T> {
+    let Some(first) = sets.next() else {
+        return BTreeSet::new();
+    };
+    let mut out = first.clone();
+    for s in sets {
+        out.retain(|h| s.contains(h));
+    }
+    out
+}
+
+/// The id a group of `key` takes when no other group is in its way.
+pub(super) fn group_slot(key: &GroupKey) -> u32 {
+    place(&GROUP_IDS, &group_name(key), &|_| false)
+}
+
+/// The id an object for `spec` takes when no other object is in its way.
+pub(super) fn object_slot(spec: &NextHopSpec) -> u32 {
+    place(
+        &NEXTHOP_IDS,
+        &format!("{}|{}", spec.gateway, spec.oif),
+        &|_| false,
+    )
+}
+
+fn group_name(key: &GroupKey) -> String {
+    format!(
+        "{}|{}|{}",
+        key.fabric,
+        if key.v6 { 6 } else { 4 },
+        key.origins
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 /// The failover fast path: the groups of the last pass (`desired`) with

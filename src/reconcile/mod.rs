@@ -6,6 +6,7 @@ pub mod desired;
 pub mod groups;
 pub mod model;
 pub mod plan;
+pub mod scoped;
 
 use std::collections::BTreeMap;
 

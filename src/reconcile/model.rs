@@ -181,6 +181,34 @@ pub struct DesiredKernel {
     pub group_keys: BTreeMap<u32, GroupKey>,
     /// Two intents that want the same route; the first one wins.
     pub conflicts: Vec<String>,
+    /// (table, prefix) of every route out of a VM link or the sink: no
+    /// learned route shadows these (local wins).
+    #[serde(skip)]
+    pub local: BTreeSet<(u32, IpNet)>,
+    /// The hop sets of each group's prefixes ([`GroupUse`]).
+    #[serde(skip)]
+    pub group_use: BTreeMap<u32, GroupUse>,
+}
+
+/// The prefixes of one nexthop group, as the last pass computed them:
+/// what lets a scoped pass ([`super::scoped`]) recompute the group's
+/// members from the prefixes it changes alone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GroupUse {
+    /// The distinct hop sets of the group's learned prefixes (of any
+    /// table, shadowed or not), with how many prefixes have each. The
+    /// members are their intersection, or their union when that is empty.
+    pub sets: BTreeMap<BTreeSet<NextHopSpec>, usize>,
+    /// Hops of a session relearning its table were added to the members
+    /// (`Rib::syncing_hops`): the sets alone do not give them.
+    pub returning: bool,
+}
+
+impl GroupUse {
+    /// Learned prefixes keyed to the group.
+    pub fn prefixes(&self) -> usize {
+        self.sets.values().sum()
+    }
 }
 
 /// A link as the kernel reports it.

@@ -6,7 +6,7 @@
 //! routes and rules with its protocol, addresses with its protocol on its
 //! own links, links whose alias says l3hv created them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -147,6 +147,89 @@ impl Plan {
             &self.remove_nexthops,
             &self.delete_links,
         ]
+    }
+}
+
+impl ObservedKernel {
+    /// Applies one operation that went through to the routes, nexthop
+    /// objects, groups and proxy entries (what passes keep mirrored
+    /// instead of dumping); false for an operation on links, addresses,
+    /// rules or sysctls, which the caller mirrors itself.
+    pub fn mirror(&mut self, op: &KernelOp) -> bool {
+        match op {
+            KernelOp::AddRoute { id, attrs, .. } => {
+                self.routes.insert(*id, attrs.clone());
+            }
+            KernelOp::DelRoute { id, .. } => {
+                self.routes.remove(id);
+            }
+            KernelOp::AddProxy { ifname, addr } => {
+                self.proxies.insert((ifname.clone(), *addr));
+            }
+            KernelOp::DelProxy { ifname, addr } => {
+                self.proxies.remove(&(ifname.clone(), *addr));
+            }
+            KernelOp::AddNexthop { id, spec, .. } => {
+                self.nexthops.insert(*id, spec.clone());
+            }
+            KernelOp::AddGroup { id, members, .. } => {
+                self.groups.insert(*id, members.iter().copied().collect());
+            }
+            KernelOp::DelNexthop { id, group: true } => {
+                self.groups.remove(id);
+            }
+            KernelOp::DelNexthop { id, group: false } => {
+                self.nexthops.remove(id);
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// The objects and groups to add, replace and delete for the kernel to
+/// hold exactly `nexthops` and `groups` of l3hv's.
+pub(super) fn nexthop_ops(
+    nexthops: &BTreeMap<u32, NextHopSpec>,
+    groups: &BTreeMap<u32, BTreeSet<u32>>,
+    observed: &ObservedKernel,
+    p: &mut Plan,
+) {
+    for (id, spec) in nexthops {
+        match observed.nexthops.get(id) {
+            Some(o) if o == spec => {}
+            o => p.add_nexthops.push(KernelOp::AddNexthop {
+                id: *id,
+                spec: spec.clone(),
+                replace: o.is_some(),
+            }),
+        }
+    }
+    for (id, members) in groups {
+        match observed.groups.get(id) {
+            Some(o) if o == members => {}
+            o => p.add_groups.push(KernelOp::AddGroup {
+                id: *id,
+                members: members.iter().copied().collect(),
+                replace: o.is_some(),
+            }),
+        }
+    }
+    for id in observed.groups.keys() {
+        if !groups.contains_key(id) {
+            p.remove_groups.push(KernelOp::DelNexthop {
+                id: *id,
+                group: true,
+            });
+        }
+    }
+    for id in observed.nexthops.keys() {
+        if !nexthops.contains_key(id) {
+            p.remove_nexthops.push(KernelOp::DelNexthop {
+                id: *id,
+                group: false,
+            });
+        }
     }
 }
 
@@ -344,42 +427,7 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     }
 
     // Nexthop objects and groups (kernel.nexthop_objects).
-    for (id, spec) in &desired.nexthops {
-        match observed.nexthops.get(id) {
-            Some(o) if o == spec => {}
-            o => p.add_nexthops.push(KernelOp::AddNexthop {
-                id: *id,
-                spec: spec.clone(),
-                replace: o.is_some(),
-            }),
-        }
-    }
-    for (id, members) in &desired.groups {
-        match observed.groups.get(id) {
-            Some(o) if o == members => {}
-            o => p.add_groups.push(KernelOp::AddGroup {
-                id: *id,
-                members: members.iter().copied().collect(),
-                replace: o.is_some(),
-            }),
-        }
-    }
-    for id in observed.groups.keys() {
-        if !desired.groups.contains_key(id) {
-            p.remove_groups.push(KernelOp::DelNexthop {
-                id: *id,
-                group: true,
-            });
-        }
-    }
-    for id in observed.nexthops.keys() {
-        if !desired.nexthops.contains_key(id) {
-            p.remove_nexthops.push(KernelOp::DelNexthop {
-                id: *id,
-                group: false,
-            });
-        }
-    }
+    nexthop_ops(&desired.nexthops, &desired.groups, observed, &mut p);
 
     // Rules.
     for r in desired.rules.difference(&observed.rules) {
@@ -421,7 +469,7 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{self, Config};
     use crate::intent::{Intent, InterfaceIntent, LinkMode, VmIntent};
@@ -454,7 +502,7 @@ mod tests {
     }
 
     /// The kernel after `d` was applied perfectly, with sysctls trusted.
-    fn converged(d: &DesiredKernel) -> ObservedKernel {
+    pub(crate) fn converged(d: &DesiredKernel) -> ObservedKernel {
         let mut o = ObservedKernel::default();
         for (i, (name, l)) in d.links.iter().enumerate() {
             o.links.insert(
@@ -484,6 +532,7 @@ mod tests {
         o.rules = d.rules.clone();
         o.nexthops = d.nexthops.clone();
         o.groups = d.groups.clone();
+        o.proxies = d.proxies.clone();
         o
     }
 

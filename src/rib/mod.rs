@@ -528,29 +528,46 @@ impl Rib {
         };
         let mut out = Vec::with_capacity(table.len());
         for (prefix, paths) in table {
-            let Some(top) = paths.iter().map(|p| self.a(p).rank()).max() else {
-                continue;
-            };
-            // Exact-size sorted vectors: a BTreeSet per prefix allocated
-            // a whole B-tree node (~45 MB at 100,000 prefixes).
-            let tied = paths.iter().filter(|p| self.a(p).rank() == top).count();
-            let mut s = Selected {
-                hops: Vec::with_capacity(tied),
-                origins: Vec::with_capacity(tied),
-            };
-            for p in paths {
-                if self.a(p).rank() == top {
-                    s.hops.push(self.hop(p));
-                    s.origins.push(self.a(p).origin());
-                }
+            if let Some(s) = self.select(paths) {
+                out.push((*prefix, s));
             }
-            s.hops.sort_unstable();
-            s.hops.dedup();
-            s.origins.sort_unstable();
-            s.origins.dedup();
-            out.push((*prefix, s));
         }
         out
+    }
+
+    /// The ECMP set of one prefix of `fabric`, with the origins of its
+    /// paths (`None`: the fabric has no path for it). The same selection
+    /// as [`Rib::selected_with_origins`], in O(log prefixes).
+    pub fn selection(&self, fabric: &str, prefix: &IpNet) -> Option<Selected> {
+        self.select(self.fabrics.get(fabric)?.get(prefix)?)
+    }
+
+    fn select(&self, paths: &[Stored]) -> Option<Selected> {
+        let top = paths.iter().map(|p| self.a(p).rank()).max()?;
+        // Exact-size sorted vectors: a BTreeSet per prefix allocated a
+        // whole B-tree node (~45 MB at 100,000 prefixes).
+        let tied = paths.iter().filter(|p| self.a(p).rank() == top).count();
+        let mut s = Selected {
+            hops: Vec::with_capacity(tied),
+            origins: Vec::with_capacity(tied),
+        };
+        for p in paths {
+            if self.a(p).rank() == top {
+                s.hops.push(self.hop(p));
+                s.origins.push(self.a(p).origin());
+            }
+        }
+        s.hops.sort_unstable();
+        s.hops.dedup();
+        s.origins.sort_unstable();
+        s.origins.dedup();
+        Some(s)
+    }
+
+    /// Is a session relearning its table at `now` (its hops join groups
+    /// early, see [`Rib::syncing_hops`])?
+    pub fn is_syncing(&self, now: Instant) -> bool {
+        self.syncing.values().any(|until| now < *until)
     }
 
     /// Every (origin, hop) that some path of `fabric` still has (the
