@@ -6,7 +6,11 @@ hypervisors. Measured like the anchor (../shared/anchors/bird-lab, test 1):
 `ip` process; reported as HV1 kernel -> HV2 kernel (the anchor's metric) and
 CLI call -> HV2 kernel (intent accepted -> remote route).
 
-    sudo python3 benches/time_to_route.py [--n 200]
+    sudo python3 benches/time_to_route.py [--n 200] [--preload 100000]
+
+--preload N: the reflector first sends both hypervisors N other learned
+routes (/32s of 10.0.0.0/8 from a static protocol), installed before the
+measurement starts: the time to one more route with a full table.
 
 Everything runs in namespaces it creates (l3tr-*), removed on exit."""
 import argparse
@@ -32,6 +36,7 @@ P = f"l3tr{os.getpid()}"
 WORK = tempfile.mkdtemp(prefix="l3tr.")
 KEEP = None
 LOG_LEVEL = "warn"
+PRELOAD = 0
 PROCS = []
 
 
@@ -77,10 +82,17 @@ def setup():
         sh("ip", "-n", ns(n), "link", "set", ifn, "up")
     sh("ip", "-n", ns("rr"), "addr", "add", "198.51.100.126/25", "dev", "eth0")
     conf = os.path.join(WORK, "bird.conf")
+    static = ""
+    if PRELOAD:
+        routes = os.path.join(WORK, "preload.routes")
+        with open(routes, "w") as f:
+            f.writelines(f"route 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32 via 198.51.100.120;\n"
+                         for i in range(1, PRELOAD + 1))
+        static = f'protocol static s4 {{\n    ipv4;\n    include "{routes}";\n}}\n'
     with open(conf, "w") as f:
         f.write("""router id 198.51.100.126;
 protocol device {}
-template bgp rrc {
+""" + static + """template bgp rrc {
     local 198.51.100.126 as 65000; rr client; rr cluster id 198.51.100.126;
     direct; ttl security on;
     ipv4 { import all; export all; add paths tx; next hop keep; };
@@ -90,6 +102,7 @@ protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
 """)
     sh("ip", "netns", "exec", ns("rr"), "bird", "-c", conf, "-s", os.path.join(WORK, "bird.ctl"),
        "-P", os.path.join(WORK, "bird.pid"))
+    PRELOAD_SUBNET = ', "10.0.0.0/8"' if PRELOAD else ""
     for i in (1, 2):
         d = os.path.join(WORK, f"hv{i}")
         os.makedirs(d)
@@ -109,7 +122,7 @@ connect_retry = "100ms"
 [fabrics.public]
 table = 90
 catch_all = true
-subnets = ["203.0.113.0/24"]
+subnets = ["203.0.113.0/24"{PRELOAD_SUBNET}]
 gateway_v4 = "203.0.113.254"
 [fabrics.public.paths.a]
 interface = "a-public"
@@ -128,6 +141,17 @@ reflectors = ["198.51.100.126"]
             time.sleep(0.05)
         else:
             sys.exit(f"hv{i}: session not established")
+    if PRELOAD:
+        for i in (1, 2):
+            for _ in range(1200):
+                out = sh("ip", "-n", ns(f"hv{i}"), "-4", "-o", "route", "show", "table", "90", "proto", "203")
+                if out.count("\n") >= PRELOAD:
+                    break
+                time.sleep(0.1)
+            else:
+                sys.exit(f"hv{i}: the {PRELOAD} preloaded routes never reached the kernel")
+        time.sleep(1)
+        print(f"preloaded: {PRELOAD} learned routes in both hypervisors' kernels")
 
 
 class Monitor:
@@ -220,9 +244,14 @@ def main():
     ap.add_argument("--capture", action="store_true",
                     help="tcpdump BGP at the reflector and split the time into HV1, reflector, HV2")
     ap.add_argument("--log", default="warn", help="the agents' log level (info: a line per pass)")
+    ap.add_argument("--preload", type=int, default=0, metavar="N",
+                    help="N other learned routes installed on both hypervisors first")
+    ap.add_argument("--bin", metavar="DIR", help="l3hvd and l3hv from DIR (default target/release)")
     a = ap.parse_args()
-    global KEEP, LOG_LEVEL
-    KEEP, LOG_LEVEL = a.keep, a.log
+    global KEEP, LOG_LEVEL, PRELOAD, L3HVD, L3HV
+    if a.bin:
+        L3HVD, L3HV = os.path.join(a.bin, "l3hvd"), os.path.join(a.bin, "l3hv")
+    KEEP, LOG_LEVEL, PRELOAD = a.keep, a.log, a.preload
     atexit.register(cleanup)
     setup()
     m1, m2 = Monitor("hv1"), Monitor("hv2")
