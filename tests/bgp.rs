@@ -1365,8 +1365,22 @@ fn a_vm_moving_between_hypervisors_converges_to_its_new_home() {
     wait_for("hv1 routes vm3 to hv2", Duration::from_secs(30), || {
         route(&f.hv1).contains("via 198.51.100.102")
     });
-    // Migration: the destination prepares, the source releases.
+    // Migration: the destination prepares, the source releases. While
+    // hv2 still announces it, the local route wins on hv1 and the learned
+    // one goes: planned with that prefix alone, and a full pass after it
+    // finds nothing to do.
+    let scoped = |a: &Agent| a.status_json()["reconcile_scoped_passes"].as_u64().unwrap();
+    let before = scoped(&a1);
     a1.set_vm(vm3);
+    let r = route(&f.hv1);
+    assert!(
+        r.contains("dev tap3") && !r.contains("via 198.51.100.102"),
+        "{r}"
+    );
+    assert!(scoped(&a1) > before, "{}", a1.log());
+    let full = a1.cli(&["reconcile", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert_eq!(report["planned"], 0, "{report}\n{}", a1.log());
     a2.remove_vm("vm3");
     wait_for("hv2 routes vm3 to hv1", Duration::from_secs(30), || {
         route(&f.hv2).contains("via 198.51.100.101")

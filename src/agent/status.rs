@@ -25,6 +25,9 @@ pub struct ReconcileReport {
     /// `scoped` (no dump, and only the learned prefixes that changed were
     /// computed).
     pub observed: &'static str,
+    /// Learned routes were computed for the prefixes that changed alone
+    /// (`reconcile::scoped`), not all of them.
+    pub learned_scoped: bool,
     #[serde(serialize_with = "as_millis")]
     pub sysctls: Duration,
     #[serde(serialize_with = "as_millis")]
@@ -340,8 +343,8 @@ pub const RECONCILE_BUCKETS: [f64; 12] = [
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ReconcileStats {
     pub passes: u64,
-    /// Of those, passes over the changed learned prefixes alone
-    /// (`reconcile::scoped`).
+    /// Of those, passes that computed the learned routes of the changed
+    /// prefixes alone (`reconcile::scoped`).
     pub scoped: u64,
     /// Passes that could not run (the dump failed).
     pub errors: u64,
@@ -382,7 +385,7 @@ impl ReconcileStats {
     /// Adds one pass.
     pub fn record(&mut self, report: &ReconcileReport) {
         self.passes += 1;
-        if report.observed == "scoped" {
+        if report.learned_scoped {
             self.scoped += 1;
         }
         if report.error.is_some() {

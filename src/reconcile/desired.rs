@@ -120,6 +120,16 @@ pub fn desired_with(
     rib: &Rib,
     nexthop_objects: bool,
 ) -> DesiredKernel {
+    let mut d = desired_host(config, intent, rib);
+    learned(config, rib, &mut d, nexthop_objects);
+    d
+}
+
+/// Everything [`desired_with`] computes but the learned routes and their
+/// nexthop objects and groups: what an intent change recomputes when the
+/// learned routes are planned from the prefixes it makes local or gives
+/// back (`super::scoped`). O(VMs + learned addresses in shared /64s).
+pub fn desired_host(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
     let mut d = DesiredKernel::default();
     let k = &config.kernel;
 
@@ -375,7 +385,7 @@ pub fn desired_with(
         .filter(|(_, a)| a.oif.as_ref().is_some_and(|o| d.links.contains_key(o)))
         .map(|(id, _)| (id.table, id.dst))
         .collect();
-    learned(config, rib, &mut d, nexthop_objects);
+    d.host_routes = d.routes.keys().copied().collect();
     proxies(config, intent, rib, &mut d);
     d
 }
@@ -408,11 +418,13 @@ fn proxies(config: &Config, intent: &Intent, rib: &Rib, d: &mut DesiredKernel) {
                 )
             })
             .collect();
-        let learned: Vec<Ipv6Addr> = rib
-            .selected(name)
-            .keys()
+        // The learned host routes inside the shared /64s alone (a range of
+        // the RIB, not all of it).
+        let learned: Vec<Ipv6Addr> = shared
+            .iter()
+            .flat_map(|n| rib.prefixes_within(name, IpNet::V6(*n)))
             .filter_map(|p| match p {
-                IpNet::V6(n) if n.prefix_len() == 128 && in_shared(&n.addr()) => Some(n.addr()),
+                IpNet::V6(n) if n.prefix_len() == 128 => Some(n.addr()),
                 _ => None,
             })
             .collect();

@@ -10,9 +10,9 @@ pub mod scoped;
 
 use std::collections::BTreeMap;
 
-pub use desired::{desired, desired_with};
+pub use desired::{desired, desired_host, desired_with};
 pub use model::*;
-pub use plan::{KernelOp, Plan, plan};
+pub use plan::{KernelOp, Plan, plan, plan_host};
 
 /// Which sysctl files to read before planning: the host and uplink ones
 /// (few; with `host`), those of VM links not yet verified at their current

@@ -181,6 +181,11 @@ pub struct DesiredKernel {
     pub group_keys: BTreeMap<u32, GroupKey>,
     /// Two intents that want the same route; the first one wins.
     pub conflicts: Vec<String>,
+    /// Every route but the learned ones (those of the intent, the tables'
+    /// defaults, the sink's): what a pass that leaves learned routes to
+    /// `super::scoped` may delete next time.
+    #[serde(skip)]
+    pub host_routes: BTreeSet<RouteId>,
     /// (table, prefix) of every route out of a VM link or the sink: no
     /// learned route shadows these (local wins).
     #[serde(skip)]

@@ -125,6 +125,34 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Appends `other`'s operations, phase by phase.
+    pub fn extend(&mut self, other: Plan) {
+        let Plan {
+            create_links,
+            configure_links,
+            set_up,
+            remove,
+            add_addresses,
+            add_nexthops,
+            add_groups,
+            add_routes,
+            remove_groups,
+            remove_nexthops,
+            delete_links,
+        } = other;
+        self.create_links.extend(create_links);
+        self.configure_links.extend(configure_links);
+        self.set_up.extend(set_up);
+        self.remove.extend(remove);
+        self.add_addresses.extend(add_addresses);
+        self.add_nexthops.extend(add_nexthops);
+        self.add_groups.extend(add_groups);
+        self.add_routes.extend(add_routes);
+        self.remove_groups.extend(remove_groups);
+        self.remove_nexthops.extend(remove_nexthops);
+        self.delete_links.extend(delete_links);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -244,6 +272,28 @@ fn needs_write(observed: &ObservedKernel, path: &str, desired: &str) -> bool {
 
 /// Computes the operations that turn `observed` into `desired`.
 pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
+    plan_with(desired, observed, None)
+}
+
+/// As [`plan`] for a `desired` from [`super::desired_host`]: learned
+/// routes, nexthop objects and groups are left as they are (planned by
+/// [`super::scoped`]), and the routes to delete are looked for among
+/// `previous` (the last pass's [`DesiredKernel::host_routes`]: the
+/// kernel's routes of l3hv besides the learned ones, when it is mirrored)
+/// instead of among every route of the kernel.
+pub fn plan_host(
+    desired: &DesiredKernel,
+    observed: &ObservedKernel,
+    previous: &BTreeSet<RouteId>,
+) -> Plan {
+    plan_with(desired, observed, Some(previous))
+}
+
+fn plan_with(
+    desired: &DesiredKernel,
+    observed: &ObservedKernel,
+    previous: Option<&BTreeSet<RouteId>>,
+) -> Plan {
     let mut p = Plan::default();
 
     // Host sysctls.
@@ -408,11 +458,19 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
             }),
         }
     }
-    for (id, attrs) in &observed.routes {
+    // Also the routes on a link about to be deleted: the agent answers
+    // before the (slow, RCU-bound) link deletion, and the routes must be
+    // gone by then.
+    let stale: Box<dyn Iterator<Item = (&RouteId, &SharedAttrs)>> = match previous {
+        None => Box::new(observed.routes.iter()),
+        Some(previous) => Box::new(
+            previous
+                .iter()
+                .filter_map(|id| observed.routes.get_key_value(id)),
+        ),
+    };
+    for (id, attrs) in stale {
         if !desired.routes.contains_key(id) {
-            // Also the routes on a link about to be deleted: the agent
-            // answers before the (slow, RCU-bound) link deletion, and the
-            // routes must be gone by then.
             p.remove.push(KernelOp::DelRoute {
                 id: *id,
                 attrs: attrs.clone(),
@@ -427,7 +485,9 @@ pub fn plan(desired: &DesiredKernel, observed: &ObservedKernel) -> Plan {
     }
 
     // Nexthop objects and groups (kernel.nexthop_objects).
-    nexthop_ops(&desired.nexthops, &desired.groups, observed, &mut p);
+    if previous.is_none() {
+        nexthop_ops(&desired.nexthops, &desired.groups, observed, &mut p);
+    }
 
     // Rules.
     for r in desired.rules.difference(&observed.rules) {

@@ -82,6 +82,7 @@ pub fn plan(
     before: &Before,
     last: &mut DesiredKernel,
     observed: &ObservedKernel,
+    with_proxies: bool,
 ) -> Result<Plan, &'static str> {
     let k = &config.kernel;
     let metric = k.learned_route_metric;
@@ -278,13 +279,49 @@ pub fn plan(
                 (None, None) => {}
             }
         }
-        proxies(config, intent, rib, &dst, observed, &mut p);
+        if with_proxies {
+            proxies(config, intent, rib, &dst, observed, &mut p);
+        }
     }
 
     last.nexthops = objects;
     last.groups = groups;
     last.group_keys = group_keys;
     last.group_use = group_use;
+    Ok(p)
+}
+
+/// The plan of an intent change: `desired`, from [`super::desired_host`]
+/// (the VMs' links, addresses, routes and proxy entries, planned by
+/// [`super::plan_host`]), plus the learned routes of the prefixes the
+/// change made local or gave back (the learned route goes or comes back;
+/// groups are not touched: they do not depend on the intent). `last` as
+/// for [`plan`]; on success its `local` and `host_routes` are `desired`'s.
+/// On refusal nothing is changed.
+pub fn plan_intent(
+    config: &Config,
+    intent: &Intent,
+    rib: &Rib,
+    desired: &DesiredKernel,
+    last: &mut DesiredKernel,
+    observed: &ObservedKernel,
+) -> Result<Plan, &'static str> {
+    let mut p = super::plan::plan_host(desired, observed, &last.host_routes);
+    let before: Before = last
+        .local
+        .symmetric_difference(&desired.local)
+        .map(|(_, dst)| (*dst, BTreeMap::new()))
+        .collect();
+    let was = std::mem::replace(&mut last.local, desired.local.clone());
+    // The proxy entries are all in `desired` already.
+    match plan(config, intent, rib, &before, last, observed, false) {
+        Ok(learned) => p.extend(learned),
+        Err(reason) => {
+            last.local = was;
+            return Err(reason);
+        }
+    }
+    last.host_routes = desired.host_routes.clone();
     Ok(p)
 }
 
@@ -510,7 +547,7 @@ mod tests {
                 }
                 let full = desired_with(&cfg, &intent, &rib, true);
                 let was = last.clone();
-                match plan(&cfg, &intent, &rib, &before, &mut last, &observed) {
+                match plan(&cfg, &intent, &rib, &before, &mut last, &observed, true) {
                     Ok(p) => {
                         scoped += 1;
                         for op in p.phases().into_iter().flatten() {
@@ -590,6 +627,7 @@ mod tests {
             &new("172.22.2.31/32"),
             &mut last,
             &observed,
+            true,
         )
         .unwrap();
         assert_eq!(p.len(), 2, "{p:#?}");
@@ -612,6 +650,7 @@ mod tests {
             &new("172.22.2.32/32"),
             &mut last,
             &observed,
+            true,
         )
         .unwrap();
         assert_eq!(
@@ -638,7 +677,7 @@ mod tests {
                 rib.selection("private", &"172.22.2.32/32".parse().unwrap()),
             );
         announce(&mut rib, "qb", "172.22.2.32/32", b());
-        let p = plan(&cfg, &intent, &rib, &before, &mut last, &observed).unwrap();
+        let p = plan(&cfg, &intent, &rib, &before, &mut last, &observed, true).unwrap();
         assert_eq!(
             (p.add_nexthops.len(), p.add_groups.len(), p.len()),
             (1, 1, 2),
@@ -687,7 +726,16 @@ mod tests {
         });
         // As placed, hv3's group going is planned alone.
         let mut last = kept(&d);
-        let p = plan(&cfg, &intent, &rib, &before, &mut last, &converged(&d)).unwrap();
+        let p = plan(
+            &cfg,
+            &intent,
+            &rib,
+            &before,
+            &mut last,
+            &converged(&d),
+            true,
+        )
+        .unwrap();
         assert_eq!(p.remove_groups.len(), 1, "{p:#?}");
 
         // hv2's group past its slot (as after a collision): without hv3's
@@ -708,7 +756,18 @@ mod tests {
         moved.group_keys.insert(hv2 + 1, k);
         moved.group_use.insert(hv2 + 1, u);
         let was = moved.clone();
-        assert!(plan(&cfg, &intent, &rib, &before, &mut moved, &converged(&d)).is_err());
+        assert!(
+            plan(
+                &cfg,
+                &intent,
+                &rib,
+                &before,
+                &mut moved,
+                &converged(&d),
+                true
+            )
+            .is_err()
+        );
         assert_eq!(moved, was);
 
         // A session relearning its table: its hops joined the groups.
@@ -716,6 +775,149 @@ mod tests {
         for u in syncing.group_use.values_mut() {
             u.returning = true;
         }
-        assert!(plan(&cfg, &intent, &rib, &before, &mut syncing, &converged(&d)).is_err());
+        assert!(
+            plan(
+                &cfg,
+                &intent,
+                &rib,
+                &before,
+                &mut syncing,
+                &converged(&d),
+                true
+            )
+            .is_err()
+        );
+    }
+
+    /// Applies every operation of `p` to `o` as the kernel would.
+    fn mirror_all(o: &mut ObservedKernel, p: &Plan, ifindex: &mut u32) {
+        for op in p.phases().into_iter().flatten() {
+            if o.mirror(op) {
+                continue;
+            }
+            match op {
+                KernelOp::CreateTap { name, .. } | KernelOp::CreateSink { name } => {
+                    *ifindex += 1;
+                    o.links.insert(
+                        name.clone(),
+                        ObservedLink {
+                            name: name.clone(),
+                            ifindex: *ifindex,
+                            up: false,
+                            alias: None,
+                            addresses: BTreeSet::new(),
+                        },
+                    );
+                }
+                KernelOp::SetAlias { name, alias } => {
+                    o.links.get_mut(name).unwrap().alias = Some(alias.clone());
+                }
+                KernelOp::SetUp { name } => o.links.get_mut(name).unwrap().up = true,
+                KernelOp::AddAddress { ifname, addr, .. } => {
+                    o.links.get_mut(ifname).unwrap().addresses.insert(*addr);
+                }
+                KernelOp::DelAddress { ifname, addr } => {
+                    o.links.get_mut(ifname).unwrap().addresses.remove(addr);
+                }
+                KernelOp::AddRule { rule } => {
+                    o.rules.insert(rule.clone());
+                }
+                KernelOp::DelRule { rule } => {
+                    o.rules.remove(rule);
+                }
+                KernelOp::DeleteLink { name } => {
+                    o.links.remove(name);
+                    o.routes.retain(|_, a| a.oif.as_deref() != Some(name));
+                    o.proxies.retain(|(l, _)| l != name);
+                }
+                KernelOp::Sysctl { .. } => {}
+                other => panic!("not mirrored: {other:?}"),
+            }
+        }
+    }
+
+    /// VMs that come, go and change addresses, some of them on prefixes
+    /// the RIB also has (local wins), one on an adopted link that does not
+    /// exist (its routes wait).
+    fn vm_change(dice: &mut Dice, intent: &mut Intent) {
+        let adopted = |mut v: VmIntent| {
+            v.interfaces[0].link = LinkMode::Adopt;
+            v
+        };
+        let pool = [
+            vm(
+                "vmA",
+                "ta",
+                "public",
+                &["203.0.113.20"],
+                &["2001:db8:cb00:7100::20"],
+            ),
+            vm("vmA", "ta", "public", &["203.0.113.21"], &[]),
+            vm("vmB", "tb", "private", &["172.22.2.30"], &[]),
+            vm("vmB", "tb", "private", &["172.22.2.31", "172.22.2.30"], &[]),
+            vm("vmC", "tc", "public", &[], &["2001:db8:cb00:7100::21"]),
+            adopted(vm("vmD", "ad0", "public", &["198.18.0.1"], &[])),
+            vm("vm2", "tap2", "public", &[], &["2001:db8:cb00:7100::20"]),
+        ];
+        let v = &pool[dice.below(pool.len())];
+        if dice.below(3) == 0 {
+            intent.vms.remove(&v.name);
+        } else {
+            intent.vms.insert(v.name.clone(), v.clone());
+        }
+    }
+
+    #[test]
+    fn intent_changes_with_the_learned_routes_they_touch_leave_what_the_full_pass_wants() {
+        let cfg = cfg();
+        for seed in 1..=20u64 {
+            let mut dice = Dice(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            let mut intent = intent();
+            let mut rib = Rib::default();
+            for _ in 0..30 {
+                rib.apply(event(&mut dice));
+            }
+            let d = desired_with(&cfg, &intent, &rib, true);
+            let mut observed = converged(&d);
+            let mut last = kept(&d);
+            last.host_routes = d.host_routes.clone();
+            let mut ifindex = 100;
+            for step in 0..120 {
+                let p = if dice.below(2) == 0 {
+                    vm_change(&mut dice, &mut intent);
+                    let host = crate::reconcile::desired_host(&cfg, &intent, &rib);
+                    plan_intent(&cfg, &intent, &rib, &host, &mut last, &observed)
+                } else {
+                    let mut before = Before::new();
+                    let ev = event(&mut dice);
+                    if let RibEvent::Update {
+                        fabric,
+                        announce,
+                        withdraw,
+                        ..
+                    } = &ev
+                    {
+                        let prefixes = announce.iter().map(|(p, _, _)| p);
+                        for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
+                            before
+                                .entry(*p)
+                                .or_default()
+                                .entry(fabric.clone())
+                                .or_insert_with(|| rib.selection(fabric, p));
+                        }
+                    }
+                    rib.apply(ev);
+                    plan(&cfg, &intent, &rib, &before, &mut last, &observed, true)
+                };
+                let p = p.unwrap_or_else(|e| panic!("seed {seed} step {step}: refused: {e}"));
+                mirror_all(&mut observed, &p, &mut ifindex);
+                let full = desired_with(&cfg, &intent, &rib, true);
+                let left = full_plan(&full, &observed);
+                assert!(left.is_empty(), "seed {seed} step {step}: {left:#?}");
+                assert_eq!(last.local, full.local, "seed {seed} step {step}");
+                assert_eq!(last.groups, full.groups, "seed {seed} step {step}");
+                assert_eq!(last.group_use, full.group_use, "seed {seed} step {step}");
+            }
+        }
     }
 }

@@ -564,6 +564,32 @@ impl Rib {
         Some(s)
     }
 
+    /// The prefixes of `fabric` whose address lies inside `net` (of any
+    /// length), in order: O(log prefixes + matches).
+    pub fn prefixes_within<'a>(
+        &'a self,
+        fabric: &str,
+        net: IpNet,
+    ) -> impl Iterator<Item = &'a IpNet> + use<'a> {
+        // IpNet orders by family, then address, then prefix length.
+        let (lo, hi) = match net {
+            IpNet::V4(n) => (
+                ipnet::Ipv4Net::new(n.network(), 0).map(IpNet::V4),
+                ipnet::Ipv4Net::new(n.broadcast(), 32).map(IpNet::V4),
+            ),
+            IpNet::V6(n) => (
+                ipnet::Ipv6Net::new(n.network(), 0).map(IpNet::V6),
+                ipnet::Ipv6Net::new(n.broadcast(), 128).map(IpNet::V6),
+            ),
+        };
+        let table = self.fabrics.get(fabric);
+        let range = match (table, lo, hi) {
+            (Some(t), Ok(lo), Ok(hi)) => Some(t.range(lo..=hi).map(|(p, _)| p)),
+            _ => None,
+        };
+        range.into_iter().flatten()
+    }
+
     /// Is a session relearning its table at `now` (its hops join groups
     /// early, see [`Rib::syncing_hops`])?
     pub fn is_syncing(&self, now: Instant) -> bool {
