@@ -114,7 +114,11 @@ pub enum Command {
     /// Paths learned or lost by a BGP session (no reply).
     Rib(RibEvent),
     /// The kernel's links changed (netlink notification): reconcile now.
-    LinksChanged,
+    /// `names`: the links the notifications were about; `None` when some
+    /// were lost (socket overrun): a full pass.
+    LinksChanged {
+        names: Option<BTreeSet<String>>,
+    },
     /// Switch to a new (already validated) configuration: the part that can
     /// change live is applied by a reconcile, the rest is kept and named in
     /// the reply's notes. Refused when the intent does not fit the new file.
@@ -173,9 +177,11 @@ impl AgentHandle {
         .await?
     }
 
-    /// Says the kernel's links changed; the agent runs a full pass.
-    pub async fn links_changed(&self) {
-        let _ = self.tx.send(Command::LinksChanged).await;
+    /// Says the kernel's links changed: the agent dumps links, addresses
+    /// and rules again, and everything when an uplink is among `names` or
+    /// they are not known (see [`Command::LinksChanged`]).
+    pub async fn links_changed(&self, names: Option<BTreeSet<String>>) {
+        let _ = self.tx.send(Command::LinksChanged { names }).await;
     }
 
     /// Hands learned paths to the RIB (BGP import → RIB → kernel).
@@ -279,6 +285,9 @@ enum Pass {
     Intent,
     /// Only the RIB changed: the same.
     Rib,
+    /// Links changed (not an uplink): links, addresses and rules dumped,
+    /// the learned state from the cache.
+    Links,
 }
 
 pub struct Agent {
@@ -581,30 +590,15 @@ impl Agent {
                             }
                         }
                     }
-                    let update = match (&event, scope.as_mut()) {
-                        (
-                            RibEvent::Update {
-                                fabric,
-                                announce,
-                                withdraw,
-                                ..
-                            },
-                            Some(before),
-                        ) => {
-                            let prefixes = announce.iter().map(|(p, _, _)| p);
-                            for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
-                                let fabrics = before.entry(*p).or_default();
-                                if !fabrics.contains_key(fabric) {
-                                    fabrics.insert(fabric.clone(), self.rib.selection(fabric, p));
-                                }
-                            }
+                    let update = match scope.as_mut() {
+                        Some(before) => {
+                            let update = reconcile::scoped::record(before, &self.rib, &event);
                             if before.len() > SCOPED_MAX {
                                 scope = None;
                             }
-                            true
+                            update
                         }
-                        (RibEvent::Update { .. }, None) => true,
-                        _ => false,
+                        None => matches!(event, RibEvent::Update { .. }),
                     };
                     let changed_rib = self.rib.apply(event);
                     if changed_rib && !update {
@@ -633,9 +627,24 @@ impl Agent {
             let snapshot = self.intent.clone();
             tokio::task::spawn_blocking(move || store.save(&snapshot))
         });
-        let asked = later
+        // A full pass when asked for, or when an uplink changed: a carrier
+        // loss makes the kernel delete the nexthop objects on it and flush
+        // routes of their emptied groups, which only a full dump sees.
+        // Other link events (a tap made or deleted by us, QEMU opening it,
+        // an adopted interface appearing) dump the links, addresses and
+        // rules alone: at 100,000 learned routes the full dump they took
+        // held the next VM's hook up 0.1-0.3 s.
+        let uplinks = self.uplink_names();
+        let asked = later.iter().any(|c| match c {
+            Command::Reconcile { .. } => true,
+            Command::LinksChanged { names } => names
+                .as_ref()
+                .is_none_or(|n| n.iter().any(|l| uplinks.contains(l))),
+            _ => false,
+        });
+        let links = later
             .iter()
-            .any(|c| matches!(c, Command::Reconcile { .. } | Command::LinksChanged));
+            .any(|c| matches!(c, Command::LinksChanged { .. }));
         if rib_changed && session_down {
             // Forwarding first: the groups lose their dead members in place
             // (O(groups)) before the full recompute (O(routes)). Partial
@@ -649,8 +658,16 @@ impl Agent {
         self.announce = intent.clone();
         if asked {
             self.reconcile().await;
-        } else if changed {
-            self.pass(Pass::Intent).await;
+        } else if changed || links {
+            // The learned prefixes changed in the same batch go with it (all
+            // of them when they are not known).
+            let learned = if rib_changed {
+                scope
+            } else {
+                Some(BTreeMap::new())
+            };
+            let kind = if links { Pass::Links } else { Pass::Intent };
+            self.pass(kind, learned).await;
         } else if rib_changed {
             let scoped = match scope {
                 Some(before) if !before.is_empty() => self.pass_scoped(before).await,
@@ -723,7 +740,7 @@ impl Agent {
                 Command::SetVm { .. }
                 | Command::RemoveVm { .. }
                 | Command::Rib(_)
-                | Command::LinksChanged => {}
+                | Command::LinksChanged { .. } => {}
             }
         }
         self.apply_deferred().await;
@@ -983,22 +1000,27 @@ impl Agent {
 
     /// One level-based pass: dump, read sysctls, plan, apply.
     async fn reconcile(&mut self) {
-        self.pass(Pass::Full).await
+        self.pass(Pass::Full, None).await
     }
 
     /// A pass for learned-route changes: plans against the cached kernel
     /// state when there is one (no dump), else a full pass.
     async fn reconcile_incremental(&mut self) {
-        self.pass(Pass::Rib).await
+        self.pass(Pass::Rib, None).await
     }
 
-    async fn pass(&mut self, kind: Pass) {
+    /// `learned`: for an intent or links pass, the learned prefixes changed
+    /// since the last pass (`reconcile::scoped::Before`), which are planned
+    /// with those the intent makes local or gives back; `None`: unknown,
+    /// every learned route is computed.
+    async fn pass(&mut self, kind: Pass, learned: Option<reconcile::scoped::Before>) {
         let start = Instant::now();
         // An intent change recomputes what the VMs want (O(VMs)) and plans
         // learned routes only where it makes prefixes local or gives them
         // back (`plan_host`): a VM start on a hypervisor with 100,000
         // learned routes does not recompute them (it took 0.1-0.3 s).
-        let mut host_only = kind == Pass::Intent
+        let mut host_only = matches!(kind, Pass::Intent | Pass::Links)
+            && learned.is_some()
             && self.cache.is_some()
             && self.nexthop_objects()
             && self.learned_hold.is_none()
@@ -1031,7 +1053,7 @@ impl Agent {
         let t = Instant::now();
         let cached = match kind {
             Pass::Full => None,
-            Pass::Intent | Pass::Rib => self.cache.take(),
+            Pass::Intent | Pass::Rib | Pass::Links => self.cache.take(),
         };
         // RIB and intent changes plan against the cache as it is when the
         // pass it comes from changed only routes (its mirror is whole): a
@@ -1151,7 +1173,7 @@ impl Agent {
         // of them are wanted follows the intent (the first VM of a
         // shared-/64 fabric wants proxy_ndp), so the cache's pass may not
         // have settled the ones an intent change adds.
-        let host = !incremental || kind == Pass::Intent;
+        let host = !incremental || kind != Pass::Rib;
         let reads = reconcile::sysctls_to_read(&desired, &observed, &self.verified, host);
         // Read in place: the agent has this thread to itself (see
         // [`spawn`]), and /proc/sys reads take microseconds, where a hop to
@@ -1169,6 +1191,7 @@ impl Agent {
                 &self.intent,
                 &self.rib,
                 &desired,
+                learned.unwrap_or_default(),
                 &mut self.last_groups,
                 &observed,
             )
@@ -1512,6 +1535,7 @@ impl Agent {
         s.services = self.services.as_ref().map(|r| r.snapshot());
         s.reconcile_passes = self.stats.passes;
         s.reconcile_scoped_passes = self.stats.scoped;
+        s.reconcile_full_passes = self.stats.full;
         s.nexthops = status::NexthopStatus {
             mode: nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support).into(),
             setting: self.config.kernel.nexthop_objects.as_str().into(),

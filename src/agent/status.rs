@@ -104,6 +104,8 @@ pub struct Status {
     /// the learned prefixes that changed (`reconcile::scoped`).
     pub reconcile_passes: u64,
     pub reconcile_scoped_passes: u64,
+    /// Of those, passes that dumped the whole kernel.
+    pub reconcile_full_passes: u64,
     /// How learned routes are programmed (`kernel.nexthop_objects`).
     pub nexthops: NexthopStatus,
     /// DHCP and RA counters per VM interface, when those services run.
@@ -326,6 +328,7 @@ pub fn build(
         last_reconcile: last.cloned(),
         reconcile_passes: 0,
         reconcile_scoped_passes: 0,
+        reconcile_full_passes: 0,
         nexthops: NexthopStatus::default(),
         services: None,
     }
@@ -346,6 +349,8 @@ pub struct ReconcileStats {
     /// Of those, passes that computed the learned routes of the changed
     /// prefixes alone (`reconcile::scoped`).
     pub scoped: u64,
+    /// Of those, passes that dumped the whole kernel (the repair path).
+    pub full: u64,
     /// Passes that could not run (the dump failed).
     pub errors: u64,
     pub operations_applied: u64,
@@ -387,6 +392,9 @@ impl ReconcileStats {
         self.passes += 1;
         if report.learned_scoped {
             self.scoped += 1;
+        }
+        if report.observed == "full" {
+            self.full += 1;
         }
         if report.error.is_some() {
             self.errors += 1;

@@ -127,8 +127,8 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
         Ok(mut changes) => {
             let agent = handle.clone();
             tokio::spawn(async move {
-                while changes.recv().await.is_some() {
-                    agent.links_changed().await;
+                while let Some(names) = changes.recv().await {
+                    agent.links_changed(names).await;
                 }
             });
         }

@@ -240,6 +240,11 @@ pub fn encode(
         ConstCounter::new(stats.scoped),
     );
     r.register(
+        "reconcile_full_runs",
+        "Reconcile passes that dumped the whole kernel",
+        ConstCounter::new(stats.full),
+    );
+    r.register(
         "reconcile_errors",
         "Reconcile passes that could not run (kernel dump failed)",
         ConstCounter::new(stats.errors),
@@ -522,6 +527,7 @@ mod tests {
             last_reconcile: None,
             reconcile_passes: 0,
             reconcile_scoped_passes: 0,
+            reconcile_full_passes: 0,
             nexthops: Default::default(),
             services: None,
         }

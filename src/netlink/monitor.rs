@@ -3,42 +3,77 @@
 //! routes (and the nexthop objects on the uplink, whose emptied groups take
 //! their IPv4 routes with them without any RTM_DELROUTE). The kernel state
 //! is level-reconciled; these events only say "look again now" instead of
-//! waiting for the periodic pass. A socket overrun (ENOBUFS) is one such
-//! event too.
+//! waiting for the periodic pass, and at which links: the agent dumps
+//! everything only when an uplink is one of them. A socket overrun
+//! (ENOBUFS) is such an event for every link.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures::StreamExt;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::LinkAttribute;
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
-/// Starts a task that sends `()` on the returned channel after each burst
-/// of link notifications (bursts are coalesced for `quiet`).
-pub fn link_changes(quiet: Duration) -> std::io::Result<mpsc::Receiver<()>> {
+/// The links one burst of notifications was about; `None` when some
+/// notifications were lost (ENOBUFS): anything may have changed.
+pub type LinkBurst = Option<BTreeSet<String>>;
+
+/// Starts a task that sends, after each burst of link notifications
+/// (bursts are coalesced for `quiet`), the names of the links it concerned.
+pub fn link_changes(quiet: Duration) -> std::io::Result<mpsc::Receiver<LinkBurst>> {
     let (conn, _handle, mut messages) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link])?;
     tokio::spawn(conn);
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            if matches!(msg.payload, netlink_packet_core::NetlinkPayload::Overrun(_)) {
-                // ENOBUFS: notifications were lost (the kernel may have
-                // flushed routes or nexthops meanwhile): the full pass this
-                // triggers re-dumps everything.
-                tracing::warn!("link notifications overran the socket; re-dumping");
-            }
+            let mut burst: LinkBurst = Some(BTreeSet::new());
+            note(&mut burst, msg.payload);
             // Coalesce: wait until the burst is over.
             loop {
                 match tokio::time::timeout(quiet, messages.next()).await {
-                    Ok(Some(_)) => continue,
+                    Ok(Some((msg, _))) => note(&mut burst, msg.payload),
                     Ok(None) => return,
                     Err(_) => break,
                 }
             }
-            if tx.send(()).await.is_err() {
+            if tx.send(burst).await.is_err() {
                 return;
             }
         }
     });
     Ok(rx)
+}
+
+/// Adds the link a notification is about to `burst`.
+fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
+    match payload {
+        NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewLink(m) | RouteNetlinkMessage::DelLink(m),
+        ) => {
+            let name = m.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            });
+            match (burst.as_mut(), name) {
+                (Some(names), Some(n)) => {
+                    names.insert(n);
+                }
+                // A link without its name: look at everything.
+                (Some(_), None) => *burst = None,
+                (None, _) => {}
+            }
+        }
+        NetlinkPayload::Overrun(_) => {
+            // ENOBUFS: notifications were lost (the kernel may have flushed
+            // routes or nexthops meanwhile): the full pass this triggers
+            // re-dumps everything.
+            tracing::warn!("link notifications overran the socket; re-dumping");
+            *burst = None;
+        }
+        _ => {}
+    }
 }

@@ -35,12 +35,36 @@ use super::model::*;
 use super::plan::{KernelOp, Plan};
 use crate::config::{Config, Ipv6Mode};
 use crate::intent::{Intent, LinkMode};
-use crate::rib::{Rib, Selected};
+use crate::rib::{Rib, RibEvent, Selected};
 
 /// The changed prefixes: prefix → fabric → its selection before the change
 /// (`None`: the fabric had no path for it). Fabrics not listed did not
 /// change for that prefix.
 pub type Before = BTreeMap<IpNet, BTreeMap<String, Option<Selected>>>;
+
+/// Notes in `before` the selections the prefixes of `event` have in `rib`
+/// (call before applying it; a prefix already noted keeps its first
+/// selection). False for an event that is not an UPDATE: those change the
+/// RIB in ways this module does not follow.
+pub fn record(before: &mut Before, rib: &Rib, event: &RibEvent) -> bool {
+    let RibEvent::Update {
+        fabric,
+        announce,
+        withdraw,
+        ..
+    } = event
+    else {
+        return false;
+    };
+    let prefixes = announce.iter().map(|(p, _, _)| p);
+    for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
+        let fabrics = before.entry(*p).or_default();
+        if !fabrics.contains_key(fabric) {
+            fabrics.insert(fabric.clone(), rib.selection(fabric, p));
+        }
+    }
+    true
+}
 
 /// A prefix's place among the groups: its key and its hops (as nexthop
 /// objects; IPv6 routes never take IPv4 next hops, see `groups::build`).
@@ -295,23 +319,24 @@ pub fn plan(
 /// (the VMs' links, addresses, routes and proxy entries, planned by
 /// [`super::plan_host`]), plus the learned routes of the prefixes the
 /// change made local or gave back (the learned route goes or comes back;
-/// groups are not touched: they do not depend on the intent). `last` as
-/// for [`plan`]; on success its `local` and `host_routes` are `desired`'s.
-/// On refusal nothing is changed.
+/// the intent does not move groups) and of the prefixes the RIB changed
+/// since the last pass (`learned`, as for [`plan`]). `last` as for
+/// [`plan`]; on success its `local` and `host_routes` are `desired`'s. On
+/// refusal nothing is changed.
 pub fn plan_intent(
     config: &Config,
     intent: &Intent,
     rib: &Rib,
     desired: &DesiredKernel,
+    learned: Before,
     last: &mut DesiredKernel,
     observed: &ObservedKernel,
 ) -> Result<Plan, &'static str> {
     let mut p = super::plan::plan_host(desired, observed, &last.host_routes);
-    let before: Before = last
-        .local
-        .symmetric_difference(&desired.local)
-        .map(|(_, dst)| (*dst, BTreeMap::new()))
-        .collect();
+    let mut before = learned;
+    for (_, dst) in last.local.symmetric_difference(&desired.local) {
+        before.entry(*dst).or_default();
+    }
     let was = std::mem::replace(&mut last.local, desired.local.clone());
     // The proxy entries are all in `desired` already.
     match plan(config, intent, rib, &before, last, observed, false) {
@@ -386,7 +411,7 @@ mod tests {
     use crate::intent::{InterfaceIntent, VmIntent};
     use crate::reconcile::plan::tests::converged;
     use crate::reconcile::{desired_with, plan as full_plan};
-    use crate::rib::{Path, RibEvent};
+    use crate::rib::Path;
     use std::sync::Arc;
 
     fn cfg() -> Config {
@@ -527,22 +552,7 @@ mod tests {
                 let mut before = Before::new();
                 for _ in 0..1 + dice.below(3) {
                     let ev = event(&mut dice);
-                    if let RibEvent::Update {
-                        fabric,
-                        announce,
-                        withdraw,
-                        ..
-                    } = &ev
-                    {
-                        let prefixes = announce.iter().map(|(p, _, _)| p);
-                        for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
-                            before
-                                .entry(*p)
-                                .or_default()
-                                .entry(fabric.clone())
-                                .or_insert_with(|| rib.selection(fabric, p));
-                        }
-                    }
+                    record(&mut before, &rib, &ev);
                     rib.apply(ev);
                 }
                 let full = desired_with(&cfg, &intent, &rib, true);
@@ -885,27 +895,19 @@ mod tests {
             for step in 0..120 {
                 let p = if dice.below(2) == 0 {
                     vm_change(&mut dice, &mut intent);
+                    // Sometimes with an UPDATE in the same batch.
+                    let mut before = Before::new();
+                    if dice.below(2) == 0 {
+                        let ev = event(&mut dice);
+                        record(&mut before, &rib, &ev);
+                        rib.apply(ev);
+                    }
                     let host = crate::reconcile::desired_host(&cfg, &intent, &rib);
-                    plan_intent(&cfg, &intent, &rib, &host, &mut last, &observed)
+                    plan_intent(&cfg, &intent, &rib, &host, before, &mut last, &observed)
                 } else {
                     let mut before = Before::new();
                     let ev = event(&mut dice);
-                    if let RibEvent::Update {
-                        fabric,
-                        announce,
-                        withdraw,
-                        ..
-                    } = &ev
-                    {
-                        let prefixes = announce.iter().map(|(p, _, _)| p);
-                        for p in prefixes.chain(withdraw.iter().map(|(p, _)| p)) {
-                            before
-                                .entry(*p)
-                                .or_default()
-                                .entry(fabric.clone())
-                                .or_insert_with(|| rib.selection(fabric, p));
-                        }
-                    }
+                    record(&mut before, &rib, &ev);
                     rib.apply(ev);
                     plan(&cfg, &intent, &rib, &before, &mut last, &observed, true)
                 };
