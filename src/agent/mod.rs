@@ -114,10 +114,10 @@ pub enum Command {
     /// Paths learned or lost by a BGP session (no reply).
     Rib(RibEvent),
     /// The kernel's links changed (netlink notification): reconcile now.
-    /// `names`: the links the notifications were about; `None` when some
+    /// `links`: what the notifications said, per link; `None` when some
     /// were lost (socket overrun): a full pass.
     LinksChanged {
-        names: Option<BTreeSet<String>>,
+        links: crate::netlink::monitor::LinkBurst,
     },
     /// Switch to a new (already validated) configuration: the part that can
     /// change live is applied by a reconcile, the rest is kept and named in
@@ -177,11 +177,12 @@ impl AgentHandle {
         .await?
     }
 
-    /// Says the kernel's links changed: the agent dumps links, addresses
-    /// and rules again, and everything when an uplink is among `names` or
-    /// they are not known (see [`Command::LinksChanged`]).
-    pub async fn links_changed(&self, names: Option<BTreeSet<String>>) {
-        let _ = self.tx.send(Command::LinksChanged { names }).await;
+    /// Says the kernel's links changed: the agent looks again unless its
+    /// mirror already has them so, dumps links, addresses and rules, and
+    /// everything when an uplink is among them or they are not known (see
+    /// [`Command::LinksChanged`]).
+    pub async fn links_changed(&self, links: crate::netlink::monitor::LinkBurst) {
+        let _ = self.tx.send(Command::LinksChanged { links }).await;
     }
 
     /// Hands learned paths to the RIB (BGP import → RIB → kernel).
@@ -634,17 +635,22 @@ impl Agent {
         // an adopted interface appearing) dump the links, addresses and
         // rules alone: at 100,000 learned routes the full dump they took
         // held the next VM's hook up 0.1-0.3 s.
+        // And none when every link is as the mirror has it: the agent's own
+        // taps (created, configured, deleted) and QEMU opening them (the
+        // carrier) take no pass at all, where the next VM's hook would have
+        // waited behind one.
         let uplinks = self.uplink_names();
         let asked = later.iter().any(|c| match c {
             Command::Reconcile { .. } => true,
-            Command::LinksChanged { names } => names
+            Command::LinksChanged { links } => links
                 .as_ref()
-                .is_none_or(|n| n.iter().any(|l| uplinks.contains(l))),
+                .is_none_or(|l| l.keys().any(|name| uplinks.contains(name))),
             _ => false,
         });
-        let links = later
-            .iter()
-            .any(|c| matches!(c, Command::LinksChanged { .. }));
+        let links = later.iter().any(|c| match c {
+            Command::LinksChanged { links: Some(l) } => !self.mirror_has(l),
+            _ => false,
+        });
         if rib_changed && session_down {
             // Forwarding first: the groups lose their dead members in place
             // (O(groups)) before the full recompute (O(routes)). Partial
@@ -744,6 +750,29 @@ impl Agent {
             }
         }
         self.apply_deferred().await;
+    }
+
+    /// Does the mirror already have every link of `links` as the
+    /// notifications say it is (index, up, alias, or gone)? Links that are
+    /// not l3hv's (not in the mirror or the intent, no alias) count as
+    /// known.
+    fn mirror_has(&self, links: &BTreeMap<String, crate::netlink::monitor::LinkNote>) -> bool {
+        let Some(cache) = self.cache.as_ref().filter(|_| self.cache_host_valid) else {
+            return false;
+        };
+        let sink = &self.config.kernel.sink_interface;
+        links
+            .iter()
+            .all(|(name, note)| match cache.links.get(name) {
+                Some(o) if note.deleted => o.ifindex != note.index,
+                Some(o) => o.ifindex == note.index && o.up == note.up && o.alias == note.alias,
+                None => {
+                    note.deleted
+                        || (note.alias.is_none()
+                            && name != sink
+                            && !self.intent.interfaces().any(|(_, i)| i.name == *name))
+                }
+            })
     }
 
     /// Are learned routes programmed through nexthop objects?

@@ -7,19 +7,32 @@
 //! everything only when an uplink is one of them. A socket overrun
 //! (ENOBUFS) is such an event for every link.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use rtnetlink::MulticastGroup;
 use tokio::sync::mpsc;
 
-/// The links one burst of notifications was about; `None` when some
-/// notifications were lost (ENOBUFS): anything may have changed.
-pub type LinkBurst = Option<BTreeSet<String>>;
+/// What one link notification says of a link: what the agent compares
+/// with its mirror of the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkNote {
+    pub index: u32,
+    /// RTM_DELLINK.
+    pub deleted: bool,
+    /// IFF_UP (not the carrier).
+    pub up: bool,
+    pub alias: Option<String>,
+}
+
+/// The links one burst of notifications was about, by name, with the last
+/// notification of each; `None` when some notifications were lost
+/// (ENOBUFS) or one had no name: anything may have changed.
+pub type LinkBurst = Option<BTreeMap<String, LinkNote>>;
 
 /// Starts a task that sends, after each burst of link notifications
 /// (bursts are coalesced for `quiet`), the names of the links it concerned.
@@ -30,7 +43,7 @@ pub fn link_changes(quiet: Duration) -> std::io::Result<mpsc::Receiver<LinkBurst
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         while let Some((msg, _)) = messages.next().await {
-            let mut burst: LinkBurst = Some(BTreeSet::new());
+            let mut burst: LinkBurst = Some(BTreeMap::new());
             note(&mut burst, msg.payload);
             // Coalesce: wait until the burst is over.
             loop {
@@ -52,15 +65,31 @@ pub fn link_changes(quiet: Duration) -> std::io::Result<mpsc::Receiver<LinkBurst
 fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
     match payload {
         NetlinkPayload::InnerMessage(
-            RouteNetlinkMessage::NewLink(m) | RouteNetlinkMessage::DelLink(m),
+            m @ (RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_)),
         ) => {
-            let name = m.attributes.into_iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some(n),
-                _ => None,
-            });
+            let (deleted, m) = match m {
+                RouteNetlinkMessage::DelLink(m) => (true, m),
+                RouteNetlinkMessage::NewLink(m) => (false, m),
+                _ => return,
+            };
+            let mut name = None;
+            let mut alias = None;
+            for a in m.attributes {
+                match a {
+                    LinkAttribute::IfName(n) => name = Some(n),
+                    LinkAttribute::IfAlias(a) if !a.is_empty() => alias = Some(a),
+                    _ => {}
+                }
+            }
+            let note = LinkNote {
+                index: m.header.index,
+                deleted,
+                up: m.header.flags.contains(LinkFlags::Up),
+                alias,
+            };
             match (burst.as_mut(), name) {
-                (Some(names), Some(n)) => {
-                    names.insert(n);
+                (Some(links), Some(n)) => {
+                    links.insert(n, note);
                 }
                 // A link without its name: look at everything.
                 (Some(_), None) => *burst = None,
