@@ -12,6 +12,8 @@ pub mod config;
 pub mod control;
 pub mod dbus;
 pub mod dhcp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hook;
 pub mod intent;
 pub mod libvirt;
