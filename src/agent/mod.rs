@@ -353,6 +353,15 @@ pub struct Agent {
     /// Interfaces of the VMs the next pass changes: the mirror's entry for
     /// each is checked against the kernel's ifindex before it is trusted.
     touched: BTreeSet<String>,
+    /// Links this agent created (name, ifindex) since the last link
+    /// notifications were looked at: created down, their notifications
+    /// say "was down" without anyone else having touched them.
+    created: BTreeSet<(String, u32)>,
+    /// Links whose notifications said they went down since the cache took
+    /// their routes and proxy entries: the next pass writes what it wants
+    /// on them again even when the link is up again (the kernel deleted
+    /// those).
+    bounced: BTreeSet<String>,
     /// The intent once it is durable and its callers were answered
     /// (DHCP, RA, ND, D-Bus signals).
     settled: watch::Sender<Arc<Intent>>,
@@ -434,6 +443,8 @@ impl Agent {
                 published,
                 announce: None,
                 touched: BTreeSet::new(),
+                created: BTreeSet::new(),
+                bounced: BTreeSet::new(),
                 settled,
                 services: None,
                 stats: ReconcileStats::default(),
@@ -651,6 +662,25 @@ impl Agent {
             Command::LinksChanged { links: Some(l) } => !self.mirror_has(l),
             _ => false,
         });
+        for c in &later {
+            if let Command::LinksChanged { links: Some(l) } = c {
+                let ours = |name: &String, note: &crate::netlink::monitor::LinkNote| {
+                    self.created.contains(&(name.clone(), note.index))
+                };
+                let down = l
+                    .iter()
+                    .filter(|(name, note)| note.was_down && !ours(name, note))
+                    .map(|(name, _)| name.clone())
+                    .collect::<Vec<_>>();
+                self.bounced.extend(down);
+            }
+        }
+        if later
+            .iter()
+            .any(|c| matches!(c, Command::LinksChanged { .. }))
+        {
+            self.created.clear();
+        }
         if rib_changed && session_down {
             // Forwarding first: the groups lose their dead members in place
             // (O(groups)) before the full recompute (O(routes)). Partial
@@ -765,7 +795,13 @@ impl Agent {
             .iter()
             .all(|(name, note)| match cache.links.get(name) {
                 Some(o) if note.deleted => o.ifindex != note.index,
-                Some(o) => o.ifindex == note.index && o.up == note.up && o.alias == note.alias,
+                Some(o) => {
+                    o.ifindex == note.index
+                    && o.up == note.up
+                    && o.alias == note.alias
+                    // Down at some point: only as this agent created it.
+                    && (!note.was_down || self.created.contains(&(name.clone(), note.index)))
+                }
                 None => {
                     note.deleted
                         || (note.alias.is_none()
@@ -1132,6 +1168,7 @@ impl Agent {
                     // A link gone, made again (a new ifindex) or set down
                     // since the cache took its routes and proxy entries
                     // with it: they are not carried over.
+                    // (Down and up again meanwhile: `bounced`, below.)
                     let stale: BTreeSet<&String> = c
                         .links
                         .iter()
@@ -1159,7 +1196,10 @@ impl Agent {
                     o.proxies = proxies;
                     o
                 }),
-            None => self.kernel.dump(&self.uplink_names()).await,
+            None => {
+                self.bounced.clear();
+                self.kernel.dump(&self.uplink_names()).await
+            }
         };
         report.observed = if incremental {
             "cache"
@@ -1242,6 +1282,45 @@ impl Agent {
             None => reconcile::plan(&desired, &observed),
         };
         report.learned_scoped = host_only;
+        // Links that went down and up again since the cache took their
+        // routes and proxy entries: the kernel deleted those, or not (the
+        // notification may predate this agent configuring the link), so
+        // what is wanted on them is written again as replacements.
+        let bounced = std::mem::take(&mut self.bounced);
+        if !bounced.is_empty() {
+            let on = |l: &String| bounced.contains(l) && observed.links.contains_key(l);
+            let planned: BTreeSet<reconcile::RouteId> = plan
+                .add_routes
+                .iter()
+                .filter_map(|op| match op {
+                    KernelOp::AddRoute { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            let routes = desired
+                .routes
+                .iter()
+                .filter(|(id, a)| a.oif.as_ref().is_some_and(on) && !planned.contains(id))
+                .map(|(id, a)| KernelOp::AddRoute {
+                    id: *id,
+                    attrs: a.clone(),
+                    replace: true,
+                });
+            let proxies =
+                desired
+                    .proxies
+                    .iter()
+                    .filter(|(l, _)| on(l))
+                    .map(|(l, a)| KernelOp::AddProxy {
+                        ifname: l.clone(),
+                        addr: *a,
+                    });
+            let again: Vec<KernelOp> = routes
+                .chain(proxies)
+                .filter(|op| !plan.add_routes.contains(op))
+                .collect();
+            plan.add_routes.extend(again);
+        }
         if let Some(until) = self.learned_hold {
             if Instant::now() < until {
                 // Keep only what nothing else claims: a learned route whose
@@ -1396,6 +1475,7 @@ impl Agent {
                         KernelOp::CreateTap { name, .. } | KernelOp::CreateSink { name } => {
                             match crate::netlink::tap::ifindex(name) {
                                 Some(ifindex) => {
+                                    self.created.insert((name.clone(), ifindex));
                                     observed.links.insert(
                                         name.clone(),
                                         reconcile::ObservedLink {
@@ -1411,7 +1491,9 @@ impl Agent {
                             }
                         }
                         KernelOp::SetAlias { name, alias } => match observed.links.get_mut(name) {
-                            Some(l) => l.alias = Some(alias.clone()),
+                            // An empty alias (a released adopted link) is
+                            // none, as the kernel reports it.
+                            Some(l) => l.alias = (!alias.is_empty()).then(|| alias.clone()),
                             None => host_valid = false,
                         },
                         KernelOp::SetUp { name } => match observed.links.get_mut(name) {

@@ -24,8 +24,12 @@ pub struct LinkNote {
     pub index: u32,
     /// RTM_DELLINK.
     pub deleted: bool,
-    /// IFF_UP (not the carrier).
+    /// IFF_UP (not the carrier), as the last notification has it.
     pub up: bool,
+    /// Some notification of the burst had IFF_UP clear: the link was down
+    /// at some point (the kernel then deletes its routes and IPv6
+    /// addresses), even if it is up again.
+    pub was_down: bool,
     pub alias: Option<String>,
 }
 
@@ -81,14 +85,23 @@ fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
                     _ => {}
                 }
             }
+            let up = m.header.flags.contains(LinkFlags::Up);
             let note = LinkNote {
                 index: m.header.index,
                 deleted,
-                up: m.header.flags.contains(LinkFlags::Up),
+                up,
+                was_down: !up && !deleted,
                 alias,
             };
             match (burst.as_mut(), name) {
                 (Some(links), Some(n)) => {
+                    let was_down = links
+                        .get(&n)
+                        .is_some_and(|l| l.was_down && l.index == note.index);
+                    let note = LinkNote {
+                        was_down: note.was_down || was_down,
+                        ..note
+                    };
                     links.insert(n, note);
                 }
                 // A link without its name: look at everything.

@@ -155,7 +155,12 @@ pub fn plan(
                         }
                     }
                     if let Some((key, hops)) = now.clone() {
-                        let known = id_of.get(&key).and_then(|id| last.group_use.get(id));
+                        let known = match id_of.get(&key) {
+                            Some(id) => {
+                                Some(last.group_use.get(id).ok_or("a group without its sets")?)
+                            }
+                            None => None,
+                        };
                         let sets = touched
                             .entry(key)
                             .or_insert_with(|| known.map(|u| u.sets.clone()).unwrap_or_default());
