@@ -1197,7 +1197,11 @@ impl Agent {
                     o
                 }),
             None => {
+                // The dump sees the kernel as it is: what the notifications
+                // still pending would have said is in it (and `created`
+                // stays bounded without link notifications).
                 self.bounced.clear();
+                self.created.clear();
                 self.kernel.dump(&self.uplink_names()).await
             }
         };
