@@ -428,24 +428,31 @@ fn proxies(config: &Config, intent: &Intent, rib: &Rib, d: &mut DesiredKernel) {
                 _ => None,
             })
             .collect();
-        for (link, _) in &links {
-            for (other, addrs) in &links {
-                if other != link {
-                    for a in addrs {
-                        d.proxies.insert((link.to_string(), *a));
-                    }
-                }
+        // Which links have each address of the /64.
+        let mut holders: BTreeMap<Ipv6Addr, Vec<&str>> = BTreeMap::new();
+        for (link, addrs) in &links {
+            for a in addrs {
+                holders.entry(*a).or_default().push(link);
             }
-            for a in &learned {
-                let local_here = links
-                    .iter()
-                    .any(|(l, addrs)| l == link && addrs.contains(a));
-                if !local_here {
+        }
+        let learned: BTreeSet<Ipv6Addr> = learned.into_iter().collect();
+        for a in holders.keys().chain(learned.iter()) {
+            let on = holders.get(a).map_or(&[][..], Vec::as_slice);
+            for (link, _) in &links {
+                if proxied_on(link, on, learned.contains(a)) {
                     d.proxies.insert((link.to_string(), *a));
                 }
             }
         }
     }
+}
+
+/// Does `link`, a VM link of a shared-/64 fabric, answer NDP by proxy for
+/// an address of the /64 that the links `holders` have and that is
+/// `learned` (routed to another hypervisor) or not? Yes when another local
+/// link has it, or when it is learned and not `link`'s own.
+pub(super) fn proxied_on(link: &str, holders: &[&str], learned: bool) -> bool {
+    holders.iter().any(|h| *h != link) || (learned && !holders.contains(&link))
 }
 
 /// Learned routes: ECMP over every selected next hop, in the fabric's

@@ -200,11 +200,7 @@ pub fn plan(
         let id = match id_of.get(&key) {
             Some(id) => *id,
             None => {
-                // Where the full pass would put it: its own slot, free.
-                let slot = super::groups::group_slot(&key);
-                if groups.contains_key(&slot) {
-                    return Err("a new group's id is taken (probing)");
-                }
+                let slot = free(super::groups::group_slot(&key), &groups)?;
                 id_of.insert(key.clone(), slot);
                 slot
             }
@@ -214,10 +210,7 @@ pub fn plan(
             let object = match by_spec.get(&m) {
                 Some(o) => *o,
                 None => {
-                    let slot = super::groups::object_slot(&m);
-                    if objects.contains_key(&slot) {
-                        return Err("a new object's id is taken (probing)");
-                    }
+                    let slot = free(super::groups::object_slot(&m), &objects)?;
                     objects.insert(slot, m.clone());
                     by_spec.insert(m, slot);
                     slot
@@ -355,6 +348,15 @@ pub fn plan_intent(
     Ok(p)
 }
 
+/// A new group's or object's id where the full pass would put it: its own
+/// slot, when nothing holds it (else the full pass would probe past it).
+fn free<V>(slot: u32, taken: &BTreeMap<u32, V>) -> Result<u32, &'static str> {
+    match taken.contains_key(&slot) {
+        true => Err("a new id's slot is taken (the full pass probes)"),
+        false => Ok(slot),
+    }
+}
+
 /// The neighbour proxy entries of one address, as `desired::proxies` wants
 /// them, against `observed`.
 fn proxies(
@@ -382,17 +384,21 @@ fn proxies(
             continue;
         }
         let learned = rib.selection(name, dst).is_some_and(|s| !s.hops.is_empty());
-        let links: Vec<(&str, bool, bool)> = intent
+        let links: Vec<(&str, bool)> = intent
             .interfaces()
             .filter(|(_, i)| i.fabric == *name)
             .map(|(_, i)| {
                 let waiting = i.link == LinkMode::Adopt && !observed.links.contains_key(&i.name);
-                (i.name.as_str(), i.ipv6.contains(&a), waiting)
+                (i.name.as_str(), waiting)
             })
             .collect();
-        for &(link, here, waiting) in &links {
-            let elsewhere = links.iter().any(|(l, has, _)| *l != link && *has);
-            let wanted = elsewhere || (learned && !here);
+        let holders: Vec<&str> = intent
+            .interfaces()
+            .filter(|(_, i)| i.fabric == *name && i.ipv6.contains(&a))
+            .map(|(_, i)| i.name.as_str())
+            .collect();
+        for &(link, waiting) in &links {
+            let wanted = super::desired::proxied_on(link, &holders, learned);
             let has = observed.proxies.contains(&(link.to_string(), a));
             if wanted && !has && !waiting {
                 p.add_routes.push(KernelOp::AddProxy {
