@@ -519,8 +519,11 @@ impl Agent {
         let mut later = Vec::new();
         // The learned prefixes this batch changes, with their selections
         // before it, while only UPDATEs changed the RIB: a pass over them
-        // alone (`pass_scoped`). `None`: the pass over everything.
-        let mut scope: Option<reconcile::scoped::Before> = Some(BTreeMap::new());
+        // alone (`pass_scoped`). `None`: the pass over everything, also
+        // from the start when no scoped pass could run (nothing recorded).
+        let mut scope: Option<reconcile::scoped::Before> =
+            (self.nexthop_objects() && self.learned_hold.is_none() && self.cache.is_some())
+                .then(BTreeMap::new);
         for cmd in batch {
             match cmd {
                 Command::SetVm { vm, reply } => match self.check_vm(&vm) {
