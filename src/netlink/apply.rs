@@ -3,9 +3,10 @@
 //! operation, never lost.
 
 use futures::StreamExt;
-use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage};
+use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{
-    AddressAttribute, AddressFlags, AddressProtocol, AddressScope,
+    AddressAttribute, AddressFlags, AddressMessage, AddressProtocol, AddressScope,
 };
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::{
@@ -16,11 +17,10 @@ use netlink_packet_route::route::{
     RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::LinkUnspec;
 use serde::Serialize;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use super::{Kernel, errno, nexthop, sysctl, tap};
 use crate::reconcile::{KernelOp, Plan, RouteAttrs, RouteId, RouteKind, RuleSpec};
@@ -48,8 +48,6 @@ pub struct ApplyReport {
 enum OpError {
     #[error("{0}")]
     Netlink(#[from] rtnetlink::Error),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
     #[error("interface {0} does not exist")]
     NoSuchLink(String),
 }
@@ -68,8 +66,10 @@ impl Kernel {
         // route's object, its group and the route itself leave in one
         // datagram (the kernel takes a datagram's messages in order) where
         // they were three round trips, one of them through rtnetlink's
-        // connection task. They are sent before any other operation of a
-        // later phase, so the order of phases holds.
+        // connection task; a VM's link, addresses, routes and proxy entries
+        // likewise (six round trips, each with its interface looked up,
+        // were half of a VM start's kernel work). They are sent before any
+        // other operation of a later phase, so the order of phases holds.
         let mut pending: Vec<&KernelOp> = Vec::new();
         for phase in plan.phases() {
             if phase.is_empty() {
@@ -115,21 +115,22 @@ impl Kernel {
             // own (`agent::spawn`), and a hop to a blocking thread and back
             // cost a VM start two wake-ups per phase. A sysctl write that
             // waits for RTNL blocks only the agent, which would wait anyway.
-            let (blocking, netlink): (Vec<&KernelOp>, Vec<&KernelOp>) =
-                phase.into_iter().partition(|op| {
-                    matches!(
-                        op,
-                        KernelOp::Sysctl { .. }
-                            | KernelOp::CreateTap { .. }
-                            | KernelOp::CreateSink { .. }
-                    )
-                });
-            for op in blocking {
+            // Link deletions go through rtnetlink's connection, pipelined:
+            // each holds RTNL for milliseconds (RCU grace periods), so a
+            // batch behind one would wait for all of them in turn.
+            let mut deletions = Vec::new();
+            for op in phase {
                 let r = match op {
                     KernelOp::Sysctl { path, value } => sysctl::write(path, value),
                     KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue),
                     KernelOp::CreateSink { name } => tap::create_sink(name),
-                    _ => Ok(()),
+                    KernelOp::DeleteLink { name } => {
+                        deletions.push(name);
+                        continue;
+                    }
+                    other => Err(std::io::Error::other(format!(
+                        "not an operation of its own: {other:?}"
+                    ))),
                 };
                 match r {
                     Ok(()) => report.applied += 1,
@@ -139,17 +140,14 @@ impl Kernel {
                     }),
                 }
             }
-            // By reference, one result at a time: at 1,000,000 routes a
-            // copy of the phase plus a result per operation were the larger
-            // part of a pass's peak memory.
-            let mut results = futures::stream::iter(netlink)
-                .map(|op| async move { (op, self.exec(op).await) })
+            let mut results = futures::stream::iter(deletions)
+                .map(|name| async move { (name, self.delete_link(name).await) })
                 .buffer_unordered(PIPELINE);
-            while let Some((op, r)) = results.next().await {
+            while let Some((name, r)) = results.next().await {
                 match r {
                     Ok(()) => report.applied += 1,
                     Err(e) => report.failed.push(OpFailure {
-                        op: op.clone(),
+                        op: KernelOp::DeleteLink { name: name.clone() },
                         error: e.to_string(),
                     }),
                 }
@@ -226,15 +224,17 @@ impl Kernel {
     ) {
         // Built and sent a slice at a time: a million routes' requests at
         // once were ~100 MB beside the pass's own state.
+        let mut indexes = Indexes::default();
         for chunk in which.chunks(BATCH_SLICE) {
             let mut sent: Vec<usize> = Vec::with_capacity(chunk.len());
             let mut requests: Vec<nexthop::Request> = Vec::with_capacity(chunk.len());
             for &i in chunk {
-                match self.request(ops[i], refused) {
-                    Ok(r) => {
+                match self.request(ops[i], refused, &mut indexes) {
+                    Ok(Some(r)) => {
                         sent.push(i);
                         requests.push(r);
                     }
+                    Ok(None) => outcome[i] = Ok(()),
                     Err(e) => {
                         if let KernelOp::AddNexthop { id, .. } = ops[i] {
                             refused.insert(*id);
@@ -257,11 +257,7 @@ impl Kernel {
             };
             for (i, r) in sent.into_iter().zip(results) {
                 let r = match (ops[i], r) {
-                    // Already gone (with its uplink, or by hand): done.
-                    (KernelOp::DelNexthop { .. }, Err(e)) if e.errno() == Some(libc::ENOENT) => {
-                        Ok(())
-                    }
-                    (KernelOp::DelRoute { .. }, Err(e)) if e.errno() == Some(libc::ESRCH) => Ok(()),
+                    (op, Err(e)) if e.errno().is_some_and(|n| done_by(op, n)) => Ok(()),
                     (_, r) => r,
                 };
                 if r.is_err() {
@@ -274,27 +270,33 @@ impl Kernel {
         }
     }
 
-    /// The wire request of a batched operation; Err is the reason it is
-    /// not sent (reported as the operation's failure).
-    fn request(&self, op: &KernelOp, refused: &BTreeSet<u32>) -> Result<nexthop::Request, String> {
-        Ok(match op {
-            KernelOp::AddNexthop { id, spec, replace } => {
-                let Some(oif) = tap::ifindex(&spec.oif) else {
-                    return Err(OpError::NoSuchLink(spec.oif.clone()).to_string());
-                };
-                (
-                    nexthop::RTM_NEWNEXTHOP,
-                    create_flags(*replace),
-                    nexthop::NexthopMessage::gateway(
-                        *id,
-                        spec.gateway,
-                        oif,
-                        spec.onlink,
-                        self.protocol,
-                    )
-                    .emit(),
+    /// The wire request of a batched operation; `None`: nothing to send
+    /// (what it deletes went with its link); Err is the reason it is not
+    /// sent (reported as the operation's failure).
+    fn request(
+        &self,
+        op: &KernelOp,
+        refused: &BTreeSet<u32>,
+        indexes: &mut Indexes,
+    ) -> Result<Option<nexthop::Request>, String> {
+        let mut index = |name: &str| {
+            indexes
+                .get(name)
+                .ok_or_else(|| OpError::NoSuchLink(name.to_string()).to_string())
+        };
+        Ok(Some(match op {
+            KernelOp::AddNexthop { id, spec, replace } => (
+                nexthop::RTM_NEWNEXTHOP,
+                create_flags(*replace),
+                nexthop::NexthopMessage::gateway(
+                    *id,
+                    spec.gateway,
+                    index(&spec.oif)?,
+                    spec.onlink,
+                    self.protocol,
                 )
-            }
+                .emit(),
+            ),
             KernelOp::AddGroup {
                 id,
                 members,
@@ -322,45 +324,41 @@ impl Kernel {
             KernelOp::AddRoute { id, attrs, replace } => (
                 libc::RTM_NEWROUTE,
                 create_flags(*replace),
-                emit(&self.route_message(id, attrs).map_err(|e| e.to_string())?),
+                emit(
+                    &self
+                        .route_message(id, attrs, indexes)
+                        .map_err(|e| e.to_string())?,
+                ),
             ),
             KernelOp::DelRoute { id, attrs } => (
                 libc::RTM_DELROUTE,
                 0,
                 emit(
                     &self
-                        .del_route_message(id, attrs)
+                        .del_route_message(id, attrs, indexes)
                         .map_err(|e| e.to_string())?,
                 ),
             ),
-            other => return Err(format!("not a batched operation: {other:?}")),
-        })
-    }
-
-    async fn exec(&self, op: &KernelOp) -> Result<(), OpError> {
-        let index =
-            |name: &str| tap::ifindex(name).ok_or_else(|| OpError::NoSuchLink(name.to_string()));
-        match op {
-            KernelOp::SetAlias { name, alias } => {
-                let msg = LinkUnspec::new_with_index(index(name)?)
-                    .append_extra_attribute(LinkAttribute::IfAlias(alias.clone()))
-                    .build();
-                self.handle.link().set(msg).execute().await?;
-            }
-            KernelOp::SetUp { name } => {
-                let msg = LinkUnspec::new_with_index(index(name)?).up().build();
-                self.handle.link().set(msg).execute().await?;
-            }
+            KernelOp::SetAlias { name, alias } => (
+                libc::RTM_SETLINK,
+                0,
+                emit(
+                    &LinkUnspec::new_with_index(index(name)?)
+                        .append_extra_attribute(LinkAttribute::IfAlias(alias.clone()))
+                        .build(),
+                ),
+            ),
+            KernelOp::SetUp { name } => (
+                libc::RTM_SETLINK,
+                0,
+                emit(&LinkUnspec::new_with_index(index(name)?).up().build()),
+            ),
             KernelOp::AddAddress {
                 ifname,
                 addr,
                 gateway,
             } => {
-                let mut req =
-                    self.handle
-                        .address()
-                        .add(index(ifname)?, addr.addr(), addr.prefix_len());
-                let m = req.message_mut();
+                let mut m = self.address_message(index(ifname)?, addr);
                 if *gateway {
                     m.header.scope = AddressScope::Link;
                     if addr.addr().is_ipv6() {
@@ -374,104 +372,83 @@ impl Kernel {
                     .push(AddressAttribute::Protocol(AddressProtocol::Other(
                         self.protocol,
                     )));
-                ignore(req.execute().await, libc::EEXIST)?;
+                (libc::RTM_NEWADDR, create_flags(false), emit(&m))
             }
             KernelOp::DelAddress { ifname, addr } => {
-                let Some(idx) = tap::ifindex(ifname) else {
-                    return Ok(());
+                let Some(idx) = indexes.get(ifname) else {
+                    return Ok(None);
                 };
-                let mut req = self
-                    .handle
-                    .address()
-                    .add(idx, addr.addr(), addr.prefix_len());
-                let msg = req.message_mut().clone();
-                ignore(
-                    self.handle.address().del(msg).execute().await,
-                    libc::EADDRNOTAVAIL,
-                )?;
+                (libc::RTM_DELADDR, 0, emit(&self.address_message(idx, addr)))
             }
-            KernelOp::AddRoute { id, attrs, replace } => {
-                let msg = self.route_message(id, attrs)?;
-                let req = self.handle.route().add(msg);
-                if *replace {
-                    req.replace().execute().await?;
-                } else {
-                    req.execute().await?;
-                }
+            KernelOp::AddProxy { ifname, addr } => {
+                let mut m = self.proxy_message(index(ifname)?, addr);
+                m.header.state = netlink_packet_route::neighbour::NeighbourState::Permanent;
+                m.attributes
+                    .push(NeighbourAttribute::Protocol(RouteProtocol::Other(
+                        self.protocol,
+                    )));
+                (libc::RTM_NEWNEIGH, create_flags(false), emit(&m))
             }
-            KernelOp::DelRoute { id, attrs } => {
-                let msg = self.del_route_message(id, attrs)?;
-                ignore(self.handle.route().del(msg).execute().await, libc::ESRCH)?;
+            KernelOp::DelProxy { ifname, addr } => {
+                let Some(idx) = indexes.get(ifname) else {
+                    return Ok(None);
+                };
+                (libc::RTM_DELNEIGH, 0, emit(&self.proxy_message(idx, addr)))
             }
-            KernelOp::AddRule { rule } => {
-                self.rule_request(RouteNetlinkMessage::NewRule(self.rule_message(rule)), true)
-                    .await?;
-            }
-            KernelOp::DelRule { rule } => {
-                ignore(
-                    self.rule_request(RouteNetlinkMessage::DelRule(self.rule_message(rule)), false)
-                        .await,
-                    libc::ENOENT,
-                )?;
-            }
+            KernelOp::AddRule { rule } => (
+                libc::RTM_NEWRULE,
+                create_flags(false),
+                emit(&self.rule_message(rule)),
+            ),
+            KernelOp::DelRule { rule } => (libc::RTM_DELRULE, 0, emit(&self.rule_message(rule))),
             KernelOp::DelForeignRule { v6, priority } => {
                 let mut m = RuleMessage::default();
                 m.header.family = family(*v6);
                 m.attributes.push(RuleAttribute::Priority(*priority));
-                ignore(
-                    self.rule_request(RouteNetlinkMessage::DelRule(m), false)
-                        .await,
-                    libc::ENOENT,
-                )?;
+                (libc::RTM_DELRULE, 0, emit(&m))
             }
-            KernelOp::AddProxy { ifname, addr } => {
-                let mut req = self
-                    .handle
-                    .neighbours()
-                    .add(index(ifname)?, std::net::IpAddr::V6(*addr))
-                    .flags(NeighbourFlags::Proxy);
-                req.message_mut()
-                    .attributes
-                    .push(NeighbourAttribute::Protocol(RouteProtocol::Other(
-                        self.protocol,
-                    )));
-                ignore(req.execute().await, libc::EEXIST)?;
-            }
-            KernelOp::DelProxy { ifname, addr } => {
-                let Some(idx) = tap::ifindex(ifname) else {
-                    return Ok(());
-                };
-                let mut m = NeighbourMessage::default();
-                m.header.family = AddressFamily::Inet6;
-                m.header.ifindex = idx;
-                m.header.flags = NeighbourFlags::Proxy;
-                m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
-                        *addr,
-                    )));
-                ignore(
-                    self.handle.neighbours().del(m).execute().await,
-                    libc::ENOENT,
-                )?;
-            }
-            KernelOp::DeleteLink { name } => {
-                let Some(idx) = tap::ifindex(name) else {
-                    return Ok(());
-                };
-                ignore(self.handle.link().del(idx).execute().await, libc::ENODEV)?;
-            }
-            KernelOp::Sysctl { path, value } => sysctl::write(path, value)?,
-            KernelOp::CreateTap { name, multi_queue } => tap::create(name, *multi_queue)?,
-            KernelOp::CreateSink { name } => tap::create_sink(name)?,
-            // Sent by apply_batched.
-            KernelOp::AddNexthop { .. }
-            | KernelOp::AddGroup { .. }
-            | KernelOp::DelNexthop { .. } => {}
-        }
+            other => return Err(format!("not a batched operation: {other:?}")),
+        }))
+    }
+
+    /// An address as `ip address add` sends it (for IPv4 its local and
+    /// peer address both `addr`).
+    fn address_message(&self, index: u32, addr: &IpNet) -> AddressMessage {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len());
+        req.message_mut().clone()
+    }
+
+    /// The proxy entry for `addr` on the link `index` (NTF_PROXY).
+    fn proxy_message(&self, index: u32, addr: &std::net::Ipv6Addr) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.ifindex = index;
+        m.header.flags = NeighbourFlags::Proxy;
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet6(
+                *addr,
+            )));
+        m
+    }
+
+    /// Deletes a link; one already gone is done.
+    async fn delete_link(&self, name: &str) -> Result<(), OpError> {
+        let Some(idx) = tap::ifindex(name) else {
+            return Ok(());
+        };
+        ignore(self.handle.link().del(idx).execute().await, libc::ENODEV)?;
         Ok(())
     }
 
-    fn route_message(&self, id: &RouteId, attrs: &RouteAttrs) -> Result<RouteMessage, OpError> {
+    fn route_message(
+        &self,
+        id: &RouteId,
+        attrs: &RouteAttrs,
+        indexes: &mut Indexes,
+    ) -> Result<RouteMessage, OpError> {
         let mut m = RouteMessage::default();
         let v6 = id.dst.addr().is_ipv6();
         m.header.address_family = family(v6);
@@ -498,7 +475,9 @@ impl Kernel {
             RouteScope::Universe
         };
         if let Some(oif) = &attrs.oif {
-            let idx = tap::ifindex(oif).ok_or_else(|| OpError::NoSuchLink(oif.clone()))?;
+            let idx = indexes
+                .get(oif)
+                .ok_or_else(|| OpError::NoSuchLink(oif.clone()))?;
             m.attributes.push(RouteAttribute::Oif(idx));
         }
         if let Some(gw) = attrs.gateway {
@@ -508,7 +487,9 @@ impl Kernel {
         if !attrs.multipath.is_empty() {
             let mut hops = Vec::with_capacity(attrs.multipath.len());
             for h in &attrs.multipath {
-                let idx = tap::ifindex(&h.oif).ok_or_else(|| OpError::NoSuchLink(h.oif.clone()))?;
+                let idx = indexes
+                    .get(&h.oif)
+                    .ok_or_else(|| OpError::NoSuchLink(h.oif.clone()))?;
                 let mut flags = RouteNextHopFlags::empty();
                 if h.onlink {
                     flags |= RouteNextHopFlags::Onlink;
@@ -542,17 +523,22 @@ impl Kernel {
     /// The route to delete, matched by table, destination, metric and
     /// protocol: the group it pointed at may be gone already, and the
     /// route may have gone with its link ("no such route" is done).
-    fn del_route_message(&self, id: &RouteId, attrs: &RouteAttrs) -> Result<RouteMessage, OpError> {
+    fn del_route_message(
+        &self,
+        id: &RouteId,
+        attrs: &RouteAttrs,
+        indexes: &mut Indexes,
+    ) -> Result<RouteMessage, OpError> {
         let mut attrs = RouteAttrs::clone(attrs);
         attrs.nh_id = None;
         if attrs
             .oif
             .as_deref()
-            .is_some_and(|n| tap::ifindex(n).is_none())
+            .is_some_and(|n| indexes.get(n).is_none())
         {
             attrs.oif = None;
         }
-        let mut msg = self.route_message(id, &attrs)?;
+        let mut msg = self.route_message(id, &attrs, indexes)?;
         // Any scope, as `ip route del` asks: a route on a group has
         // scope universe although it names no gateway here.
         msg.header.scope = RouteScope::NoWhere;
@@ -582,51 +568,58 @@ impl Kernel {
         }
         m
     }
-
-    /// rtnetlink's rule requests cannot carry every attribute we set (the
-    /// protocol, suppress_prefixlength), so rules go out as raw messages.
-    async fn rule_request(
-        &self,
-        msg: RouteNetlinkMessage,
-        create: bool,
-    ) -> Result<(), rtnetlink::Error> {
-        let mut req = NetlinkMessage::from(msg);
-        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        if create {
-            req.header.flags |= netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
-        }
-        let mut handle = self.handle.clone();
-        let mut response = handle.request(req)?;
-        while let Some(m) = response.next().await {
-            if let netlink_packet_core::NetlinkPayload::Error(e) = m.payload {
-                if e.code.is_some() {
-                    return Err(rtnetlink::Error::NetlinkError(e));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Goes over the synchronous batch socket ([`nexthop::Channel`]) rather
-/// than rtnetlink: nexthop objects and groups (rtnetlink 0.23 has no
-/// nexthop messages) and the routes of learned prefixes, which point at a
-/// group (`nh_id`) sent just before them.
+/// than rtnetlink: every netlink write but a link's deletion (nexthop
+/// objects and groups, which rtnetlink 0.23 has no messages for, routes,
+/// addresses, links set up or named, proxy entries, rules; rtnetlink's rule
+/// requests cannot carry every attribute we set either).
 fn batched(op: &KernelOp) -> bool {
+    !matches!(
+        op,
+        KernelOp::Sysctl { .. }
+            | KernelOp::CreateTap { .. }
+            | KernelOp::CreateSink { .. }
+            | KernelOp::DeleteLink { .. }
+    )
+}
+
+/// Is `errno` the kernel saying `op` is already done? Deleting what is
+/// already gone (with its link or uplink, or by hand), or adding an
+/// address or proxy entry that is there.
+fn done_by(op: &KernelOp, errno: i32) -> bool {
     match op {
-        KernelOp::AddNexthop { .. } | KernelOp::AddGroup { .. } | KernelOp::DelNexthop { .. } => {
-            true
+        KernelOp::DelNexthop { .. } | KernelOp::DelProxy { .. } | KernelOp::DelRule { .. } => {
+            errno == libc::ENOENT
         }
-        KernelOp::AddRoute { attrs, .. } | KernelOp::DelRoute { attrs, .. } => {
-            attrs.nh_id.is_some()
-        }
+        KernelOp::DelForeignRule { .. } => errno == libc::ENOENT,
+        KernelOp::DelRoute { .. } => errno == libc::ESRCH,
+        KernelOp::DelAddress { .. } => errno == libc::EADDRNOTAVAIL,
+        KernelOp::AddAddress { .. } | KernelOp::AddProxy { .. } => errno == libc::EEXIST,
         _ => false,
     }
 }
 
-/// A route message's payload as it goes on the wire.
-fn emit(msg: &RouteMessage) -> Vec<u8> {
-    use netlink_packet_core::Emitable;
+/// Interface indexes looked up once per batch: a VM's link, addresses,
+/// routes and proxy entries name the same tap, and each lookup is three
+/// system calls. Links are created and deleted outside batches (`apply`).
+#[derive(Default)]
+struct Indexes(HashMap<String, Option<u32>>);
+
+impl Indexes {
+    fn get(&mut self, name: &str) -> Option<u32> {
+        if let Some(i) = self.0.get(name) {
+            return *i;
+        }
+        let i = tap::ifindex(name);
+        self.0.insert(name.to_string(), i);
+        i
+    }
+}
+
+/// A message's payload as it goes on the wire.
+fn emit(msg: &impl netlink_packet_core::Emitable) -> Vec<u8> {
     let mut b = vec![0u8; msg.buffer_len()];
     msg.emit(&mut b);
     b

@@ -321,12 +321,13 @@ fn open() -> std::io::Result<Socket> {
 }
 
 /// One request: message type, extra flags (NLM_F_CREATE...), the
-/// message's payload as it goes on the wire (a [`NexthopMessage`], or a
-/// route of a learned prefix that points at a group sent in the same
-/// batch: see `netlink::apply`).
+/// message's payload as it goes on the wire (a [`NexthopMessage`], or any
+/// other write of a pass: a route, maybe on a group sent in the same
+/// batch, an address, a link set up, a proxy entry, a rule: see
+/// `netlink::apply`).
 pub type Request = (u16, u16, Vec<u8>);
 
-/// The socket nexthop requests (and the routes on their groups) go over,
+/// The socket a pass's netlink writes go over (all but link deletions),
 /// kept open between batches: a
 /// socket per batch was seven system calls before the first request (a
 /// learned route's first group paid them twice, object then group).
@@ -336,6 +337,9 @@ pub type Request = (u16, u16, Vec<u8>);
 pub struct Channel {
     socket: Option<Socket>,
     seq: u32,
+    /// The answers' buffer, kept: zeroing 64 KiB anew was a few
+    /// microseconds of every batch.
+    buf: Vec<u8>,
 }
 
 impl Channel {
@@ -355,7 +359,10 @@ impl Channel {
                 }
             },
         };
-        let (out, healthy) = execute_on(&socket, &mut self.seq, requests);
+        if self.buf.len() < 1 << 16 {
+            self.buf = vec![0u8; 1 << 16];
+        }
+        let (out, healthy) = execute_on(&socket, &mut self.seq, &mut self.buf, requests);
         // A socket that failed to send or receive is not trusted again.
         if healthy {
             self.socket = Some(socket);
@@ -369,11 +376,11 @@ impl Channel {
 fn execute_on(
     socket: &Socket,
     seq: &mut u32,
+    buf: &mut [u8],
     requests: &[Request],
 ) -> (Vec<Result<(), NexthopError>>, bool) {
     let mut out: Vec<Result<(), NexthopError>> = Vec::with_capacity(requests.len());
     let mut healthy = true;
-    let mut buf = vec![0u8; 1 << 16];
     for chunk in requests.chunks(BATCH) {
         // Leaves room below u32::MAX for the chunk; 0 is never used.
         if *seq > u32::MAX - 2 * BATCH as u32 {
