@@ -333,6 +333,8 @@ pub struct Agent {
     fast_path: Option<(usize, Duration)>,
     /// ifindex of each VM link whose sysctls were last confirmed.
     verified: BTreeMap<String, u32>,
+    /// Host and uplink sysctls (path, value) the last pass left as wanted.
+    host_settled: BTreeMap<reconcile::SysctlPath, String>,
     last: Option<ReconcileReport>,
     /// Link deletions planned by the last pass, applied after its callers
     /// got their answer: deleting a netdev waits for RCU grace periods
@@ -434,6 +436,7 @@ impl Agent {
                 last_groups: reconcile::DesiredKernel::default(),
                 fast_path: None,
                 verified: BTreeMap::new(),
+                host_settled: BTreeMap::new(),
                 last: None,
                 deferred: Vec::new(),
                 started: SystemTime::now(),
@@ -653,12 +656,12 @@ impl Agent {
         // taps (created, configured, deleted) and QEMU opening them (the
         // carrier) take no pass at all, where the next VM's hook would have
         // waited behind one.
-        let uplinks = self.uplink_names();
         let asked = later.iter().any(|c| match c {
             Command::Reconcile { .. } => true,
-            Command::LinksChanged { links } => links
-                .as_ref()
-                .is_none_or(|l| l.keys().any(|name| uplinks.contains(name))),
+            Command::LinksChanged { links } => links.as_ref().is_none_or(|l| {
+                let uplinks = self.uplink_names();
+                l.keys().any(|name| uplinks.contains(name))
+            }),
             _ => false,
         });
         let links = later.iter().any(|c| match c {
@@ -950,6 +953,7 @@ impl Agent {
         if changed {
             info!("configuration reloaded; reconciling");
             self.verified.clear();
+            self.host_settled.clear();
             self.reconcile().await;
         } else {
             info!("configuration reloaded; nothing changed for the agent");
@@ -1249,7 +1253,18 @@ impl Agent {
         // of them are wanted follows the intent (the first VM of a
         // shared-/64 fabric wants proxy_ndp), so the cache's pass may not
         // have settled the ones an intent change adds.
-        let host = !incremental || kind != Pass::Rib;
+        // Against the cache, those the last pass left at the value wanted
+        // now are not read again: eight files, five system calls each, of
+        // every VM start (a change made under us is the periodic full
+        // pass's to repair, as for the routes).
+        let unsettled = BTreeMap::new();
+        let host = if !incremental {
+            Some(&unsettled)
+        } else if kind != Pass::Rib {
+            Some(&self.host_settled)
+        } else {
+            None
+        };
         let reads = reconcile::sysctls_to_read(&desired, &observed, &self.verified, host);
         // Read in place: the agent has this thread to itself (see
         // [`spawn`]), and /proc/sys reads take microseconds, where a hop to
@@ -1423,6 +1438,34 @@ impl Agent {
         // Changes made under us arrive as link events, whose pass dumps.
         let mirrorable = applied.failed.is_empty() && observed.duplicate_routes.is_empty();
         let mut host_valid = mirrorable;
+        // Host and uplink sysctls now as wanted: those the pass read (or
+        // the pass before settled) and wrote without a refusal.
+        let refused: BTreeSet<&str> = applied
+            .failed
+            .iter()
+            .filter_map(|f| match &f.op {
+                KernelOp::Sysctl { path, .. } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut settled: BTreeMap<reconcile::SysctlPath, String> = BTreeMap::new();
+        let wanted = desired
+            .host_sysctls
+            .iter()
+            .map(|(p, v)| (p.clone(), v))
+            .chain(
+                desired
+                    .uplinks
+                    .iter()
+                    .filter(|(name, _)| observed.links.contains_key(*name))
+                    .flat_map(|(name, u)| u.sysctls.iter().map(|(s, v)| (s.path(name), v))),
+            );
+        for (path, value) in wanted {
+            if !refused.contains(path.as_str()) {
+                settled.insert(path, value.clone());
+            }
+        }
+        self.host_settled = settled;
         // Links whose sysctls are now confirmed.
         self.verified.clear();
         let failed_links: BTreeSet<&str> = applied
@@ -1555,6 +1598,7 @@ impl Agent {
                 group_use: std::mem::take(&mut desired.group_use),
                 local: std::mem::take(&mut desired.local),
                 host_routes: std::mem::take(&mut desired.host_routes),
+                probed: desired.probed,
                 ..Default::default()
             };
         }

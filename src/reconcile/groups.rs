@@ -85,15 +85,18 @@ fn fnv1a(s: &str) -> u64 {
     h
 }
 
-/// The id for `name` in `range`, probing past `used`.
-fn place(range: &Range<u32>, name: &str, used: &impl Fn(u32) -> bool) -> u32 {
+/// The id for `name` in `range`, probing past `used`; true when it is not
+/// the first one tried (it probed past a collision).
+fn place(range: &Range<u32>, name: &str, used: &impl Fn(u32) -> bool) -> (u32, bool) {
     let span = u64::from(range.end - range.start);
     let mut offset = fnv1a(name) % span;
+    let mut probed = false;
     loop {
         let id = range.start + offset as u32;
         if !used(id) {
-            return id;
+            return (id, probed);
         }
+        probed = true;
         offset = (offset + 1) % span;
     }
 }
@@ -180,11 +183,12 @@ pub fn build(
         if by_spec.contains_key(&s) {
             continue;
         }
-        let id = place(
+        let (id, probed) = place(
             &NEXTHOP_IDS,
             &format!("{}|{}", h.gateway, h.uplink),
             &|id| d.nexthops.contains_key(&id),
         );
+        d.probed |= probed;
         d.nexthops.insert(id, s.clone());
         by_spec.insert(s, id);
     }
@@ -206,9 +210,10 @@ pub fn build(
     keys.sort();
     let mut group_of: Vec<u32> = vec![0; members.len()];
     for (key, i) in keys {
-        let id = place(&GROUP_IDS, &group_name(&key), &|id| {
+        let (id, probed) = place(&GROUP_IDS, &group_name(&key), &|id| {
             d.groups.contains_key(&id)
         });
+        d.probed |= probed;
         let ids = members[i].iter().map(|h| by_spec[&spec(h)]).collect();
         d.groups.insert(id, ids);
         d.group_keys.insert(id, key);
@@ -246,7 +251,7 @@ pub(super) fn intersection<'a, T: Ord + Clone + 'a>(
 
 /// The id a group of `key` takes when no other group is in its way.
 pub(super) fn group_slot(key: &GroupKey) -> u32 {
-    place(&GROUP_IDS, &group_name(key), &|_| false)
+    place(&GROUP_IDS, &group_name(key), &|_| false).0
 }
 
 /// The id an object for `spec` takes when no other object is in its way.
@@ -256,6 +261,7 @@ pub(super) fn object_slot(spec: &NextHopSpec) -> u32 {
         &format!("{}|{}", spec.gateway, spec.oif),
         &|_| false,
     )
+    .0
 }
 
 fn group_name(key: &GroupKey) -> String {
@@ -575,8 +581,13 @@ mod tests {
     #[test]
     fn probing_resolves_collisions() {
         let used: BTreeSet<u32> = [0x6000_0000 + (fnv1a("x") % 0x2000_0000) as u32].into();
-        let id = place(&GROUP_IDS, "x", &|i| used.contains(&i));
+        let (id, probed) = place(&GROUP_IDS, "x", &|i| used.contains(&i));
         assert!(!used.contains(&id));
         assert!(GROUP_IDS.contains(&id));
+        assert!(probed);
+        assert_eq!(
+            place(&GROUP_IDS, "x", &|_| false),
+            (*used.first().unwrap(), false)
+        );
     }
 }

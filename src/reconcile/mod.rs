@@ -15,7 +15,8 @@ pub use model::*;
 pub use plan::{KernelOp, Plan, plan, plan_host};
 
 /// Which sysctl files to read before planning: the host and uplink ones
-/// (few; with `host`), those of VM links not yet verified at their current
+/// (few; with `host`, but for those `host` says the last pass left at the
+/// value wanted now), those of VM links not yet verified at their current
 /// ifindex, and those of adopted links being released (with the kernel's
 /// defaults).
 /// `verified` maps a link name to the ifindex whose sysctls were last
@@ -28,14 +29,27 @@ pub fn sysctls_to_read(
     desired: &DesiredKernel,
     observed: &ObservedKernel,
     verified: &BTreeMap<String, u32>,
-    host: bool,
+    host: Option<&BTreeMap<SysctlPath, String>>,
 ) -> SysctlReads {
     let mut out: Vec<SysctlPath> = Vec::new();
     let mut absent: Vec<SysctlPath> = Vec::new();
-    if host {
-        out.extend(desired.host_sysctls.keys().cloned());
+    if let Some(settled) = host {
+        let unsettled = |path: &SysctlPath, value: &String| settled.get(path) != Some(value);
+        out.extend(
+            desired
+                .host_sysctls
+                .iter()
+                .filter(|(p, v)| unsettled(p, v))
+                .map(|(p, _)| p.clone()),
+        );
         for (name, u) in &desired.uplinks {
-            out.extend(u.sysctls.keys().map(|s| s.path(name)));
+            out.extend(
+                u.sysctls
+                    .iter()
+                    .map(|(s, v)| (s.path(name), v))
+                    .filter(|(p, v)| unsettled(p, v))
+                    .map(|(p, _)| p),
+            );
         }
     }
     for (name, l) in &desired.links {

@@ -193,6 +193,11 @@ pub struct DesiredKernel {
     /// The hop sets of each group's prefixes ([`GroupUse`]).
     #[serde(skip)]
     pub group_use: BTreeMap<u32, GroupUse>,
+    /// Some group or object id is not at its natural slot (it probed past
+    /// a hash collision): a scoped pass then cannot find ids by their key
+    /// alone, nor delete without moving what the full pass would place.
+    #[serde(skip)]
+    pub probed: bool,
 }
 
 /// The prefixes of one nexthop group, as the last pass computed them:

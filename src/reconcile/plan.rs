@@ -778,27 +778,61 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn host_sysctls_the_last_pass_settled_at_the_wanted_value_are_not_read() {
+        use crate::reconcile::sysctls_to_read;
+        let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
+        let o = converged(&d);
+        let verified = BTreeMap::from([("tap1".to_string(), o.links["tap1"].ifindex)]);
+        let mut all: BTreeMap<SysctlPath, String> = d.host_sysctls.clone();
+        for (name, u) in &d.uplinks {
+            all.extend(u.sysctls.iter().map(|(s, v)| (s.path(name), v.clone())));
+        }
+        assert!(all.len() >= 2, "{all:?}");
+        // Nothing settled (a full pass): every one is read.
+        let r = sysctls_to_read(&d, &o, &verified, Some(&BTreeMap::new()));
+        assert_eq!(
+            r.read.iter().cloned().collect::<BTreeSet<_>>(),
+            all.keys().cloned().collect()
+        );
+        // All settled at the values wanted: none.
+        let r = sysctls_to_read(&d, &o, &verified, Some(&all));
+        assert!(r.read.is_empty(), "{r:?}");
+        // One settled at another value (the intent wants a new one now),
+        // one not settled at all: those two.
+        let mut settled = all.clone();
+        let (changed, _) = all.iter().next().unwrap();
+        settled.insert(changed.clone(), "other".into());
+        let (gone, _) = all.iter().last().unwrap();
+        settled.remove(gone);
+        let r = sysctls_to_read(&d, &o, &verified, Some(&settled));
+        assert_eq!(
+            r.read.into_iter().collect::<BTreeSet<_>>(),
+            BTreeSet::from([changed.clone(), gone.clone()])
+        );
+    }
+
+    #[test]
     fn sysctls_of_a_link_not_created_yet_are_written_unread() {
         use crate::reconcile::sysctls_to_read;
         let d = desired(&cfg(), &intent(LinkMode::Tap), &crate::rib::Rib::default());
         let mut o = converged(&d);
         let idx = o.links["tap1"].ifindex;
         let verified = BTreeMap::from([("tap1".to_string(), idx)]);
-        let r = sysctls_to_read(&d, &o, &verified, false);
+        let r = sysctls_to_read(&d, &o, &verified, None);
         assert!(r.read.is_empty() && r.absent.is_empty(), "{r:?}");
         // Not verified at this ifindex (recreated under us): read.
         let r = sysctls_to_read(
             &d,
             &o,
             &BTreeMap::from([("tap1".to_string(), idx + 1)]),
-            false,
+            None,
         );
         assert!(r.absent.is_empty());
         assert_eq!(r.read.len(), d.links["tap1"].sysctls.len());
         assert!(r.read.iter().all(|p| p.contains("/tap1/")));
         // Not in the kernel yet: nothing to read, everything to write.
         o.links.remove("tap1");
-        let r = sysctls_to_read(&d, &o, &BTreeMap::new(), false);
+        let r = sysctls_to_read(&d, &o, &BTreeMap::new(), None);
         assert!(r.read.is_empty(), "{r:?}");
         assert_eq!(r.absent.len(), d.links["tap1"].sysctls.len());
         o.sysctls.clear();

@@ -119,11 +119,10 @@ pub fn plan(
     if last.group_use.values().any(|u| u.returning) {
         return Err("a session is relearning its table");
     }
-    let mut id_of: BTreeMap<GroupKey, u32> = last
-        .group_keys
-        .iter()
-        .map(|(id, key)| (key.clone(), *id))
-        .collect();
+    // What this plan changes of `last`'s groups and objects, applied to it
+    // on success: O(changed) where copies of `last` were O(groups) (a
+    // fleet of hypervisors is thousands of groups).
+    let mut changes = Changes::new(last);
 
     // Each changed (prefix, fabric) leaves the hop sets of its old group
     // and joins those of its new one; the key of every fabric's entry now.
@@ -141,8 +140,11 @@ pub fn plan(
                         let sets = match touched.entry(key) {
                             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                             std::collections::btree_map::Entry::Vacant(e) => {
-                                let id = id_of.get(e.key()).ok_or("a prefix of no known group")?;
-                                let u = last.group_use.get(id).ok_or("a group without its sets")?;
+                                let id = changes
+                                    .group_id(e.key())
+                                    .ok_or("a prefix of no known group")?;
+                                let u =
+                                    last.group_use.get(&id).ok_or("a group without its sets")?;
                                 e.insert(u.sets.clone())
                             }
                         };
@@ -155,9 +157,9 @@ pub fn plan(
                         }
                     }
                     if let Some((key, hops)) = now.clone() {
-                        let known = match id_of.get(&key) {
+                        let known = match changes.group_id(&key) {
                             Some(id) => {
-                                Some(last.group_use.get(id).ok_or("a group without its sets")?)
+                                Some(last.group_use.get(&id).ok_or("a group without its sets")?)
                             }
                             None => None,
                         };
@@ -176,20 +178,15 @@ pub fn plan(
     // The touched groups: members again from their hop sets (intersection,
     // else union), an id for a new key, objects for new members; a group
     // with no prefix left goes, then every object no group holds.
-    let mut groups = last.groups.clone();
-    let mut group_keys = last.group_keys.clone();
-    let mut group_use = last.group_use.clone();
-    let mut objects = last.nexthops.clone();
-    let mut by_spec: BTreeMap<NextHopSpec, u32> =
-        objects.iter().map(|(id, s)| (s.clone(), *id)).collect();
-    let mut deleted = false;
+    let mut released: BTreeSet<u32> = BTreeSet::new();
     for (key, sets) in touched {
+        let was = changes.group_id(&key);
+        if let Some(id) = was {
+            released.extend(last.groups.get(&id).into_iter().flatten().copied());
+        }
         if sets.is_empty() {
-            if let Some(id) = id_of.remove(&key) {
-                groups.remove(&id);
-                group_keys.remove(&id);
-                group_use.remove(&id);
-                deleted = true;
+            if let Some(id) = was {
+                changes.remove_group(id, key);
             }
             continue;
         }
@@ -197,57 +194,45 @@ pub fn plan(
         if members.is_empty() {
             members = sets.keys().flatten().cloned().collect();
         }
-        let id = match id_of.get(&key) {
-            Some(id) => *id,
-            None => {
-                let slot = free(super::groups::group_slot(&key), &groups)?;
-                id_of.insert(key.clone(), slot);
-                slot
-            }
+        let id = match was {
+            Some(id) => id,
+            None => changes.free_group(super::groups::group_slot(&key))?,
         };
         let mut ids = BTreeSet::new();
         for m in members {
-            let object = match by_spec.get(&m) {
-                Some(o) => *o,
+            let object = match changes.object_id(&m) {
+                Some(o) => o,
                 None => {
-                    let slot = free(super::groups::object_slot(&m), &objects)?;
-                    objects.insert(slot, m.clone());
-                    by_spec.insert(m, slot);
+                    let slot = changes.free_object(super::groups::object_slot(&m))?;
+                    changes.objects.insert(slot, Some(m));
                     slot
                 }
             };
             ids.insert(object);
         }
-        groups.insert(id, ids);
-        group_keys.insert(id, key);
-        group_use.insert(
+        changes.groups.insert(
             id,
-            GroupUse {
-                sets,
-                returning: false,
-            },
+            Some(Group {
+                members: ids,
+                key: key.clone(),
+                usage: GroupUse {
+                    sets,
+                    returning: false,
+                },
+            }),
         );
+        changes.ids.insert(key, Some(id));
     }
-    let held: BTreeSet<u32> = groups.values().flatten().copied().collect();
-    let before_objects = objects.len();
-    objects.retain(|id, _| held.contains(id));
-    if deleted || objects.len() != before_objects {
+    changes.release(&released);
+    if changes.deletes() && last.probed {
         // Ids are placed in key order with probing: without the one that
-        // went, the full pass would move a group or object that had probed
+        // goes, the full pass would move a group or object that had probed
         // past it. Only when none did is this the full pass's result.
-        let probed = group_keys
-            .iter()
-            .any(|(id, key)| *id != super::groups::group_slot(key))
-            || objects
-                .iter()
-                .any(|(id, s)| *id != super::groups::object_slot(s));
-        if probed {
-            return Err("ids placed past a collision");
-        }
+        return Err("ids placed past a collision");
     }
 
     let mut p = Plan::default();
-    super::plan::nexthop_ops(&objects, &groups, observed, &mut p);
+    changes.ops(observed, &mut p);
 
     // The routes of each changed prefix in every fabric's table and in
     // local-out (later fabrics winning there, as in `desired::learned`),
@@ -259,7 +244,7 @@ pub fn plan(
         let mut want: BTreeMap<u32, RouteAttrs> = BTreeMap::new();
         for (fabric, key) in config.fabrics.values().zip(keys) {
             let Some(key) = key else { continue };
-            let id = *id_of.get(key).ok_or("a prefix of no group")?;
+            let id = changes.group_id(key).ok_or("a prefix of no group")?;
             let mut put = |table: u32, pref_src: Option<IpAddr>| {
                 if !last.local.contains(&(table, dst)) {
                     want.insert(
@@ -306,11 +291,181 @@ pub fn plan(
         }
     }
 
-    last.nexthops = objects;
-    last.groups = groups;
-    last.group_keys = group_keys;
-    last.group_use = group_use;
+    let Changes {
+        groups, objects, ..
+    } = changes;
+    for (id, g) in groups {
+        match g {
+            Some(g) => {
+                last.groups.insert(id, g.members);
+                last.group_keys.insert(id, g.key);
+                last.group_use.insert(id, g.usage);
+            }
+            None => {
+                last.groups.remove(&id);
+                last.group_keys.remove(&id);
+                last.group_use.remove(&id);
+            }
+        }
+    }
+    for (id, o) in objects {
+        match o {
+            Some(spec) => last.nexthops.insert(id, spec),
+            None => last.nexthops.remove(&id),
+        };
+    }
     Ok(p)
+}
+
+/// A group as a plan leaves it.
+struct Group {
+    members: BTreeSet<u32>,
+    key: GroupKey,
+    usage: GroupUse,
+}
+
+/// The groups and objects a plan adds, changes (`Some`) and deletes
+/// (`None`), over `last`'s. Ids are found at their natural slot
+/// (`groups::group_slot`, `object_slot`): where nothing of `last` probed
+/// past a collision (`DesiredKernel::probed`) that is the only place they
+/// can be; otherwise `last` is searched.
+struct Changes<'a> {
+    last: &'a DesiredKernel,
+    groups: BTreeMap<u32, Option<Group>>,
+    objects: BTreeMap<u32, Option<NextHopSpec>>,
+    /// Keys whose group this plan made (`Some`) or deleted (`None`).
+    ids: BTreeMap<GroupKey, Option<u32>>,
+}
+
+impl<'a> Changes<'a> {
+    fn new(last: &'a DesiredKernel) -> Self {
+        Self {
+            last,
+            groups: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            ids: BTreeMap::new(),
+        }
+    }
+
+    fn group_id(&self, key: &GroupKey) -> Option<u32> {
+        if let Some(id) = self.ids.get(key) {
+            return *id;
+        }
+        let slot = super::groups::group_slot(key);
+        if self.last.group_keys.get(&slot) == Some(key) {
+            return Some(slot);
+        }
+        if !self.last.probed {
+            return None;
+        }
+        self.last
+            .group_keys
+            .iter()
+            .find(|(_, k)| *k == key)
+            .map(|(id, _)| *id)
+    }
+
+    fn object_id(&self, spec: &NextHopSpec) -> Option<u32> {
+        let holds = |id: u32| match self.objects.get(&id) {
+            Some(o) => o.as_ref() == Some(spec),
+            None => self.last.nexthops.get(&id) == Some(spec),
+        };
+        let slot = super::groups::object_slot(spec);
+        if holds(slot) {
+            return Some(slot);
+        }
+        if !self.last.probed {
+            return None;
+        }
+        self.last
+            .nexthops
+            .iter()
+            .find(|(id, s)| *s == spec && holds(**id))
+            .map(|(id, _)| *id)
+    }
+
+    /// `slot` for a new group, unless taken (the full pass would probe
+    /// past it).
+    fn free_group(&self, slot: u32) -> Result<u32, &'static str> {
+        let taken = match self.groups.get(&slot) {
+            Some(g) => g.is_some(),
+            None => self.last.groups.contains_key(&slot),
+        };
+        free(slot, taken)
+    }
+
+    fn free_object(&self, slot: u32) -> Result<u32, &'static str> {
+        let taken = match self.objects.get(&slot) {
+            Some(o) => o.is_some(),
+            None => self.last.nexthops.contains_key(&slot),
+        };
+        free(slot, taken)
+    }
+
+    fn remove_group(&mut self, id: u32, key: GroupKey) {
+        self.groups.insert(id, None);
+        self.ids.insert(key, None);
+    }
+
+    /// Deletes the objects of `candidates` (members some group had) that
+    /// no group holds any more.
+    fn release(&mut self, candidates: &BTreeSet<u32>) {
+        let mut unheld: BTreeSet<u32> = candidates.clone();
+        for g in self.groups.values().flatten() {
+            unheld.retain(|o| !g.members.contains(o));
+        }
+        if unheld.is_empty() {
+            return;
+        }
+        for (id, members) in &self.last.groups {
+            if !self.groups.contains_key(id) {
+                unheld.retain(|o| !members.contains(o));
+            }
+        }
+        for o in unheld {
+            self.objects.insert(o, None);
+        }
+    }
+
+    /// Does the plan delete a group or an object?
+    fn deletes(&self) -> bool {
+        self.groups.values().any(Option::is_none) || self.objects.values().any(Option::is_none)
+    }
+
+    /// The kernel operations for the changes, against `observed` (as
+    /// `plan::nexthop_ops` plans them for whole maps).
+    fn ops(&self, observed: &ObservedKernel, p: &mut Plan) {
+        for (id, o) in &self.objects {
+            match (o, observed.nexthops.get(id)) {
+                (Some(spec), Some(have)) if have == spec => {}
+                (Some(spec), have) => p.add_nexthops.push(KernelOp::AddNexthop {
+                    id: *id,
+                    spec: spec.clone(),
+                    replace: have.is_some(),
+                }),
+                (None, Some(_)) => p.remove_nexthops.push(KernelOp::DelNexthop {
+                    id: *id,
+                    group: false,
+                }),
+                (None, None) => {}
+            }
+        }
+        for (id, g) in &self.groups {
+            match (g, observed.groups.get(id)) {
+                (Some(g), Some(have)) if *have == g.members => {}
+                (Some(g), have) => p.add_groups.push(KernelOp::AddGroup {
+                    id: *id,
+                    members: g.members.iter().copied().collect(),
+                    replace: have.is_some(),
+                }),
+                (None, Some(_)) => p.remove_groups.push(KernelOp::DelNexthop {
+                    id: *id,
+                    group: true,
+                }),
+                (None, None) => {}
+            }
+        }
+    }
 }
 
 /// The plan of an intent change: `desired`, from [`super::desired_host`]
@@ -350,8 +505,8 @@ pub fn plan_intent(
 
 /// A new group's or object's id where the full pass would put it: its own
 /// slot, when nothing holds it (else the full pass would probe past it).
-fn free<V>(slot: u32, taken: &BTreeMap<u32, V>) -> Result<u32, &'static str> {
-    match taken.contains_key(&slot) {
+fn free(slot: u32, taken: bool) -> Result<u32, &'static str> {
+    match taken {
         true => Err("a new id's slot is taken (the full pass probes)"),
         false => Ok(slot),
     }
@@ -776,6 +931,7 @@ mod tests {
         moved.groups.insert(hv2 + 1, g);
         moved.group_keys.insert(hv2 + 1, k);
         moved.group_use.insert(hv2 + 1, u);
+        moved.probed = true;
         let was = moved.clone();
         assert!(
             plan(
