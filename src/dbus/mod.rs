@@ -322,6 +322,10 @@ async fn signal_changes(conn: Connection, mut intent: tokio::sync::watch::Receiv
         }
     };
     while intent.changed().await.is_ok() {
+        // The change's callers were answered just before the intent moved:
+        // their replies (woken at the same moment) leave first; a signal
+        // may lag, a `prepare` hook waiting behind it should not.
+        tokio::task::yield_now().await;
         let now = intent.borrow_and_update().clone();
         for (name, state) in changes(&last, &now) {
             debug!(vm = %name, state, "VmChanged");
