@@ -814,9 +814,54 @@ fn an_adopted_interface_created_after_its_intent_is_configured_at_once() {
     );
 }
 
+#[test]
+fn an_uplinks_notifications_take_the_full_pass_only_when_it_loses_carrier() {
+    let w = world();
+    // The periodic pass is an hour away in HV_CONFIG.
+    let agent = Agent::start(&w.hv, HV_CONFIG);
+    let passes = || agent.status_json()["reconcile_passes"].as_u64().unwrap();
+    let full = || {
+        agent.status_json()["reconcile_full_passes"]
+            .as_u64()
+            .unwrap()
+    };
+    let last = settled(&agent);
+    let full_before = full();
+    // Notifications about an uplink that stays up with carrier (an MTU
+    // change, the IPv6 state that follows it): no pass at all, where each
+    // dumped every learned route.
+    w.hv.ip(&["link", "set", "up-a", "mtu", "1400"]);
+    w.hv.ip(&["link", "set", "up-a", "mtu", "1500"]);
+    w.hv.ip(&["link", "set", "up-a", "txqueuelen", "999"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(passes(), last, "{}", agent.status_json());
+    // Its peer going down takes its carrier (and the kernel its nexthop
+    // objects): the full pass.
+    w._ext.ip(&["link", "set", "eth0", "down"]);
+    wait_for(
+        "an uplink losing carrier dumps everything",
+        Duration::from_secs(10),
+        || full() > full_before,
+    );
+    let lost = settled(&agent);
+    let full_lost = full();
+    // Carrier back: the full pass again (the objects are to be made again).
+    w._ext.ip(&["link", "set", "eth0", "up"]);
+    wait_for(
+        "an uplink getting carrier back dumps everything",
+        Duration::from_secs(10),
+        || full() > full_lost,
+    );
+    assert!(passes() > lost);
+    // And steady again afterwards.
+    let last = settled(&agent);
+    w.hv.ip(&["link", "set", "up-a", "mtu", "1400"]);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(passes(), last, "{}", agent.status_json());
+}
+
 /// Waits until the agent has run no pass for 1.5 s (start-up's link
-/// notifications, such as the uplinks' IPv6 coming up, which take a full
-/// pass each, are over); returns its pass count.
+/// notifications are over); returns its pass count.
 fn settled(agent: &Agent) -> u64 {
     let passes = || agent.status_json()["reconcile_passes"].as_u64().unwrap();
     let mut last = passes();

@@ -660,7 +660,8 @@ impl Agent {
             Command::Reconcile { .. } => true,
             Command::LinksChanged { links } => links.as_ref().is_none_or(|l| {
                 let uplinks = self.uplink_names();
-                l.keys().any(|name| uplinks.contains(name))
+                l.iter()
+                    .any(|(name, note)| uplinks.contains(name) && !self.uplink_steady(name, note))
             }),
             _ => false,
         });
@@ -786,6 +787,28 @@ impl Agent {
             }
         }
         self.apply_deferred().await;
+    }
+
+    /// Is a notification about an uplink one that changes nothing the
+    /// agent programs through it: the same link, up and with carrier
+    /// throughout the burst and when last dumped, so its nexthop objects
+    /// are still there? IPv6 coming up on it, its addrconf state, an MTU
+    /// change: each took a full pass (a dump of every learned route) where
+    /// `mirror_has` now finds nothing to do.
+    fn uplink_steady(&self, name: &str, note: &crate::netlink::monitor::LinkNote) -> bool {
+        let Some(cache) = self.cache.as_ref().filter(|_| self.cache_host_valid) else {
+            return false;
+        };
+        !note.deleted
+            && note.up
+            && note.carrier
+            && !note.was_down
+            && !note.carrier_lost
+            && cache.carrier.contains(name)
+            && cache
+                .links
+                .get(name)
+                .is_some_and(|o| o.ifindex == note.index && o.up)
     }
 
     /// Does the mirror already have every link of `links` as the

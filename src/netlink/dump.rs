@@ -69,6 +69,9 @@ impl Kernel {
         let mut names: BTreeMap<u32, String> = BTreeMap::new();
         for l in links {
             names.insert(l.index, l.name.clone());
+            if l.carrier {
+                o.carrier.insert(l.name.clone());
+            }
             o.links.insert(
                 l.name.clone(),
                 ObservedLink {

@@ -23,6 +23,7 @@ const IFLA_IFALIAS: u16 = 20;
 const IFLA_EXT_MASK: u16 = 29;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const IFF_UP: u32 = 1;
+const IFF_LOWER_UP: u32 = 0x1_0000;
 /// struct ifinfomsg.
 const IFINFOMSG_LEN: usize = 16;
 
@@ -31,6 +32,8 @@ pub struct RawLink {
     pub index: u32,
     pub name: String,
     pub up: bool,
+    /// IFF_LOWER_UP: the carrier.
+    pub carrier: bool,
     pub alias: Option<String>,
 }
 
@@ -80,6 +83,7 @@ pub fn parse_link(payload: &[u8]) -> Option<RawLink> {
         index,
         name: name?,
         up: flags & IFF_UP != 0,
+        carrier: flags & IFF_LOWER_UP != 0,
         alias,
     })
 }
@@ -130,7 +134,7 @@ mod tests {
     fn parses_name_flags_alias_and_ignores_garbage() {
         let mut p = vec![0u8; IFINFOMSG_LEN];
         p[4..8].copy_from_slice(&7u32.to_ne_bytes());
-        p[8..12].copy_from_slice(&(IFF_UP | 0x1000).to_ne_bytes());
+        p[8..12].copy_from_slice(&(IFF_UP | 0x1000 | IFF_LOWER_UP).to_ne_bytes());
         // IFLA_IFNAME "tap1\0" (len 9, padded to 12).
         p.extend_from_slice(&9u16.to_ne_bytes());
         p.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
@@ -146,6 +150,7 @@ mod tests {
                 index: 7,
                 name: "tap1".into(),
                 up: true,
+                carrier: true,
                 alias: Some("l3hv:tap:vm1".into())
             }
         );

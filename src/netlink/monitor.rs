@@ -26,6 +26,11 @@ pub struct LinkNote {
     pub deleted: bool,
     /// IFF_UP (not the carrier), as the last notification has it.
     pub up: bool,
+    /// IFF_LOWER_UP (the carrier), as the last notification has it.
+    pub carrier: bool,
+    /// Some notification of the burst had no carrier (or IFF_UP clear):
+    /// the kernel then deletes the link's nexthop objects.
+    pub carrier_lost: bool,
     /// Some notification of the burst had IFF_UP clear: the link was down
     /// at some point (the kernel then deletes its routes and IPv6
     /// addresses), even if it is up again.
@@ -86,20 +91,22 @@ fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
                 }
             }
             let up = m.header.flags.contains(LinkFlags::Up);
+            let carrier = m.header.flags.contains(LinkFlags::LowerUp);
             let note = LinkNote {
                 index: m.header.index,
                 deleted,
                 up,
+                carrier,
+                carrier_lost: !(deleted || up && carrier),
                 was_down: !up && !deleted,
                 alias,
             };
             match (burst.as_mut(), name) {
                 (Some(links), Some(n)) => {
-                    let was_down = links
-                        .get(&n)
-                        .is_some_and(|l| l.was_down && l.index == note.index);
+                    let before = links.get(&n).filter(|l| l.index == note.index);
                     let note = LinkNote {
-                        was_down: note.was_down || was_down,
+                        was_down: note.was_down || before.is_some_and(|l| l.was_down),
+                        carrier_lost: note.carrier_lost || before.is_some_and(|l| l.carrier_lost),
                         ..note
                     };
                     links.insert(n, note);

@@ -269,4 +269,9 @@ pub struct ObservedKernel {
     /// desired sysctl missing from this map was verified earlier and is
     /// trusted.
     pub sysctls: BTreeMap<SysctlPath, Option<String>>,
+    /// The links that had carrier (IFF_LOWER_UP) when dumped: what a
+    /// notification about an uplink is compared with (its nexthop objects
+    /// exist only while it has carrier).
+    #[serde(skip)]
+    pub carrier: BTreeSet<String>,
 }
