@@ -9,6 +9,10 @@
 #
 # ANCHOR_DIR: the anchor's directory (default ../shared/anchors/bird-lab
 # next to the repository); ANCHOR_WORK: its work directory under /tmp.
+# RT_MONITORS=1: the anchor's `ip monitor`s (in its anc-* namespaces) are
+# set to real-time priority as they start, as time_to_route.py
+# --rt-monitors does for l3hv: each then reads its event when the kernel
+# sends it, not when a core is free. BIRD itself is left as it is.
 set -euo pipefail
 REPS=${1:-200}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +25,20 @@ trap 'exit 130' INT TERM
 rm -rf "$ANCHOR_WORK"
 mkdir -p "$ANCHOR_WORK"
 "$ANCHOR_DIR/setup.sh" bird
+if [ "${RT_MONITORS:-0}" = 1 ]; then
+  (
+    while :; do
+      for pid in $(pgrep -f '^ip -ts -4 -o monitor route$'); do
+        case "$(ip netns identify "$pid" 2>/dev/null)" in
+          anc*) [ "$(chrt -p "$pid" 2>/dev/null | grep -c FIFO)" = 0 ] && chrt -f -p 10 "$pid" ;;
+        esac
+      done
+      sleep 0.02
+    done
+  ) &
+  RT_LOOP=$!
+  trap 'kill "$RT_LOOP" 2>/dev/null; "$ANCHOR_DIR/teardown.sh"' EXIT
+fi
 cd "$ANCHOR_DIR"
 python3 - "$REPS" <<'PY'
 import sys, statistics
