@@ -8,6 +8,10 @@ CLI call -> HV2 kernel (intent accepted -> remote route).
 
     sudo python3 benches/time_to_route.py [--n 200] [--preload 100000]
 
+--ecmp: a second fabric path (its own switch and BIRD 2 reflector), as in
+the seed and the anchor; also reports the time until HV2's nexthop group
+for the route has both paths (`ip monitor nexthop`).
+
 --preload N: the reflector first sends both hypervisors N other learned
 routes (/32s of 10.0.0.0/8 from a static protocol), installed before the
 measurement starts: the time to one more route with a full table.
@@ -38,6 +42,7 @@ KEEP = None
 LOG_LEVEL = "warn"
 PRELOAD = 0
 RT_MONITORS = False
+ECMP = False
 PROCS = []
 
 
@@ -56,13 +61,13 @@ def cleanup():
             p.wait(timeout=2)
         except Exception:
             pass
-    pidf = os.path.join(WORK, "bird.pid")
-    if os.path.exists(pidf):
-        try:
-            os.kill(int(open(pidf).read().strip()), signal.SIGKILL)
-        except Exception:
-            pass
-    for n in ("sw", "rr", "hv1", "hv2"):
+    for pidf in (os.path.join(WORK, "bird.pid"), os.path.join(WORK, "bird-b.pid")):
+        if os.path.exists(pidf):
+            try:
+                os.kill(int(open(pidf).read().strip()), signal.SIGKILL)
+            except Exception:
+                pass
+    for n in ("sw", "rr", "hv1", "hv2", "sw-b", "rr-b"):
         subprocess.run(["ip", "netns", "del", ns(n)], capture_output=True)
     if KEEP:
         # The agents' logs and the monitor captures, for a breakdown.
@@ -103,6 +108,33 @@ protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
 """)
     sh("ip", "netns", "exec", ns("rr"), "bird", "-c", conf, "-s", os.path.join(WORK, "bird.ctl"),
        "-P", os.path.join(WORK, "bird.pid"))
+    if ECMP:
+        # Fabric path b: its own switch and reflector (100.64.0.0/25).
+        for n in ("sw-b", "rr-b"):
+            sh("ip", "netns", "add", ns(n))
+            sh("ip", "-n", ns(n), "link", "set", "lo", "up")
+        sh("ip", "-n", ns("sw-b"), "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", ns("sw-b"), "link", "set", "br0", "up")
+        for n, ifn in (("rr-b", "eth0"), ("hv1", "b-public"), ("hv2", "b-public")):
+            sh("ip", "-n", ns("sw-b"), "link", "add", f"p-{n}", "type", "veth", "peer", "name", ifn,
+               "netns", ns(n))
+            sh("ip", "-n", ns("sw-b"), "link", "set", f"p-{n}", "master", "br0", "up")
+            sh("ip", "-n", ns(n), "link", "set", ifn, "up")
+        sh("ip", "-n", ns("rr-b"), "addr", "add", "100.64.0.126/25", "dev", "eth0")
+        conf_b = os.path.join(WORK, "bird-b.conf")
+        with open(conf_b, "w") as f:
+            f.write("""router id 100.64.0.126;
+protocol device {}
+template bgp rrc {
+    local 100.64.0.126 as 65000; rr client; rr cluster id 100.64.0.126;
+    direct; ttl security on;
+    ipv4 { import all; export all; add paths tx; next hop keep; };
+}
+protocol bgp hv1 from rrc { neighbor 100.64.0.101 as 65000; }
+protocol bgp hv2 from rrc { neighbor 100.64.0.102 as 65000; }
+""")
+        sh("ip", "netns", "exec", ns("rr-b"), "bird", "-c", conf_b, "-s", os.path.join(WORK, "bird-b.ctl"),
+           "-P", os.path.join(WORK, "bird-b.pid"))
     PRELOAD_SUBNET = ', "10.0.0.0/8"' if PRELOAD else ""
     for i in (1, 2):
         d = os.path.join(WORK, f"hv{i}")
@@ -129,7 +161,11 @@ gateway_v4 = "203.0.113.254"
 interface = "a-public"
 addresses = ["198.51.100.10{i}/25"]
 reflectors = ["198.51.100.126"]
-""")
+""" + (f"""[fabrics.public.paths.b]
+interface = "b-public"
+addresses = ["100.64.0.10{i}/25"]
+reflectors = ["100.64.0.126"]
+""" if ECMP else ""))
         log = open(os.path.join(d, "l3hvd.log"), "w")
         PROCS.append(subprocess.Popen(["ip", "netns", "exec", ns(f"hv{i}"), L3HVD, "--config",
                                        os.path.join(d, "l3hv.toml")], stdout=log, stderr=log))
@@ -137,7 +173,7 @@ reflectors = ["198.51.100.126"]
         sock = os.path.join(WORK, f"hv{i}", "l3hvd.sock")
         for _ in range(600):
             out = subprocess.run([L3HV, "--socket", sock, "peers", "--json"], capture_output=True, text=True)
-            if out.returncode == 0 and '"Established"' in out.stdout:
+            if out.returncode == 0 and out.stdout.count('"Established"') >= (2 if ECMP else 1):
                 break
             time.sleep(0.05)
         else:
@@ -166,11 +202,42 @@ class Monitor:
 
     def first(self, prefix, after):
         """Timestamp (epoch s) of the first non-deletion event for prefix."""
+        found = self.first_line(prefix, after)
+        return found and found[0]
+
+    def first_line(self, prefix, after):
+        """(timestamp, line) of the first non-deletion event for prefix."""
         pat = re.compile(r"^\[(\S+)\]\s+" + re.escape(prefix) + r"\s")
         with open(self.path) as f:
             for line in f:
                 m = pat.match(line)
                 if m and "Deleted" not in line:
+                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                    if t >= after:
+                        return t, line
+        return None
+
+
+class NexthopMonitor:
+    """`ip -ts -o monitor nexthop` in a namespace: when a group got a second
+    member."""
+
+    def __init__(self, name):
+        self.path = os.path.join(WORK, f"nexthops-{name}.txt")
+        self.f = open(self.path, "w")
+        rt = ["chrt", "-f", "10"] if RT_MONITORS else []
+        self.p = subprocess.Popen(rt + ["ip", "netns", "exec", ns(name), "ip", "-ts", "-o", "monitor", "nexthop"],
+                                  stdout=self.f, stderr=subprocess.DEVNULL)
+        PROCS.append(self.p)
+
+    def multipath(self, group, after):
+        """Timestamp of the first event after `after` that gives `group` two
+        or more members."""
+        pat = re.compile(r"^\[(\S+)\]\s+id " + re.escape(group) + r" group (\S+)")
+        with open(self.path) as f:
+            for line in f:
+                m = pat.match(line)
+                if m and "Deleted" not in line and "/" in m.group(2):
                     t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
                     if t >= after:
                         return t
@@ -248,24 +315,27 @@ def main():
     ap.add_argument("--log", default="warn", help="the agents' log level (info: a line per pass)")
     ap.add_argument("--preload", type=int, default=0, metavar="N",
                     help="N other learned routes installed on both hypervisors first")
+    ap.add_argument("--ecmp", action="store_true",
+                    help="a second fabric path and reflector; also time HV2's route to both paths")
     ap.add_argument("--bin", metavar="DIR", help="l3hvd and l3hv from DIR (default target/release)")
     ap.add_argument("--rt-monitors", action="store_true",
                     help="run the two `ip monitor`s at real-time priority: each reads its event when the "
                          "kernel sends it, not when a core is free (HV1's would otherwise wait for the "
                          "agent sending the UPDATE, which flatters HV1 kernel -> HV2 kernel)")
     a = ap.parse_args()
-    global KEEP, LOG_LEVEL, PRELOAD, L3HVD, L3HV, RT_MONITORS
+    global KEEP, LOG_LEVEL, PRELOAD, L3HVD, L3HV, RT_MONITORS, ECMP
     if a.bin:
         L3HVD, L3HV = os.path.join(a.bin, "l3hvd"), os.path.join(a.bin, "l3hv")
-    KEEP, LOG_LEVEL, PRELOAD, RT_MONITORS = a.keep, a.log, a.preload, a.rt_monitors
+    KEEP, LOG_LEVEL, PRELOAD, RT_MONITORS, ECMP = a.keep, a.log, a.preload, a.rt_monitors, a.ecmp
     atexit.register(cleanup)
     setup()
     m1, m2 = Monitor("hv1"), Monitor("hv2")
+    nh2 = NexthopMonitor("hv2") if ECMP else None
     cap = Capture() if a.capture else None
     time.sleep(0.5)
     samples = []
     s1 = os.path.join(WORK, "hv1", "l3hvd.sock")
-    kk, ck = [], []
+    kk, ck, ke = [], [], []
     for i in range(a.n):
         x = i % 250 + 1
         prefix = f"203.0.113.{x}"
@@ -288,6 +358,19 @@ def main():
             kk.append((t_remote - t_local) * 1e3)
             ck.append((t_remote - t0) * 1e3)
             samples.append((prefix, t0, t_local, t_remote))
+        if nh2 and t_remote and t_local:
+            # The route points at its origin's group: ECMP once the group
+            # has both paths (maybe already when the route came).
+            found = m2.first_line(prefix, t0)
+            group = found and re.search(r"\bnhid (\d+)", found[1])
+            t_both = None
+            while group and time.time() < deadline:
+                t_both = nh2.multipath(group.group(1), t0)
+                if t_both:
+                    break
+                time.sleep(0.01)
+            if t_both:
+                ke.append((max(t_both, t_remote) - t_local) * 1e3)
         subprocess.run([L3HV, "--socket", s1, "vm", "remove", f"vm{i}"], check=True, capture_output=True)
         time.sleep(0.05)
     print(f"samples: {len(kk)} of {a.n}")
@@ -308,7 +391,8 @@ def main():
                 parts.setdefault("reflector: UPDATE in -> UPDATE out", []).append((t_out - t_in) * 1e3)
                 parts.setdefault("UPDATE out of the reflector -> HV2 kernel", []).append((t_remote - t_out) * 1e3)
         print(f"captured: {len(parts.get('reflector: UPDATE in -> UPDATE out', []))} of {len(samples)}")
-    for name, xs in (("HV1 kernel -> HV2 kernel", kk), ("CLI call -> HV2 kernel", ck), *parts.items()):
+    both = [("HV1 kernel -> HV2 kernel, both paths (group of two)", ke)] if ECMP else []
+    for name, xs in (("HV1 kernel -> HV2 kernel", kk), *both, ("CLI call -> HV2 kernel", ck), *parts.items()):
         if xs:
             print(f"{name}: median {statistics.median(xs):.2f} ms, p99 {pct(xs, 0.99):.2f} ms, "
                   f"min {min(xs):.2f}, max {max(xs):.2f}")
