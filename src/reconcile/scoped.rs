@@ -335,6 +335,8 @@ struct Changes<'a> {
     objects: BTreeMap<u32, Option<NextHopSpec>>,
     /// Keys whose group this plan made (`Some`) or deleted (`None`).
     ids: BTreeMap<GroupKey, Option<u32>>,
+    /// A group or object was deleted (its id may since hold another).
+    deleted: bool,
 }
 
 impl<'a> Changes<'a> {
@@ -344,6 +346,7 @@ impl<'a> Changes<'a> {
             groups: BTreeMap::new(),
             objects: BTreeMap::new(),
             ids: BTreeMap::new(),
+            deleted: false,
         }
     }
 
@@ -405,6 +408,7 @@ impl<'a> Changes<'a> {
     fn remove_group(&mut self, id: u32, key: GroupKey) {
         self.groups.insert(id, None);
         self.ids.insert(key, None);
+        self.deleted = true;
     }
 
     /// Deletes the objects of `candidates` (members some group had) that
@@ -424,12 +428,14 @@ impl<'a> Changes<'a> {
         }
         for o in unheld {
             self.objects.insert(o, None);
+            self.deleted = true;
         }
     }
 
-    /// Does the plan delete a group or an object?
+    /// Does the plan delete a group or an object (even one whose id a new
+    /// one then took)?
     fn deletes(&self) -> bool {
-        self.groups.values().any(Option::is_none) || self.objects.values().any(Option::is_none)
+        self.deleted
     }
 
     /// The kernel operations for the changes, against `observed` (as
@@ -861,6 +867,38 @@ mod tests {
         );
         assert_eq!(last.group_use[&group].prefixes(), 3);
         assert_eq!(last.group_use[&group].sets.len(), 1);
+    }
+
+    /// A group deleted and its id taken by a new group in the same plan is
+    /// still a deletion: where the last pass probed, the full pass could
+    /// place the groups differently.
+    #[test]
+    fn a_deleted_groups_id_taken_again_still_counts_as_a_deletion() {
+        let key = |o: &str| GroupKey {
+            fabric: "public".into(),
+            v6: false,
+            origins: vec![o.parse().unwrap()],
+        };
+        let k1 = key("10.0.0.1");
+        let x = super::super::groups::group_slot(&k1);
+        let mut last = DesiredKernel::default();
+        last.groups.insert(x, BTreeSet::from([1]));
+        last.group_keys.insert(x, k1.clone());
+        last.probed = true;
+        let mut changes = Changes::new(&last);
+        assert!(!changes.deletes());
+        assert!(changes.free_group(x).is_err(), "taken");
+        changes.remove_group(x, k1);
+        assert_eq!(changes.free_group(x), Ok(x), "free once deleted");
+        changes.groups.insert(
+            x,
+            Some(Group {
+                members: BTreeSet::from([2]),
+                key: key("10.0.0.2"),
+                usage: GroupUse::default(),
+            }),
+        );
+        assert!(changes.deletes());
     }
 
     #[test]
