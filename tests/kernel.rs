@@ -858,6 +858,14 @@ fn an_uplinks_notifications_take_the_full_pass_only_when_it_loses_carrier() {
     w.hv.ip(&["link", "set", "up-a", "mtu", "1400"]);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(passes(), last, "{}", agent.status_json());
+    // Under 1280 the kernel takes IPv6 off the uplink: the full pass.
+    let full_steady = full();
+    w.hv.ip(&["link", "set", "up-a", "mtu", "1200"]);
+    wait_for(
+        "an uplink's MTU under IPv6's minimum dumps everything",
+        Duration::from_secs(10),
+        || full() > full_steady,
+    );
 }
 
 /// Waits until the agent has run no pass for 1.5 s (start-up's link

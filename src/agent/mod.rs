@@ -793,8 +793,8 @@ impl Agent {
     /// agent programs through it: the same link, up and with carrier
     /// throughout the burst and when last dumped, so its nexthop objects
     /// are still there? IPv6 coming up on it, its addrconf state, an MTU
-    /// change: each took a full pass (a dump of every learned route) where
-    /// `mirror_has` now finds nothing to do.
+    /// change (to 1280 or more): each took a full pass (a dump of every
+    /// learned route) where `mirror_has` now finds nothing to do.
     fn uplink_steady(&self, name: &str, note: &crate::netlink::monitor::LinkNote) -> bool {
         let Some(cache) = self.cache.as_ref().filter(|_| self.cache_host_valid) else {
             return false;
@@ -804,6 +804,8 @@ impl Agent {
             && note.carrier
             && !note.was_down
             && !note.carrier_lost
+            // Under 1280 the kernel took IPv6 (and its addresses) off it.
+            && note.mtu.is_none_or(|m| m >= 1280)
             && cache.carrier.contains(name)
             && cache
                 .links

@@ -23,6 +23,7 @@ const IFLA_IFALIAS: u16 = 20;
 const IFLA_EXT_MASK: u16 = 29;
 const RTEXT_FILTER_SKIP_STATS: u32 = 1 << 3;
 const IFF_UP: u32 = 1;
+const IFF_RUNNING: u32 = 0x40;
 const IFF_LOWER_UP: u32 = 0x1_0000;
 /// struct ifinfomsg.
 const IFINFOMSG_LEN: usize = 16;
@@ -32,7 +33,8 @@ pub struct RawLink {
     pub index: u32,
     pub name: String,
     pub up: bool,
-    /// IFF_LOWER_UP: the carrier.
+    /// IFF_LOWER_UP and IFF_RUNNING: the carrier, as the kernel judges it
+    /// when it deletes a link's nexthop objects (see `monitor::LinkNote`).
     pub carrier: bool,
     pub alias: Option<String>,
 }
@@ -83,7 +85,7 @@ pub fn parse_link(payload: &[u8]) -> Option<RawLink> {
         index,
         name: name?,
         up: flags & IFF_UP != 0,
-        carrier: flags & IFF_LOWER_UP != 0,
+        carrier: flags & IFF_LOWER_UP != 0 && flags & IFF_RUNNING != 0,
         alias,
     })
 }
@@ -134,7 +136,7 @@ mod tests {
     fn parses_name_flags_alias_and_ignores_garbage() {
         let mut p = vec![0u8; IFINFOMSG_LEN];
         p[4..8].copy_from_slice(&7u32.to_ne_bytes());
-        p[8..12].copy_from_slice(&(IFF_UP | 0x1000 | IFF_LOWER_UP).to_ne_bytes());
+        p[8..12].copy_from_slice(&(IFF_UP | 0x1000 | IFF_LOWER_UP | IFF_RUNNING).to_ne_bytes());
         // IFLA_IFNAME "tap1\0" (len 9, padded to 12).
         p.extend_from_slice(&9u16.to_ne_bytes());
         p.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
@@ -159,6 +161,10 @@ mod tests {
         q.extend_from_slice(&[200, 0, 1]);
         assert_eq!(parse_link(&q).unwrap().name, "tap1");
         assert!(parse_link(&p[..8]).is_none());
+        // Lower up but not running (operstate down): no carrier.
+        let mut r = p.clone();
+        r[8..12].copy_from_slice(&(IFF_UP | IFF_LOWER_UP).to_ne_bytes());
+        assert!(!parse_link(&r).unwrap().carrier);
     }
 
     #[test]

@@ -26,11 +26,17 @@ pub struct LinkNote {
     pub deleted: bool,
     /// IFF_UP (not the carrier), as the last notification has it.
     pub up: bool,
-    /// IFF_LOWER_UP (the carrier), as the last notification has it.
+    /// IFF_LOWER_UP and IFF_RUNNING, as the last notification has it: the
+    /// kernel deletes a link's nexthop objects when it loses either (the
+    /// notification reads IFF_LOWER_UP live, so a carrier back by then
+    /// shows only as IFF_RUNNING clear).
     pub carrier: bool,
     /// Some notification of the burst had no carrier (or IFF_UP clear):
     /// the kernel then deletes the link's nexthop objects.
     pub carrier_lost: bool,
+    /// IFLA_MTU of the last notification: under 1280 the kernel takes
+    /// IPv6 off the link (and under 68 IPv4), addresses and routes with it.
+    pub mtu: Option<u32>,
     /// Some notification of the burst had IFF_UP clear: the link was down
     /// at some point (the kernel then deletes its routes and IPv6
     /// addresses), even if it is up again.
@@ -83,15 +89,18 @@ fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
             };
             let mut name = None;
             let mut alias = None;
+            let mut mtu = None;
             for a in m.attributes {
                 match a {
                     LinkAttribute::IfName(n) => name = Some(n),
                     LinkAttribute::IfAlias(a) if !a.is_empty() => alias = Some(a),
+                    LinkAttribute::Mtu(n) => mtu = Some(n),
                     _ => {}
                 }
             }
             let up = m.header.flags.contains(LinkFlags::Up);
-            let carrier = m.header.flags.contains(LinkFlags::LowerUp);
+            let carrier = m.header.flags.contains(LinkFlags::LowerUp)
+                && m.header.flags.contains(LinkFlags::Running);
             let note = LinkNote {
                 index: m.header.index,
                 deleted,
@@ -100,6 +109,7 @@ fn note(burst: &mut LinkBurst, payload: NetlinkPayload<RouteNetlinkMessage>) {
                 carrier_lost: !(deleted || up && carrier),
                 was_down: !up && !deleted,
                 alias,
+                mtu,
             };
             match (burst.as_mut(), name) {
                 (Some(links), Some(n)) => {
