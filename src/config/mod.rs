@@ -745,7 +745,7 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
         file: file.to_string(),
         issues,
     };
-    let doc = match ImDocument::parse(text.to_string()) {
+    let parsed = match ImDocument::parse(text.to_string()) {
         Ok(doc) => doc,
         Err(e) => {
             let (line, column) = e.span().map_or((1, 1), |s| locate::line_col(text, s.start));
@@ -757,12 +757,19 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
             }]));
         }
     };
-    let config: Config = match toml::from_str(text) {
+    // Decoded from the document parsed above: the text is parsed once on
+    // the way to a valid configuration (it was parsed twice, most of what
+    // `l3hv hook` did before its call to the agent). An error parses it
+    // again, for the spans of its fields.
+    let document = || ImDocument::parse(text.to_string()).ok();
+    let config: Config = match toml_edit::de::from_document(parsed) {
         Ok(c) => c,
         Err(e) => {
             let offset = e.span().map_or(0, |s| s.start);
             let (line, column) = locate::line_col(text, offset);
-            let field = locate::path_at(&doc, offset).to_string();
+            let field = document()
+                .map(|doc| locate::path_at(&doc, offset).to_string())
+                .unwrap_or_default();
             return Err(invalid(vec![ConfigIssue {
                 line,
                 column,
@@ -775,11 +782,14 @@ pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
     if problems.is_empty() {
         return Ok(config);
     }
+    let doc = document();
     Err(invalid(
         problems
             .into_iter()
             .map(|(path, message)| {
-                let (line, column) = locate::span_of(&doc, &path)
+                let (line, column) = doc
+                    .as_ref()
+                    .and_then(|doc| locate::span_of(doc, &path))
                     .map_or((1, 1), |s| locate::line_col(text, s.start));
                 ConfigIssue {
                     line,
