@@ -76,18 +76,42 @@ def cleanup():
     shutil.rmtree(WORK, ignore_errors=True)
 
 
-def setup():
-    for n in ("sw", "rr", "hv1", "hv2"):
+def fabric_path(sw, rr, uplink, net, static=""):
+    """A fabric path: switch namespace `sw` (a bridge), reflector namespace
+    `rr` running BIRD 2 at `net`.126/25 (the hypervisors are .101 and .102,
+    on `uplink`), with `static` added to its configuration. The files of a
+    reflector are named after its namespace (bird.conf for "rr")."""
+    for n in (sw, rr):
         sh("ip", "netns", "add", ns(n))
         sh("ip", "-n", ns(n), "link", "set", "lo", "up")
-    sh("ip", "-n", ns("sw"), "link", "add", "br0", "type", "bridge")
-    sh("ip", "-n", ns("sw"), "link", "set", "br0", "up")
-    for n, ifn in (("rr", "eth0"), ("hv1", "a-public"), ("hv2", "a-public")):
-        sh("ip", "-n", ns("sw"), "link", "add", f"p-{n}", "type", "veth", "peer", "name", ifn, "netns", ns(n))
-        sh("ip", "-n", ns("sw"), "link", "set", f"p-{n}", "master", "br0", "up")
+    sh("ip", "-n", ns(sw), "link", "add", "br0", "type", "bridge")
+    sh("ip", "-n", ns(sw), "link", "set", "br0", "up")
+    for n, ifn in ((rr, "eth0"), ("hv1", uplink), ("hv2", uplink)):
+        sh("ip", "-n", ns(sw), "link", "add", f"p-{n}", "type", "veth", "peer", "name", ifn, "netns", ns(n))
+        sh("ip", "-n", ns(sw), "link", "set", f"p-{n}", "master", "br0", "up")
         sh("ip", "-n", ns(n), "link", "set", ifn, "up")
-    sh("ip", "-n", ns("rr"), "addr", "add", "198.51.100.126/25", "dev", "eth0")
-    conf = os.path.join(WORK, "bird.conf")
+    sh("ip", "-n", ns(rr), "addr", "add", f"{net}.126/25", "dev", "eth0")
+    name = "bird" if rr == "rr" else f"bird-{rr.removeprefix('rr-')}"
+    conf = os.path.join(WORK, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""router id {net}.126;
+protocol device {{}}
+""" + static + f"""template bgp rrc {{
+    local {net}.126 as 65000; rr client; rr cluster id {net}.126;
+    direct; ttl security on;
+    ipv4 {{ import all; export all; add paths tx; next hop keep; }};
+}}
+protocol bgp hv1 from rrc {{ neighbor {net}.101 as 65000; }}
+protocol bgp hv2 from rrc {{ neighbor {net}.102 as 65000; }}
+""")
+    sh("ip", "netns", "exec", ns(rr), "bird", "-c", conf, "-s", os.path.join(WORK, f"{name}.ctl"),
+       "-P", os.path.join(WORK, f"{name}.pid"))
+
+
+def setup():
+    for n in ("hv1", "hv2"):
+        sh("ip", "netns", "add", ns(n))
+        sh("ip", "-n", ns(n), "link", "set", "lo", "up")
     static = ""
     if PRELOAD:
         routes = os.path.join(WORK, "preload.routes")
@@ -95,46 +119,10 @@ def setup():
             f.writelines(f"route 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}/32 via 198.51.100.120;\n"
                          for i in range(1, PRELOAD + 1))
         static = f'protocol static s4 {{\n    ipv4;\n    include "{routes}";\n}}\n'
-    with open(conf, "w") as f:
-        f.write("""router id 198.51.100.126;
-protocol device {}
-""" + static + """template bgp rrc {
-    local 198.51.100.126 as 65000; rr client; rr cluster id 198.51.100.126;
-    direct; ttl security on;
-    ipv4 { import all; export all; add paths tx; next hop keep; };
-}
-protocol bgp hv1 from rrc { neighbor 198.51.100.101 as 65000; }
-protocol bgp hv2 from rrc { neighbor 198.51.100.102 as 65000; }
-""")
-    sh("ip", "netns", "exec", ns("rr"), "bird", "-c", conf, "-s", os.path.join(WORK, "bird.ctl"),
-       "-P", os.path.join(WORK, "bird.pid"))
+    fabric_path("sw", "rr", "a-public", "198.51.100", static)
     if ECMP:
-        # Fabric path b: its own switch and reflector (100.64.0.0/25).
-        for n in ("sw-b", "rr-b"):
-            sh("ip", "netns", "add", ns(n))
-            sh("ip", "-n", ns(n), "link", "set", "lo", "up")
-        sh("ip", "-n", ns("sw-b"), "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", ns("sw-b"), "link", "set", "br0", "up")
-        for n, ifn in (("rr-b", "eth0"), ("hv1", "b-public"), ("hv2", "b-public")):
-            sh("ip", "-n", ns("sw-b"), "link", "add", f"p-{n}", "type", "veth", "peer", "name", ifn,
-               "netns", ns(n))
-            sh("ip", "-n", ns("sw-b"), "link", "set", f"p-{n}", "master", "br0", "up")
-            sh("ip", "-n", ns(n), "link", "set", ifn, "up")
-        sh("ip", "-n", ns("rr-b"), "addr", "add", "100.64.0.126/25", "dev", "eth0")
-        conf_b = os.path.join(WORK, "bird-b.conf")
-        with open(conf_b, "w") as f:
-            f.write("""router id 100.64.0.126;
-protocol device {}
-template bgp rrc {
-    local 100.64.0.126 as 65000; rr client; rr cluster id 100.64.0.126;
-    direct; ttl security on;
-    ipv4 { import all; export all; add paths tx; next hop keep; };
-}
-protocol bgp hv1 from rrc { neighbor 100.64.0.101 as 65000; }
-protocol bgp hv2 from rrc { neighbor 100.64.0.102 as 65000; }
-""")
-        sh("ip", "netns", "exec", ns("rr-b"), "bird", "-c", conf_b, "-s", os.path.join(WORK, "bird-b.ctl"),
-           "-P", os.path.join(WORK, "bird-b.pid"))
+        # Fabric path b: its own switch and reflector.
+        fabric_path("sw-b", "rr-b", "b-public", "100.64.0")
     PRELOAD_SUBNET = ', "10.0.0.0/8"' if PRELOAD else ""
     for i in (1, 2):
         d = os.path.join(WORK, f"hv{i}")

@@ -15,7 +15,7 @@ use common::*;
 struct World {
     hv: Netns,
     /// Kept alive for the test's duration (dropped = deleted).
-    _ext: Netns,
+    ext: Netns,
     _extp: Netns,
 }
 
@@ -49,7 +49,7 @@ fn world() -> World {
     extp.ip(&["route", "add", "172.22.2.0/24", "via", "172.22.15.101"]);
     World {
         hv,
-        _ext: ext,
+        ext,
         _extp: extp,
     }
 }
@@ -837,7 +837,7 @@ fn an_uplinks_notifications_take_the_full_pass_only_when_it_loses_carrier() {
     assert_eq!(passes(), last, "{}", agent.status_json());
     // Its peer going down takes its carrier (and the kernel its nexthop
     // objects): the full pass.
-    w._ext.ip(&["link", "set", "eth0", "down"]);
+    w.ext.ip(&["link", "set", "eth0", "down"]);
     wait_for(
         "an uplink losing carrier dumps everything",
         Duration::from_secs(10),
@@ -846,7 +846,7 @@ fn an_uplinks_notifications_take_the_full_pass_only_when_it_loses_carrier() {
     let lost = settled(&agent);
     let full_lost = full();
     // Carrier back: the full pass again (the objects are to be made again).
-    w._ext.ip(&["link", "set", "eth0", "up"]);
+    w.ext.ip(&["link", "set", "eth0", "up"]);
     wait_for(
         "an uplink getting carrier back dumps everything",
         Duration::from_secs(10),

@@ -837,13 +837,8 @@ mod tests {
                 addr: a.parse().unwrap(),
                 gateway,
             };
-            let route = |dst: &str, oif: &str| KernelOp::AddRoute {
-                id: RouteId {
-                    table: 90,
-                    dst: dst.parse().unwrap(),
-                    metric: 10,
-                },
-                attrs: Arc::new(RouteAttrs {
+            let attrs = |oif: &str| {
+                Arc::new(RouteAttrs {
                     kind: RouteKind::Unicast,
                     oif: Some(oif.into()),
                     gateway: None,
@@ -851,7 +846,16 @@ mod tests {
                     pref_src: None,
                     multipath: vec![],
                     nh_id: None,
-                }),
+                })
+            };
+            let id = |dst: &str| RouteId {
+                table: 90,
+                dst: dst.parse().unwrap(),
+                metric: 10,
+            };
+            let route = |dst: &str, oif: &str| KernelOp::AddRoute {
+                id: id(dst),
+                attrs: attrs(oif),
                 replace: false,
             };
             let rule = RuleSpec {
@@ -932,23 +936,8 @@ mod tests {
             assert_eq!(report.failed.len(), 2, "{report:?}");
 
             // Deletions, of what is there and of what is gone.
-            let attrs = |oif: &str| {
-                Arc::new(RouteAttrs {
-                    kind: RouteKind::Unicast,
-                    oif: Some(oif.into()),
-                    gateway: None,
-                    onlink: false,
-                    pref_src: None,
-                    multipath: vec![],
-                    nh_id: None,
-                })
-            };
             let del_route = |dst: &str, oif: &str| KernelOp::DelRoute {
-                id: RouteId {
-                    table: 90,
-                    dst: dst.parse().unwrap(),
-                    metric: 10,
-                },
+                id: id(dst),
                 attrs: attrs(oif),
             };
             let gone = Plan {
