@@ -18,7 +18,10 @@
 # log in /tmp/l3bg-l3hvd-<N>.log. L3HVD_HOLD=3s proposes that hold time
 # (KEEPALIVEs every second; the default is 90 s): BIRD 2.0.12 as reflector
 # can sit out its 3 s poll() timeout before the last UPDATEs and End-of-RIB
-# of the initial feed to a peer that sends nothing meanwhile (BENCHMARKS.md). Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
+# of the initial feed to a peer that sends nothing meanwhile (BENCHMARKS.md).
+# L3HVD_KEEPALIVES=1 captures l3hvd's BGP segments on its uplink (tcpdump
+# in the namespace) and reports the longest gap between its KEEPALIVEs
+# (19-byte messages) from Established to convergence. Each client gets 60 s + N/5,000 s to converge (BGP_LEARN_TIMEOUT=<s>
 # overrides). The kernel is polled every 100 ms through cheap counters
 # (/proc/<pid>/net/fib_triestat for IPv4 table 90, rt6_stats for IPv6) and
 # confirmed with a full dump, so the poll does not dump 1,000,000 routes ten
@@ -335,7 +338,14 @@ interface = "a-public"
 addresses = ["$HV_V4/25", "$HV_V6/120"]
 reflectors = ["$RR_V4"]
 EOF
-    local t0 pid
+    local t0 pid cap=""
+    if [ -n "${L3HVD_KEEPALIVES:-}" ]; then
+        ip netns exec "$P-hv" tcpdump -n -tt -l -i a-public \
+            "src host $HV_V4 and tcp port 179 and (ip[2:2] - ((ip[0]&0xf)<<2) - ((tcp[12]&0xf0)>>2)) == 19" \
+            >"$WORK/keepalives.txt" 2>/dev/null &
+        cap=$!; PIDS+=("$cap")
+        sleep 0.5
+    fi
     t0=$(now)
     # L3HVD_WRAP="heaptrack -o /tmp/l3hvd" profiles the agent (stopped with
     # SIGTERM then, so the profiler can write its data).
@@ -362,6 +372,11 @@ EOF
         ip -n "$P-hv" route show table 90 | grep -v '^10\.[0-9.]* ' || true
     fi
     echo "l3hvd $1 $r $(after "${agent:-$pid}")" "$(l3hv_passes)"
+    if [ -n "$cap" ]; then
+        kill -INT "$cap" 2>/dev/null || true; wait "$cap" 2>/dev/null || true
+        awk '{ if (n++) { g = $1 - last; if (g > max) max = g } last = $1 }
+             END { printf "l3hvd keepalives=%d longest_gap_s=%.3f\n", n, max }' "$WORK/keepalives.txt"
+    fi
     if ! kill -0 "${agent:-$pid}" 2>/dev/null; then echo "l3hvd exited:"; tail -n 20 "$WORK/l3hvd.log"; fi
     if [ -n "${L3HVD_LOG:-}" ]; then
         cp "$WORK/l3hvd.log" "/tmp/l3bg-l3hvd-$1.log"

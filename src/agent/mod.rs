@@ -1447,8 +1447,12 @@ impl Agent {
         };
         if let Some(announce) = self.announce.take() {
             // Before the pass's bookkeeping: the route leaves for the
-            // reflectors as soon as this hypervisor forwards to it.
+            // reflectors as soon as this hypervisor forwards to it. The
+            // sessions run on this thread (`spawn`): they write their
+            // UPDATEs now, not when this task next waits (on the intent's
+            // fsync, after the bookkeeping: +20-30 us to the reflector).
             self.published.send_replace(announce);
+            tokio::task::yield_now().await;
         }
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
@@ -1785,37 +1789,59 @@ fn vm_result(vm: Option<&str>, intent: &Intent, report: &ReconcileReport) -> Res
     }
 }
 
-/// Spawns the agent loop; a convenience for binaries and tests.
-pub fn spawn(agent: Agent) -> std::io::Result<std::thread::JoinHandle<()>> {
-    // A thread and a single-threaded runtime of its own: a pass computes
-    // over the whole RIB without yielding (seconds at 1,000,000 routes),
-    // and on the shared workers that held up whatever was queued behind
-    // it, a BGP session's KEEPALIVEs up to 1.65 s late (a reflector with a
-    // 3 s hold time reset the session; BENCHMARKS.md), BFD and DHCP alike.
-    // Its netlink connection is opened again there; timers and sockets it
-    // made before stay with the main runtime, which keeps driving them.
-    std::thread::Builder::new()
+/// Spawns the agent loop on a thread of its own; returns the thread and a
+/// handle to its runtime, where l3hvd starts the BGP speaker.
+///
+/// A thread and a single-threaded runtime of its own: a pass computes over
+/// the whole RIB without yielding (0.1-0.6 s at 1,000,000 routes) and
+/// wrote its routes without yielding (seconds), and on
+/// the shared workers that held up whatever was queued behind it, a BGP
+/// session's KEEPALIVEs up to 1.65 s late (a reflector with a 3 s hold
+/// time reset the session; BENCHMARKS.md), DHCP and the API alike. Its
+/// netlink connection is opened again there; timers and sockets it made
+/// before stay with the main runtime, which keeps driving them.
+///
+/// The BGP sessions run on this runtime too: an UPDATE read is in the RIB
+/// and its route in the kernel without a wake-up of another thread, and a
+/// VM's UPDATE leaves right after its routes (each crossing was 30-40 us
+/// at the median and hundreds at p90 on both hypervisors). The pass makes
+/// room for them: its kernel writes yield between slices of 4,096
+/// operations (`Kernel::apply`) and the dumps are async; what does not
+/// yield is its computation (up to 0.6 s at 1,000,000 routes), which a
+/// KEEPALIVE may wait for, well inside a 3 s hold time's second.
+pub fn spawn(
+    agent: Agent,
+) -> std::io::Result<(std::thread::JoinHandle<()>, tokio::runtime::Handle)> {
+    let (htx, hrx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
         .name("l3hv-agent".into())
         .spawn(move || {
             match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt.block_on(async move {
-                    let mut agent = agent;
-                    // The netlink connection's reader on this thread too:
-                    // driven from the main runtime, every request and its
-                    // answer crossed threads (a 1,000,000-route learn took
-                    // 17.0 s instead of 12.2, with 4 s more system time).
-                    match Kernel::connect(agent.config.kernel.route_protocol) {
-                        Ok(k) => agent.kernel = k,
-                        Err(e) => {
-                            warn!(error = %e, "netlink connection stays on the main runtime")
+                Ok(rt) => {
+                    let _ = htx.send(rt.handle().clone());
+                    rt.block_on(async move {
+                        let mut agent = agent;
+                        // The netlink connection's reader on this thread too:
+                        // driven from the main runtime, every request and its
+                        // answer crossed threads (a 1,000,000-route learn took
+                        // 17.0 s instead of 12.2, with 4 s more system time).
+                        match Kernel::connect(agent.config.kernel.route_protocol) {
+                            Ok(k) => agent.kernel = k,
+                            Err(e) => {
+                                warn!(error = %e, "netlink connection stays on the main runtime")
+                            }
                         }
-                    }
-                    agent.run().await
-                }),
+                        agent.run().await
+                    })
+                }
                 Err(e) => tracing::error!(error = %e, "cannot start the agent's runtime"),
             }
-        })
+        })?;
+    let handle = hrx
+        .recv()
+        .map_err(|_| std::io::Error::other("the agent's runtime did not start"))?;
+    Ok((thread, handle))
 }

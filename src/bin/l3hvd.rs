@@ -104,7 +104,6 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     };
     let registry = services::Registry::default();
     agent.set_services(registry.clone());
-    let bgp = l3hv::bgp::start(shared.clone(), handle.clone());
     let watchdog = Watchdog::from_env(&notifier);
     if let Some(w) = &watchdog {
         info!(
@@ -114,12 +113,16 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     }
     agent.set_watchdog(watchdog);
     // Runs until the process exits: leaving never waits for a pass.
-    let _agent = match agent::spawn(agent) {
+    let (_agent, agent_rt) = match agent::spawn(agent) {
         Ok(t) => t,
         Err(e) => {
             error!(error = %e, "cannot start the agent's thread");
             return ExitCode::FAILURE;
         }
+    };
+    let bgp = {
+        let _on_agent_thread = agent_rt.enter();
+        l3hv::bgp::start(shared.clone(), handle.clone())
     };
     // Link notifications make the agent look again at once (a tap QEMU
     // just opened, an adopted interface created after its intent).

@@ -97,7 +97,8 @@ impl Kernel {
                     std::mem::take(&mut pending),
                     &mut refused_nexthops,
                     &mut report,
-                );
+                )
+                .await;
             }
             if phase.is_empty() {
                 pending.extend(batched);
@@ -112,7 +113,8 @@ impl Kernel {
                     std::mem::take(&mut pending),
                     &mut refused_nexthops,
                     &mut report,
-                );
+                )
+                .await;
             }
             pending.extend(batched);
             // Sysctls and tap ioctls are synchronous file/ioctl calls of
@@ -159,7 +161,8 @@ impl Kernel {
             }
         }
         if !pending.is_empty() {
-            self.apply_batched(pending, &mut refused_nexthops, &mut report);
+            self.apply_batched(pending, &mut refused_nexthops, &mut report)
+                .await;
         }
         report
     }
@@ -169,7 +172,7 @@ impl Kernel {
     /// place (blocking: see `apply`). An object the kernel refuses makes
     /// every group naming it fail in the same batch: those groups go once
     /// more without it, and the routes that failed on them after them.
-    fn apply_batched(
+    async fn apply_batched(
         &self,
         ops: Vec<&KernelOp>,
         refused: &mut BTreeSet<u32>,
@@ -177,7 +180,7 @@ impl Kernel {
     ) {
         let mut outcome: Vec<Result<(), String>> = vec![Ok(()); ops.len()];
         let first: Vec<usize> = (0..ops.len()).collect();
-        self.send_batch(&ops, &first, &mut outcome, refused);
+        self.send_batch(&ops, &first, &mut outcome, refused).await;
         let regroup: Vec<usize> = (0..ops.len())
             .filter(|&i| {
                 outcome[i].is_err()
@@ -186,7 +189,7 @@ impl Kernel {
             })
             .collect();
         if !regroup.is_empty() {
-            self.send_batch(&ops, &regroup, &mut outcome, refused);
+            self.send_batch(&ops, &regroup, &mut outcome, refused).await;
             // Then the routes that failed on a group now in place.
             let regrouped: BTreeSet<u32> = regroup
                 .iter()
@@ -204,7 +207,7 @@ impl Kernel {
                 })
                 .collect();
             if !reroute.is_empty() {
-                self.send_batch(&ops, &reroute, &mut outcome, refused);
+                self.send_batch(&ops, &reroute, &mut outcome, refused).await;
             }
         }
         for (op, r) in ops.into_iter().zip(outcome) {
@@ -220,7 +223,7 @@ impl Kernel {
 
     /// Sends `ops[i]` for each `i` of `which` in one batch; their results go
     /// to `outcome`, refused objects to `refused`.
-    fn send_batch(
+    async fn send_batch(
         &self,
         ops: &[&KernelOp],
         which: &[usize],
@@ -230,7 +233,16 @@ impl Kernel {
         // Built and sent a slice at a time: a million routes' requests at
         // once were ~100 MB beside the pass's own state.
         let mut indexes = Indexes::default();
-        for chunk in which.chunks(BATCH_SLICE) {
+        for (n, chunk) in which.chunks(BATCH_SLICE).enumerate() {
+            if n > 0 {
+                // The BGP sessions share the agent's thread
+                // (`agent::spawn`): between slices (4,096 operations, about
+                // 13 ms of kernel work here) they send their KEEPALIVEs and
+                // read, where a pass of a million routes held them for
+                // seconds. A pass of one slice (every single UPDATE's)
+                // never yields.
+                tokio::task::yield_now().await;
+            }
             let mut sent: Vec<usize> = Vec::with_capacity(chunk.len());
             let mut requests: Vec<nexthop::Request> = Vec::with_capacity(chunk.len());
             for &i in chunk {
@@ -996,6 +1008,85 @@ mod tests {
                     .expect("ip")
                     .status
                     .success()
+            );
+        });
+    }
+
+    /// A large apply makes room for the other tasks of its runtime (the BGP
+    /// sessions share the agent's thread): they run between its slices,
+    /// while it is still writing. A private namespace.
+    #[test]
+    fn a_large_apply_lets_the_runtimes_other_tasks_run() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        crate::testutil::in_private_netns(|| async {
+            ip(&["link", "add", "up0", "type", "veth", "peer", "up1"]);
+            ip(&["link", "set", "up0", "up"]);
+            ip(&["link", "set", "up1", "up"]);
+            let kernel = Kernel::connect(203).expect("netlink");
+            let attrs = Arc::new(RouteAttrs {
+                kind: RouteKind::Unicast,
+                oif: None,
+                gateway: None,
+                onlink: false,
+                pref_src: None,
+                multipath: vec![],
+                nh_id: Some(10),
+            });
+            let routes = 3 * BATCH_SLICE;
+            let plan = Plan {
+                add_nexthops: vec![KernelOp::AddNexthop {
+                    id: 1,
+                    spec: NextHopSpec {
+                        gateway: "192.0.2.1".parse().unwrap(),
+                        oif: "up0".into(),
+                        onlink: true,
+                    },
+                    replace: false,
+                }],
+                add_groups: vec![KernelOp::AddGroup {
+                    id: 10,
+                    members: vec![1],
+                    replace: false,
+                }],
+                add_routes: (0..routes as u32)
+                    .map(|i| KernelOp::AddRoute {
+                        id: RouteId {
+                            table: 90,
+                            dst: IpNet::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 32)
+                                .unwrap(),
+                            metric: 20,
+                        },
+                        attrs: attrs.clone(),
+                        replace: false,
+                    })
+                    .collect(),
+                ..Plan::default()
+            };
+            let applying = Arc::new(AtomicBool::new(false));
+            let ran = Arc::new(AtomicUsize::new(0));
+            let other = {
+                let (applying, ran) = (applying.clone(), ran.clone());
+                tokio::spawn(async move {
+                    loop {
+                        if applying.load(Ordering::SeqCst) {
+                            ran.fetch_add(1, Ordering::SeqCst);
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            tokio::task::yield_now().await;
+            applying.store(true, Ordering::SeqCst);
+            let report = kernel.apply(&plan).await;
+            applying.store(false, Ordering::SeqCst);
+            other.abort();
+            assert_eq!(report.applied, routes + 2, "{:?}", report.failed.first());
+            let installed = ip(&["-4", "route", "show", "table", "90"]).lines().count();
+            assert_eq!(installed, routes);
+            assert!(
+                ran.load(Ordering::SeqCst) >= 2,
+                "the other task ran {} times while {routes} routes were written",
+                ran.load(Ordering::SeqCst)
             );
         });
     }
