@@ -690,6 +690,7 @@ impl Session {
                     // (Cease / Other Configuration Change), RFC 4486.
                     let _ = stream.write_all(&codec::notification(&n)).await;
                     let _ = stream.shutdown().await;
+                    linger(stream);
                     self.status.send_modify(|s| s.counters.notifications_out += 1);
                     return Err(SessionEnd::Sent(n));
                 }
@@ -1029,6 +1030,27 @@ pub(crate) fn md5(
     } else {
         Ok(())
     }
+}
+
+/// Closes a connection we sent a NOTIFICATION on (and shut down for
+/// writing) only once the peer has closed its side, or after 2 s: closed
+/// with the peer's messages unread (a KEEPALIVE or UPDATE in flight), the
+/// kernel answers them with a reset, and a peer that reads the reset first
+/// never sees the NOTIFICATION (BIRD 2 then logged "Connection reset by
+/// peer" instead of the Cease of a removed session). Off the session's
+/// path: a task of its own.
+fn linger(mut stream: TcpStream) {
+    tokio::spawn(async move {
+        let mut sink = [0u8; 4096];
+        let drained = async {
+            while let Ok(n) = stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
+    });
 }
 
 /// RFC 4271 §6.8, simplified: the connection already being served wins;
