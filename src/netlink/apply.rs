@@ -683,6 +683,19 @@ mod tests {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A route's attributes on nexthop group `group`.
+    fn on_group(group: u32) -> Arc<RouteAttrs> {
+        Arc::new(RouteAttrs {
+            kind: RouteKind::Unicast,
+            oif: None,
+            gateway: None,
+            onlink: false,
+            pref_src: None,
+            multipath: vec![],
+            nh_id: Some(group),
+        })
+    }
+
     /// A learned route's object, group and route go in one batch; an
     /// object the kernel refuses in that batch (its uplink is down) leaves
     /// the group written without it and the route on the group, with only
@@ -706,15 +719,7 @@ mod tests {
                     dst: dst.parse().unwrap(),
                     metric: 20,
                 },
-                attrs: Arc::new(RouteAttrs {
-                    kind: RouteKind::Unicast,
-                    oif: None,
-                    gateway: None,
-                    onlink: false,
-                    pref_src: None,
-                    multipath: vec![],
-                    nh_id: Some(group),
-                }),
+                attrs: on_group(group),
                 replace,
             };
             let route = |dst: &str| on(dst, 10, false);
@@ -1023,15 +1028,7 @@ mod tests {
             ip(&["link", "set", "up0", "up"]);
             ip(&["link", "set", "up1", "up"]);
             let kernel = Kernel::connect(203).expect("netlink");
-            let attrs = Arc::new(RouteAttrs {
-                kind: RouteKind::Unicast,
-                oif: None,
-                gateway: None,
-                onlink: false,
-                pref_src: None,
-                multipath: vec![],
-                nh_id: Some(10),
-            });
+            let attrs = on_group(10);
             let routes = 3 * BATCH_SLICE;
             let plan = Plan {
                 add_nexthops: vec![KernelOp::AddNexthop {
