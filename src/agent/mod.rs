@@ -1291,8 +1291,8 @@ impl Agent {
             None
         };
         let reads = reconcile::sysctls_to_read(&desired, &observed, &self.verified, host);
-        // Read in place: the agent has this thread to itself (see
-        // [`spawn`]), and /proc/sys reads take microseconds, where a hop to
+        // Read in place: the agent's thread runs only the agent and the
+        // BGP sessions (see [`spawn`]), and /proc/sys reads take microseconds, where a hop to
         // a blocking thread and back costs two wake-ups (tens of µs each on
         // a virtual machine, much more in the tail).
         observed.sysctls.extend(sysctl::read_many(&reads.read));

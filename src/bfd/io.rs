@@ -145,7 +145,7 @@ pub struct Bfd {
     store: Arc<Store>,
     receivers: BTreeMap<IpAddr, Sessions>,
     /// BFD's own thread: its timers must not wait behind the agent's
-    /// passes or a burst of BGP updates on the main runtime (at 100 ms x 3
+    /// passes or a burst of BGP updates on their thread (at 100 ms x 3
     /// that caused false failures of healthy paths under load).
     runtime: tokio::runtime::Handle,
 }

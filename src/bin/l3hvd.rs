@@ -261,8 +261,9 @@ async fn reload(
 }
 
 /// One glibc malloc arena for the whole process, set before any thread
-/// exists. With one per thread, a learn of 1,000,000 paths (built by the
-/// session's worker thread, freed and rebuilt by the agent's) left either
+/// exists. With one per thread, a learn of 1,000,000 paths (built, before
+/// the sessions moved to the agent's thread, by a worker thread, freed and
+/// rebuilt by the agent's) left either
 /// 210 or 241 MiB resident from run to run, the difference scattered over
 /// the arenas where malloc_trim cannot return it; with one, 207-210 MiB in
 /// every run and a lower peak (BENCHMARKS.md). l3hvd's threads allocate

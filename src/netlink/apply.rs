@@ -121,7 +121,8 @@ impl Kernel {
             // microseconds, made in place: the agent runs on a thread of its
             // own (`agent::spawn`), and a hop to a blocking thread and back
             // cost a VM start two wake-ups per phase. A sysctl write that
-            // waits for RTNL blocks only the agent, which would wait anyway.
+            // waits for RTNL blocks the agent and the BGP sessions on its
+            // thread (KEEPALIVEs wait too; not measured, see issue 6).
             // Link deletions go through rtnetlink's connection, pipelined:
             // each holds RTNL for milliseconds (RCU grace periods), so a
             // batch behind one would wait for all of them in turn.
