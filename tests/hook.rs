@@ -189,6 +189,20 @@ fn lifecycle_over_dbus() {
     });
     lifecycle(&hv, &agent.config);
     assert!(agent.log().contains("set vm"));
+    // The agent's refusal comes back as its named error, with its reason.
+    refused_address(&agent.config);
+}
+
+/// An address outside the fabric: the agent refuses it at prepare and
+/// started (one line with its reason), release succeeds.
+fn refused_address(config: &Path) {
+    let bad = domain("vm9", "vm9-eth0", 9, "192.0.2.9");
+    for op in ["prepare", "started"] {
+        let out = hook(config, "vm9", op, &bad);
+        fails_with(&out, "agent refused to route the VM: invalid: ");
+        fails_with(&out, "outside the subnets");
+    }
+    assert!(hook(config, "vm9", "release", &bad).status.success());
 }
 
 #[test]
@@ -242,17 +256,7 @@ fn refusals_bad_xml_and_foreign_domains() {
     let hv = Netns::new(&unique("hookr"));
     let agent = Agent::start(&hv, HV_CONFIG);
     let before = hv.snapshot();
-    // Address outside the fabric: refused at prepare and started.
-    let bad = domain("vm9", "vm9-eth0", 9, "192.0.2.9");
-    fails_with(
-        &hook(&agent.config, "vm9", "prepare", &bad),
-        "outside the subnets",
-    );
-    fails_with(
-        &hook(&agent.config, "vm9", "started", &bad),
-        "outside the subnets",
-    );
-    assert!(hook(&agent.config, "vm9", "release", &bad).status.success());
+    refused_address(&agent.config);
     // Malformed XML and metadata.
     fails_with(
         &hook(&agent.config, "vm9", "prepare", "<domain"),
@@ -283,11 +287,28 @@ fn refusals_bad_xml_and_foreign_domains() {
 fn fifty_concurrent_hooks() {
     require_root();
     let hv = Netns::new(&unique("hookc"));
-    let agent = Agent::start(&hv, HV_CONFIG);
+    let bus = DbusDaemon::start(&hv, OPEN_POLICY);
+    let agent = Agent::start(&hv, &config_with_dbus(&bus.address()));
+    wait_for("bus name", Duration::from_secs(10), || {
+        agent.log().contains("d-bus API ready")
+    });
+    let socket_cfg = agent.dir.join("socket.toml");
+    std::fs::write(
+        &socket_cfg,
+        HV_CONFIG.replace("@DIR@", &agent.dir.display().to_string()),
+    )
+    .expect("config");
+    concurrent_hooks(&hv, &socket_cfg, &agent);
+    concurrent_hooks(&hv, &agent.config, &agent);
+}
+
+/// 50 hooks at once prepare 50 VMs, then 50 release them (over the
+/// transport `config` names).
+fn concurrent_hooks(hv: &Netns, config: &Path, agent: &Agent) {
     let run_all = |op: &'static str| {
         let handles: Vec<_> = (1..=50u8)
             .map(|n| {
-                let config = agent.config.clone();
+                let config = config.to_path_buf();
                 std::thread::spawn(move || {
                     let xml = domain(
                         &format!("vm{n}"),
@@ -322,7 +343,8 @@ fn fifty_concurrent_hooks() {
     let routes = hv.ip(&["route", "show", "table", "90", "proto", "203"]);
     assert!(!routes.contains("dev t"), "{routes}");
     wait_for("taps deleted", Duration::from_secs(10), || {
-        !hv.ip(&["link", "show"]).contains(" t1:")
+        let links = hv.ip(&["link", "show"]);
+        (1..=50).all(|n| !links.contains(&format!(" t{n}:")))
     });
 }
 

@@ -1792,6 +1792,45 @@ fn vm_result(vm: Option<&str>, intent: &Intent, report: &ReconcileReport) -> Res
 /// Spawns the agent loop on a thread of its own; returns the thread and a
 /// handle to its runtime, where l3hvd starts the BGP speaker.
 ///
+/// Resolves when `thread` ends, saying how (its panic message if it
+/// panicked). The agent's thread never ends while l3hvd runs (its loop
+/// lives as long as the handles the process holds): when it does, its
+/// runtime and the BGP sessions on it are gone, and l3hvd must exit at once
+/// (systemd restarts it) instead of answering calls it can no longer serve
+/// until the watchdog notices. The join waits on a plain thread of its own,
+/// which does not hold up the process's exit.
+pub fn thread_exit(
+    thread: std::thread::JoinHandle<()>,
+) -> impl std::future::Future<Output = String> + Send + 'static {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("l3hv-agent-join".into())
+        .spawn(move || {
+            let how = match thread.join() {
+                Ok(()) => "returned".to_string(),
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "(no message)".into());
+                    format!("panicked: {msg}")
+                }
+            };
+            let _ = tx.send(how);
+        });
+    if let Err(e) = &spawned {
+        // Without the watcher, the watchdog is what notices.
+        warn!(error = %e, "cannot watch the agent's thread");
+    }
+    async move {
+        match rx.await {
+            Ok(how) => how,
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
 /// A thread and a single-threaded runtime of its own: a pass computes over
 /// the whole RIB without yielding (0.1-0.6 s at 1,000,000 routes) and
 /// wrote its routes without yielding (seconds), and on
@@ -1844,4 +1883,33 @@ pub fn spawn(
         .recv()
         .map_err(|_| std::io::Error::other("the agent's runtime did not start"))?;
     Ok((thread, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_agent_thread_is_noticed_with_its_message() {
+        let t = std::thread::spawn(|| panic!("boom {}", 7));
+        assert_eq!(thread_exit(t).await, "panicked: boom 7");
+        let t = std::thread::spawn(|| std::panic::panic_any(3u8));
+        assert_eq!(thread_exit(t).await, "panicked: (no message)");
+        let t = std::thread::spawn(|| {});
+        assert_eq!(thread_exit(t).await, "returned");
+        // A thread that runs on is not an exit.
+        let (stop, wait) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = wait.recv();
+        });
+        let exit = thread_exit(t);
+        tokio::pin!(exit);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), &mut exit)
+                .await
+                .is_err()
+        );
+        drop(stop);
+        assert_eq!(exit.await, "returned");
+    }
 }

@@ -179,7 +179,7 @@ fn bfd_runtime() -> tokio::runtime::Handle {
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    warn!(error = %e, "no runtime for bfd; sharing the agent's");
+                    warn!(error = %e, "no runtime for bfd");
                     return;
                 }
             };
@@ -188,7 +188,12 @@ fn bfd_runtime() -> tokio::runtime::Handle {
         });
     match spawned.ok().and_then(|_| rx.recv().ok()) {
         Some(h) => h,
-        None => tokio::runtime::Handle::current(),
+        None => {
+            // Timers on the agent's thread can wait behind a long pass:
+            // false failures at short intervals. Better than no BFD.
+            warn!("no thread of its own for bfd: it shares the agent's");
+            tokio::runtime::Handle::current()
+        }
     }
 }
 

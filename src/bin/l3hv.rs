@@ -22,7 +22,7 @@ pub struct Args {
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Seconds to wait for the agent.
-    #[arg(long, global = true, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = TIMEOUT)]
     timeout: u64,
     #[command(subcommand)]
     command: Cmd,
@@ -80,11 +80,29 @@ enum VmCmd {
     Remove { name: String },
 }
 
+/// Seconds to wait for the agent (`--timeout`'s default).
+const TIMEOUT: u64 = 10;
+
 fn main() -> ExitCode {
-    let args = Args::parse_from(hook_argv(std::env::args_os().collect()));
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if called_as_hook(&argv) {
+        // libvirt's own call, `<guest> <op> <subop> <extra>` and nothing
+        // else: parsed without clap, whose parser for the whole CLI costs
+        // every one of the five hook runs per VM start.
+        let hook_args: Vec<String> = argv[1..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return hook(
+            std::path::Path::new(config::DEFAULT_PATH),
+            Duration::from_secs(TIMEOUT),
+            &hook_args,
+        );
+    }
+    let args = Args::parse_from(argv);
     if let Cmd::Hook { args: hook_args } = &args.command {
         // Before anything else: the hook loads the configuration itself.
-        return hook(&args, hook_args);
+        return hook(&args.config, Duration::from_secs(args.timeout), hook_args);
     }
     let socket = match args.socket.clone() {
         Some(s) => s,
@@ -180,12 +198,12 @@ fn main() -> ExitCode {
 
 /// Called by a hook's name, l3hv is libvirt's hook: installed as the
 /// symlink `/etc/libvirt/hooks/qemu.d/50-l3hv` (or `hooks/qemu`) to this
-/// binary, libvirt's `50-l3hv <guest> <op> <subop> <extra>` becomes
-/// `l3hv hook <guest> <op> <subop> <extra>` with no shell started in
-/// between (0.7 ms of every hook call on these machines). Only `qemu` and
-/// `<digits>-l3hv` (how qemu.d entries are ordered) count: a link named
-/// `my-l3hv` is still the CLI.
-fn hook_argv(mut argv: Vec<OsString>) -> Vec<OsString> {
+/// binary, libvirt's `50-l3hv <guest> <op> <subop> <extra>` is `l3hv hook
+/// <guest> <op> <subop> <extra>` with no shell started in between (0.7 ms
+/// of every hook call on these machines). Only `qemu` and `<digits>-l3hv`
+/// (how qemu.d entries are ordered) count: a link named `my-l3hv` is still
+/// the CLI.
+fn called_as_hook(argv: &[OsString]) -> bool {
     let name = argv
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
@@ -194,15 +212,12 @@ fn hook_argv(mut argv: Vec<OsString>) -> Vec<OsString> {
     let ordered = name
         .strip_suffix("-l3hv")
         .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()));
-    if name == "qemu" || ordered {
-        argv.insert(1, "hook".into());
-    }
-    argv
+    name == "qemu" || ordered
 }
 
 /// `l3hv hook`: read stdin, one call to the agent, the exit code is the
 /// verdict; nothing on stdout.
-fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
+fn hook(config: &std::path::Path, timeout: Duration, hook_args: &[String]) -> ExitCode {
     use l3hv::{hook, libvirt::metadata::MAX_XML};
     let guest = hook_args.first().map_or("", String::as_str);
     let op = hook_args.get(1).map_or("", String::as_str);
@@ -217,13 +232,7 @@ fn hook(args: &Args, hook_args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let outcome = hook::run(
-        &args.config,
-        guest,
-        op,
-        &xml,
-        Duration::from_secs(args.timeout),
-    );
+    let outcome = hook::run(config, guest, op, &xml, timeout);
     if let Some(m) = outcome.message {
         eprintln!("{m}");
     }
@@ -245,13 +254,9 @@ mod tests {
             "/etc/libvirt/hooks/qemu",
             "99-l3hv",
         ] {
-            let a = hook_argv(argv(&[name, "vm1", "prepare", "begin", "-"]));
-            assert_eq!(a, argv(&[name, "hook", "vm1", "prepare", "begin", "-"]));
-            let parsed = Args::try_parse_from(a).expect("parses");
-            assert!(
-                matches!(&parsed.command, Cmd::Hook { args } if args == &["vm1", "prepare", "begin", "-"])
-            );
-            assert_eq!(parsed.config, PathBuf::from(config::DEFAULT_PATH));
+            assert!(called_as_hook(&argv(&[
+                name, "vm1", "prepare", "begin", "-"
+            ])));
         }
         for name in [
             "l3hv",
@@ -261,8 +266,16 @@ mod tests {
             "-l3hv",
             "50a-l3hv",
         ] {
-            let a = argv(&[name, "status"]);
-            assert_eq!(hook_argv(a.clone()), a);
+            assert!(!called_as_hook(&argv(&[name, "status"])));
         }
+        assert!(!called_as_hook(&[]));
+        // `l3hv hook` itself still goes through the CLI's parser.
+        let parsed = Args::try_parse_from(argv(&["l3hv", "hook", "vm1", "prepare", "begin", "-"]))
+            .expect("parses");
+        assert!(
+            matches!(&parsed.command, Cmd::Hook { args } if args == &["vm1", "prepare", "begin", "-"])
+        );
+        assert_eq!(parsed.config, PathBuf::from(config::DEFAULT_PATH));
+        assert_eq!(parsed.timeout, TIMEOUT);
     }
 }

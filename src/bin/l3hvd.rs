@@ -113,7 +113,7 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     }
     agent.set_watchdog(watchdog);
     // Runs until the process exits: leaving never waits for a pass.
-    let (_agent, agent_rt) = match agent::spawn(agent) {
+    let (agent_thread, agent_rt) = match agent::spawn(agent) {
         Ok(t) => t,
         Err(e) => {
             error!(error = %e, "cannot start the agent's thread");
@@ -173,11 +173,21 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     let mut hup = signal(SignalKind::hangup()).ok();
+    let agent_exit = agent::thread_exit(agent_thread);
+    tokio::pin!(agent_exit);
     let why = loop {
         tokio::select! {
             _ = recv(&mut term) => break "SIGTERM",
             _ = tokio::signal::ctrl_c() => break "SIGINT",
             _ = recv(&mut hup) => reload(&path, &handle, &log, &notifier).await,
+            how = &mut agent_exit => {
+                // Its sessions and passes are gone; the kernel state stays
+                // (as on any exit) and systemd starts us again.
+                error!(thread = %how, "the agent's thread ended; exiting");
+                notifier.stopping();
+                let _ = std::fs::remove_file(&socket);
+                return ExitCode::FAILURE;
+            }
         }
     };
     notifier.stopping();

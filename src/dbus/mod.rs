@@ -21,6 +21,7 @@
 //! `[dbus] group`, on top of the bus policy.
 
 pub mod client;
+pub mod oneshot;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -125,10 +125,10 @@ enum CallError {
 }
 
 /// Runs the hook for `op` on the domain XML `xml`, with the configuration at
-/// `config_path`. Blocking, with no runtime unless the call goes over
-/// D-Bus (zbus needs one): the hook runs five times per VM start, and a
-/// runtime built for one round trip on the control socket was part of
-/// every one.
+/// `config_path`. Blocking, with no async runtime over either transport
+/// (the control socket, or D-Bus through [`dbus::oneshot`]): the hook runs
+/// five times per VM start, and a runtime built for one round trip was
+/// part of every one.
 pub fn run(config_path: &Path, guest: &str, op: &str, xml: &str, timeout: Duration) -> Outcome {
     let step = step(op);
     if step.action == Action::Nothing {
@@ -211,50 +211,54 @@ fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<(), Call
             }
         }
         Transport::Dbus(bus) => {
-            let fut = async {
-                let conn = dbus::client::connect(bus, timeout)
-                    .await
-                    .map_err(|e| CallError::Unreachable(format!("d-bus {bus}: {e}")))?;
-                let proxy = dbus::client::Agent1Proxy::new(&conn)
-                    .await
-                    .map_err(|e| CallError::Unreachable(format!("d-bus {bus}: {e}")))?;
-                let r = match call {
-                    Call::Set(vm) => {
-                        let interfaces = serde_json::to_string(&vm.interfaces)
-                            .map_err(|e| CallError::Refused(ApiError::Internal(e.to_string())))?;
-                        proxy.set_vm(&vm.name, &interfaces).await
-                    }
-                    Call::Remove(name) => proxy.remove_vm(&name).await,
-                };
-                r.map_err(|e| match e {
-                    dbus::DbusError::ZBus(z) => {
-                        CallError::Unreachable(format!("d-bus {bus}: {}", dbus_reason(&z)))
-                    }
-                    other => CallError::Refused(other.into_api()),
-                })
+            use dbus::oneshot::{self, CallError as BusError};
+            let interfaces;
+            let (member, args): (&str, Vec<&str>) = match &call {
+                Call::Set(vm) => {
+                    interfaces = serde_json::to_string(&vm.interfaces)
+                        .map_err(|e| CallError::Refused(ApiError::Internal(e.to_string())))?;
+                    ("SetVm", vec![&vm.name, &interfaces])
+                }
+                Call::Remove(name) => ("RemoveVm", vec![name]),
             };
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| CallError::Unreachable(format!("d-bus {bus}: {e}")))?;
-            match runtime.block_on(async { tokio::time::timeout(timeout, fut).await }) {
-                Ok(r) => r,
-                Err(_) => Err(CallError::Unreachable(format!(
-                    "d-bus {bus}: no answer within {timeout:?}"
-                ))),
+            let call = oneshot::Call {
+                destination: dbus::BUS_NAME,
+                path: dbus::OBJECT_PATH,
+                interface: dbus::INTERFACE,
+                member,
+                args: &args,
+            };
+            match oneshot::call(bus, &call, timeout) {
+                Ok(()) => Ok(()),
+                Err(BusError::Reply { name, message }) => {
+                    match refusal(&name, &message) {
+                        Some(e) => Err(CallError::Refused(e)),
+                        // The bus answered for the agent (not running, or
+                        // the policy refused us): the agent said nothing.
+                        None => Err(CallError::Unreachable(format!(
+                            "d-bus {bus}: {name}: {message}"
+                        ))),
+                    }
+                }
+                Err(BusError::Unreachable(m)) => {
+                    Err(CallError::Unreachable(format!("d-bus {bus}: {m}")))
+                }
             }
         }
     }
 }
 
-fn dbus_reason(e: &zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, desc, _) => match desc {
-            Some(d) => format!("{name}: {d}"),
-            None => name.to_string(),
-        },
-        other => other.to_string(),
-    }
+/// The agent's own errors (`net.l3hv.Error.*`, see [`dbus::DbusError`]) as
+/// its error kinds; `None` for errors from anyone else.
+fn refusal(name: &str, message: &str) -> Option<ApiError> {
+    let m = message.to_string();
+    Some(match name.strip_prefix("net.l3hv.Error.")? {
+        "Invalid" => ApiError::Invalid(m),
+        "NotFound" => ApiError::NotFound(m),
+        "Kernel" => ApiError::Kernel(m),
+        "AccessDenied" => ApiError::Invalid(format!("access denied: {m}")),
+        _ => ApiError::Internal(m),
+    })
 }
 
 #[cfg(test)]

@@ -3,5 +3,6 @@
 //! domains and event following). The hook uses only [`metadata`]; nothing
 //! here is ever on the hook's call path into libvirt.
 
+#[cfg(feature = "libvirt")]
 pub mod events;
 pub mod metadata;
