@@ -145,6 +145,9 @@ pub async fn wait_for_interface<T>(ifname: &str, rx: &mut watch::Receiver<T>) ->
     }
 }
 
+/// How long the services wait after an intent change before following it.
+pub const SETTLE: Duration = Duration::from_millis(2);
+
 /// Runs one task per interface that `want` lists, following `intent`: an
 /// interface that appears gets `start(name, first value, receiver)`; a
 /// changed value goes down its watch; an interface no longer listed (or
@@ -189,6 +192,12 @@ pub async fn per_interface<P, W, S>(
         if intent.changed().await.is_err() {
             break;
         }
+        // Let the change settle: the call that made it is answered by
+        // then (on two busy cores this thread, woken by the change, ran
+        // its 0.3 ms of socket setup before the answer to a VM's `prepare`
+        // left; `perf sched`), and a burst of changes (50 VMs at once) is
+        // taken as one.
+        tokio::time::sleep(SETTLE).await;
     }
     for (_, (tx, handle)) in tasks {
         drop(tx);
