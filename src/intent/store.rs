@@ -186,7 +186,13 @@ impl Store {
         let mut bytes = serde_json::to_vec_pretty(&doc).map_err(|e| io(&self.path)(e.into()))?;
         // The file `intent.json` names now is never written: the other one
         // is (a file of an earlier layout counts as neither).
-        let current = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        let current = match fs::metadata(&self.path) {
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            // Not knowing which file is named, writing either could
+            // overwrite the intent in place.
+            Err(e) => return Err(io(&self.path)(e)),
+        };
         let [a, b] = self.slots();
         let named = |p: &Path| {
             fs::metadata(p)
