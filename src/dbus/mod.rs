@@ -70,6 +70,19 @@ impl From<ApiError> for DbusError {
 }
 
 impl DbusError {
+    /// The error a reply named `name` carries, when it is one of ours
+    /// (`net.l3hv.Error.<Variant>`; an unknown variant is `Internal`);
+    /// `None` for errors from anyone else (the bus, another service).
+    pub fn from_reply(name: &str, message: String) -> Option<Self> {
+        Some(match name.strip_prefix("net.l3hv.Error.")? {
+            "Invalid" => DbusError::Invalid(message),
+            "NotFound" => DbusError::NotFound(message),
+            "Kernel" => DbusError::Kernel(message),
+            "AccessDenied" => DbusError::AccessDenied(message),
+            _ => DbusError::Internal(message),
+        })
+    }
+
     /// Back to the agent's error kinds (for the hook's verdict).
     pub fn into_api(self) -> ApiError {
         match self {
@@ -341,6 +354,26 @@ async fn signal_changes(conn: Connection, mut intent: tokio::sync::watch::Receiv
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names zbus gives our errors read back as the same errors.
+    #[test]
+    fn reply_names_read_back() {
+        use zbus::DBusError as _;
+        for e in [
+            DbusError::Invalid("m".into()),
+            DbusError::NotFound("m".into()),
+            DbusError::Kernel("m".into()),
+            DbusError::Internal("m".into()),
+            DbusError::AccessDenied("m".into()),
+        ] {
+            let back = DbusError::from_reply(e.name().as_str(), "m".into()).expect("ours");
+            assert_eq!(back.name(), e.name());
+        }
+        assert!(
+            DbusError::from_reply("org.freedesktop.DBus.Error.ServiceUnknown", "x".into())
+                .is_none()
+        );
+    }
 
     fn vm(name: &str, tap: &str) -> VmIntent {
         serde_json::from_str(&format!(

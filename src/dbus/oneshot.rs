@@ -8,7 +8,7 @@
 //! the authentication, `Hello` and the call in one `write` — as sd-bus does
 //! — and then reads the answers, with no runtime and no thread. What one
 //! call needs and nothing more: EXTERNAL authentication over a unix socket
-//! (`unix:path=` and `unix:abstract=` addresses), a method call whose
+//! (`unix:path=` and `unix:abstract=` addresses, parsed by zbus), a method call whose
 //! arguments are strings, and a reply read in either byte order, every
 //! length checked against the bytes received. Anything else from the bus
 //! (a message it cannot read, an unknown header type) is an error, never a
@@ -54,18 +54,31 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 const HELLO_SERIAL: u32 = 1;
 const CALL_SERIAL: u32 = 2;
 
-/// Where `bus` (`system`, `session` or a D-Bus address) listens, in the
-/// order to try. The system bus is `$DBUS_SYSTEM_BUS_ADDRESS` or the
-/// standard socket; the session bus needs `$DBUS_SESSION_BUS_ADDRESS`.
-pub fn endpoints(bus: &str) -> Result<Vec<Endpoint>, CallError> {
+/// Where `bus` (`system`, `session` or a D-Bus address) listens, read by
+/// zbus's own address parser: the hook finds the bus exactly as the agent
+/// (which serves with zbus) does. Only unix sockets are spoken here.
+pub fn endpoint(bus: &str) -> Result<Endpoint, CallError> {
+    use zbus::address::transport::{Transport, UnixSocket};
     let address = match bus {
-        "system" => std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
-            .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".into()),
-        "session" => std::env::var("DBUS_SESSION_BUS_ADDRESS")
-            .map_err(|_| unreachable("DBUS_SESSION_BUS_ADDRESS is not set"))?,
-        address => address.to_string(),
+        "system" => zbus::Address::system(),
+        "session" => zbus::Address::session(),
+        address => address.parse::<zbus::Address>(),
+    }
+    .map_err(|e| unreachable(format!("D-Bus address: {e}")))?;
+    let path = match address.transport() {
+        Transport::Unix(unix) => unix.path(),
+        _ => return Err(unreachable(format!("{address} is not a unix socket"))),
     };
-    parse_address(&address)
+    match path {
+        UnixSocket::File(p) => Ok(Endpoint::Path(p.clone())),
+        UnixSocket::Abstract(name) => {
+            use std::os::unix::ffi::OsStrExt;
+            Ok(Endpoint::Abstract(name.as_bytes().to_vec()))
+        }
+        _ => Err(unreachable(format!(
+            "{address} is not a socket to connect to"
+        ))),
+    }
 }
 
 /// A unix socket to connect to.
@@ -85,78 +98,14 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
-/// The unix transports of a D-Bus address (`;`-separated, values
-/// percent-escaped); other transports are skipped, and an address with no
-/// unix transport is an error.
-pub fn parse_address(address: &str) -> Result<Vec<Endpoint>, CallError> {
-    let mut out = Vec::new();
-    for transport in address.split(';').filter(|t| !t.is_empty()) {
-        let Some(params) = transport.strip_prefix("unix:") else {
-            continue;
-        };
-        for kv in params.split(',') {
-            let Some((k, v)) = kv.split_once('=') else {
-                return Err(unreachable(format!("bad D-Bus address `{address}`")));
-            };
-            let v = unescape(v)
-                .ok_or_else(|| unreachable(format!("bad escape in D-Bus address `{address}`")))?;
-            match k {
-                "path" => {
-                    use std::os::unix::ffi::OsStringExt;
-                    out.push(Endpoint::Path(std::ffi::OsString::from_vec(v).into()));
-                }
-                "abstract" => out.push(Endpoint::Abstract(v)),
-                _ => {}
-            }
-        }
-    }
-    if out.is_empty() {
-        return Err(unreachable(format!(
-            "D-Bus address `{address}` has no unix:path= or unix:abstract= transport"
-        )));
-    }
-    Ok(out)
-}
-
-fn unescape(v: &str) -> Option<Vec<u8>> {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
-}
-
 /// Makes `call` on `bus` and waits at most `timeout` for its reply:
 /// `Ok(())` for a method return (its body is not read), the error's name
 /// and first string argument for an error reply.
 pub fn call(bus: &str, call: &Call<'_>, timeout: Duration) -> Result<(), CallError> {
     let deadline = Instant::now() + timeout;
-    let mut last = None;
-    let mut stream = None;
-    for e in endpoints(bus)? {
-        match connect(&e) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(err) => last = Some(format!("{e}: {err}")),
-        }
-    }
-    let Some(mut stream) = stream else {
-        return Err(unreachable(format!(
-            "cannot connect to the bus: {}",
-            last.unwrap_or_default()
-        )));
-    };
+    let endpoint = endpoint(bus)?;
+    let mut stream = connect(&endpoint)
+        .map_err(|e| unreachable(format!("cannot connect to the bus at {endpoint}: {e}")))?;
     // SAFETY: geteuid cannot fail and has no preconditions.
     let uid = unsafe { libc::geteuid() };
     let mut out = handshake(uid);
@@ -581,16 +530,16 @@ mod tests {
     #[test]
     fn addresses() {
         assert_eq!(
-            parse_address("unix:path=/run/dbus/system_bus_socket").unwrap(),
-            vec![Endpoint::Path("/run/dbus/system_bus_socket".into())]
+            endpoint("unix:path=/run/dbus/system_bus_socket").unwrap(),
+            Endpoint::Path("/run/dbus/system_bus_socket".into())
         );
         assert_eq!(
-            parse_address("tcp:host=x,port=1;unix:abstract=/tmp/dbus-x%2cy,guid=00").unwrap(),
-            vec![Endpoint::Abstract(b"/tmp/dbus-x,y".to_vec())]
+            endpoint("unix:abstract=/tmp/dbus-x,guid=0123456789abcdef0123456789abcdef").unwrap(),
+            Endpoint::Abstract(b"/tmp/dbus-x".to_vec())
         );
-        assert!(parse_address("tcp:host=localhost,port=1").is_err());
-        assert!(parse_address("unix:path=/a%zz").is_err());
-        assert!(parse_address("unix:path").is_err());
+        assert!(endpoint("tcp:host=localhost,port=1").is_err());
+        assert!(endpoint("unix:tmpdir=/tmp").is_err());
+        assert!(endpoint("no-colon").is_err());
     }
 
     #[test]

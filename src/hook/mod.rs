@@ -231,8 +231,8 @@ fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<(), Call
             match oneshot::call(bus, &call, timeout) {
                 Ok(()) => Ok(()),
                 Err(BusError::Reply { name, message }) => {
-                    match refusal(&name, &message) {
-                        Some(e) => Err(CallError::Refused(e)),
+                    match dbus::DbusError::from_reply(&name, message.clone()) {
+                        Some(e) => Err(CallError::Refused(e.into_api())),
                         // The bus answered for the agent (not running, or
                         // the policy refused us): the agent said nothing.
                         None => Err(CallError::Unreachable(format!(
@@ -246,19 +246,6 @@ fn call(transport: &Transport, call: Call, timeout: Duration) -> Result<(), Call
             }
         }
     }
-}
-
-/// The agent's own errors (`net.l3hv.Error.*`, see [`dbus::DbusError`]) as
-/// its error kinds; `None` for errors from anyone else.
-fn refusal(name: &str, message: &str) -> Option<ApiError> {
-    let m = message.to_string();
-    Some(match name.strip_prefix("net.l3hv.Error.")? {
-        "Invalid" => ApiError::Invalid(m),
-        "NotFound" => ApiError::NotFound(m),
-        "Kernel" => ApiError::Kernel(m),
-        "AccessDenied" => ApiError::Invalid(format!("access denied: {m}")),
-        _ => ApiError::Internal(m),
-    })
 }
 
 #[cfg(test)]
