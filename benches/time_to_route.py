@@ -12,6 +12,10 @@ CLI call -> HV2 kernel (intent accepted -> remote route).
 the seed and the anchor; also reports the time until HV2's nexthop group
 for the route has both paths (`ip monitor nexthop`).
 
+--resident: a VM on HV1 that stays for the whole run (203.0.113.253), as
+on a hypervisor that already hosts VMs: HV2 then has HV1's nexthop group
+before each new route comes, which joins it.
+
 --preload N: the reflector first sends both hypervisors N other learned
 routes (/32s of 10.0.0.0/8 from a static protocol), installed before the
 measurement starts: the time to one more route with a full table.
@@ -218,18 +222,25 @@ class NexthopMonitor:
                                   stdout=self.f, stderr=subprocess.DEVNULL)
         PROCS.append(self.p)
 
-    def multipath(self, group, after):
-        """Timestamp of the first event after `after` that gives `group` two
-        or more members."""
+    def multipath(self, group, after, route_at):
+        """When `group` had two or more members for a route that came at
+        `route_at`: `route_at` if its last event before then gave it two
+        (the group existed, with both paths, before the route came: a
+        resident VM of the same origin), else the first event after `after`
+        that does."""
         pat = re.compile(r"^\[(\S+)\]\s+id " + re.escape(group) + r" group (\S+)")
+        last = None
         with open(self.path) as f:
             for line in f:
                 m = pat.match(line)
-                if m and "Deleted" not in line and "/" in m.group(2):
-                    t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
-                    if t >= after:
-                        return t
-        return None
+                if not m or "Deleted" in line:
+                    continue
+                t = datetime.datetime.fromisoformat(m.group(1)).timestamp()
+                if t <= route_at:
+                    last = "/" in m.group(2)
+                if t >= after and "/" in m.group(2):
+                    return route_at if last else t
+        return route_at if last else None
 
 
 class Capture:
@@ -237,9 +248,11 @@ class Capture:
     splits HV1 kernel -> HV2 kernel into HV1 (route to UPDATE on the wire),
     the reflector (UPDATE in to UPDATE out) and HV2 (UPDATE to route)."""
 
-    def __init__(self):
-        self.path = os.path.join(WORK, "rr.bgp.pcap")
-        self.p = subprocess.Popen(["ip", "netns", "exec", ns("rr"), "tcpdump", "-n", "-Z", "root", "-U",
+    def __init__(self, rr="rr"):
+        if not shutil.which("tcpdump"):
+            sys.exit("--capture needs tcpdump (apt-get install tcpdump)")
+        self.path = os.path.join(WORK, f"{rr}.bgp.pcap")
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns(rr), "tcpdump", "-n", "-Z", "root", "-U",
                                    "--immediate-mode", "-i", "eth0", "-w", self.path, "tcp port 179"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         PROCS.append(self.p)
@@ -305,6 +318,8 @@ def main():
                     help="N other learned routes installed on both hypervisors first")
     ap.add_argument("--ecmp", action="store_true",
                     help="a second fabric path and reflector; also time HV2's route to both paths")
+    ap.add_argument("--resident", action="store_true",
+                    help="keep one VM on HV1 for the whole run (its nexthop group exists on HV2)")
     ap.add_argument("--bin", metavar="DIR", help="l3hvd and l3hv from DIR (default target/release)")
     ap.add_argument("--rt-monitors", action="store_true",
                     help="run the two `ip monitor`s at real-time priority: each reads its event when the "
@@ -320,10 +335,29 @@ def main():
     m1, m2 = Monitor("hv1"), Monitor("hv2")
     nh2 = NexthopMonitor("hv2") if ECMP else None
     cap = Capture() if a.capture else None
+    # With --ecmp, fabric path b's reflector too: the second path's split.
+    cap_b = Capture("rr-b") if a.capture and ECMP else None
     time.sleep(0.5)
     samples = []
     s1 = os.path.join(WORK, "hv1", "l3hvd.sock")
+    if a.resident:
+        path = os.path.join(WORK, "resident.json")
+        with open(path, "w") as f:
+            json.dump({"name": "resident", "interfaces": [{"name": "tres", "mac": "52:54:00:00:ff:01",
+                                                           "fabric": "public", "ipv4": ["203.0.113.253"]}]}, f)
+        subprocess.run([L3HV, "--socket", s1, "vm", "set", path], check=True, capture_output=True)
+        want = 2 if ECMP else 1
+        for _ in range(100):
+            out = sh("ip", "-n", ns("hv2"), "-4", "-o", "route", "show", "table", "90", "203.0.113.253")
+            group = re.search(r"\bnhid (\d+)", out)
+            members = group and sh("ip", "-n", ns("hv2"), "nexthop", "show", "id", group.group(1))
+            if members and members.count("/") + 1 >= want:
+                break
+            time.sleep(0.05)
+        else:
+            sys.exit("the resident VM's route never reached HV2 on every path")
     kk, ck, ke = [], [], []
+    both_samples = []
     for i in range(a.n):
         x = i % 250 + 1
         prefix = f"203.0.113.{x}"
@@ -353,12 +387,13 @@ def main():
             group = found and re.search(r"\bnhid (\d+)", found[1])
             t_both = None
             while group and time.time() < deadline:
-                t_both = nh2.multipath(group.group(1), t0)
+                t_both = nh2.multipath(group.group(1), t0, t_remote)
                 if t_both:
                     break
                 time.sleep(0.01)
             if t_both:
                 ke.append((max(t_both, t_remote) - t_local) * 1e3)
+                both_samples.append((prefix, t0, t_local, max(t_both, t_remote)))
         subprocess.run([L3HV, "--socket", s1, "vm", "remove", f"vm{i}"], check=True, capture_output=True)
         time.sleep(0.05)
     print(f"samples: {len(kk)} of {a.n}")
@@ -379,6 +414,24 @@ def main():
                 parts.setdefault("reflector: UPDATE in -> UPDATE out", []).append((t_out - t_in) * 1e3)
                 parts.setdefault("UPDATE out of the reflector -> HV2 kernel", []).append((t_remote - t_out) * 1e3)
         print(f"captured: {len(parts.get('reflector: UPDATE in -> UPDATE out', []))} of {len(samples)}")
+    if cap_b:
+        cap_b.stop()
+        segs = cap_b.segments()
+        hv1, hv2 = "100.64.0.101", "100.64.0.102"
+        worst = []
+        for prefix, t0, t_local, t_both in both_samples:
+            t_in = cap_b.first(segs, hv1, "100.64.0.126", prefix, t0)
+            t_out = t_in and cap_b.first(segs, "100.64.0.126", hv2, prefix, t_in)
+            if t_in and t_out:
+                worst.append(((t_both - t_local) * 1e3, (t_in - t_local) * 1e3, (t_out - t_in) * 1e3,
+                              (t_both - t_out) * 1e3, (t_out - t0) * 1e3))
+                parts.setdefault("path b: HV1 kernel -> UPDATE at reflector b", []).append((t_in - t_local) * 1e3)
+                parts.setdefault("path b: reflector b in -> out", []).append((t_out - t_in) * 1e3)
+                parts.setdefault("path b: UPDATE out of reflector b -> group of two", []).append(
+                    (t_both - t_out) * 1e3)
+        for total, h1, r, h2, since in sorted(worst)[-5:]:
+            print(f"slowest to both paths: {total:.2f} ms = HV1 {h1:.2f} + reflector b {r:.2f} + HV2 {h2:.2f}"
+                  f" (b's UPDATE left reflector b {since:.2f} ms after the CLI call)")
     both = [("HV1 kernel -> HV2 kernel, both paths (group of two)", ke)] if ECMP else []
     for name, xs in (("HV1 kernel -> HV2 kernel", kk), *both, ("CLI call -> HV2 kernel", ck), *parts.items()):
         if xs:

@@ -868,12 +868,16 @@ fn learned_routes_point_at_a_group_of_both_paths() {
     assert!(text.contains("public 203.0.113.3/32"), "{text}");
     assert!(text.contains(": installed"), "{text}");
 
-    // Another VM of hv2 comes and goes: hv1 plans its routes (and its
-    // group shrinking to the first path announced, then growing back)
-    // from the changed prefix alone, and a full pass then finds nothing to
-    // do, after it came and after it went.
+    // Another VM of hv2 comes and goes: hv1 plans its routes from the
+    // changed prefix alone, and a full pass then finds nothing to do,
+    // after it came and after it went. Its prefix is announced (and
+    // withdrawn) over one path before the other: hv2's group keeps both
+    // members throughout (`groups::IN_TRANSIT`), never replaced.
     let scoped = |st: &serde_json::Value| st["reconcile_scoped_passes"].as_u64().unwrap();
     let before = scoped(&lab.a1.status_json());
+    let nh_log = lab.a1.dir.join("nexthop-monitor.log");
+    let mut nh_monitor = lab.t.hv1.spawn(&["ip", "monitor", "nexthop"], &nh_log);
+    std::thread::sleep(Duration::from_millis(300));
     let _vm4 = vm_ns(
         &lab.t.hv2,
         &unique("vm4"),
@@ -893,8 +897,6 @@ fn learned_routes_point_at_a_group_of_both_paths() {
         groups_and_nhid(&lab.t.hv1, "203.0.113.4") == (groups.clone(), nhid)
     });
     assert!(lab.vm1.ping("203.0.113.4"));
-    // (Its withdrawal over one path while the other still has it is a
-    // path failing: the failover fast path and the full recompute.)
     let st = lab.a1.status_json();
     assert!(scoped(&st) > before, "{st}\n{}", lab.a1.log());
     let full = lab.a1.cli(&["reconcile", "--json"]);
@@ -908,6 +910,21 @@ fn learned_routes_point_at_a_group_of_both_paths() {
     let report: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
     assert_eq!(report["planned"], 0, "{report}\n{}", lab.a1.log());
     assert_eq!(groups_and_nhid(&lab.t.hv1, "203.0.113.3"), (groups, nhid));
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nh_monitor.kill();
+    let _ = nh_monitor.wait();
+    let group = format!("id {} ", nhid.unwrap());
+    let replaced: Vec<String> = fs::read_to_string(&nh_log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&group))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        replaced.is_empty(),
+        "hv2's group was rewritten while a VM of hv2 came and went:\n{replaced:#?}\n{}",
+        lab.a1.log()
+    );
 }
 
 #[test]

@@ -522,9 +522,9 @@ impl Agent {
         let mut changed = false;
         let mut rib_changed = false;
         let mut session_down = false;
-        // (origin, hop) pairs a reflector withdrew for some prefixes while
-        // they keep other paths: a remote fabric path failing.
-        let mut lost_hops: Vec<(std::net::IpAddr, crate::rib::Hop)> = Vec::new();
+        // Partial withdrawals that took a hop out of groups: a remote
+        // fabric path failing.
+        let mut lost_hops: Vec<crate::rib::PartialWithdrawal> = Vec::new();
         let mut waiting: Vec<(Option<String>, Reply)> = Vec::new();
         let mut later = Vec::new();
         // The learned prefixes this batch changes, with their selections
@@ -577,7 +577,7 @@ impl Agent {
                                 // paths one by one (O(paths)).
                                 let lost = self.rib.hops_only_of(session);
                                 if !lost.is_empty() {
-                                    self.failover_fast_path(false, &lost).await;
+                                    self.failover_fast_path(false, &lost, &[]).await;
                                 }
                             }
                         }
@@ -600,10 +600,15 @@ impl Agent {
                                     .rib
                                     .partially_withdrawn(&event)
                                     .into_iter()
-                                    .filter(|h| !lost_hops.contains(h))
+                                    .filter(|w| {
+                                        !lost_hops.iter().any(|l| {
+                                            l.origin == w.origin && l.hop == w.hop && l.v6 == w.v6
+                                        })
+                                    })
                                     .collect();
-                                if !new.is_empty() {
-                                    self.failover_fast_path(false, &new).await;
+                                if !new.is_empty()
+                                    && self.failover_fast_path(false, &[], &new).await
+                                {
                                     lost_hops.extend(new);
                                     // Groups changed: they are recomputed.
                                     scope = None;
@@ -695,7 +700,7 @@ impl Agent {
             // Forwarding first: the groups lose their dead members in place
             // (O(groups)) before the full recompute (O(routes)). Partial
             // withdrawals had theirs in the loop.
-            self.failover_fast_path(true, &[]).await;
+            self.failover_fast_path(true, &[], &[]).await;
         }
         let mut intent = changed.then(|| Arc::new(self.intent.clone()));
         // Published once the kernel has the local routes (by the pass, right
@@ -847,17 +852,20 @@ impl Agent {
         nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support) == "objects"
     }
 
-    /// After a session went down: replaces in place every nexthop group
-    /// that lost members, from the last pass's groups and the RIB alone
-    /// (no desired/plan over every route, no dump). The full pass that
-    /// follows finds the groups right and only sweeps the dead objects.
+    /// After a session went down (`session_down`, `lost`: the (origin,
+    /// hop) pairs it takes away) or a partial withdrawal (`withdrawn`):
+    /// replaces in place every nexthop group that lost members, from the
+    /// last pass's groups and the RIB alone (no desired/plan over every
+    /// route, no dump). The full pass that follows finds the groups right
+    /// and only sweeps the dead objects. True when it replaced groups.
     async fn failover_fast_path(
         &mut self,
         session_down: bool,
         lost: &[(std::net::IpAddr, crate::rib::Hop)],
-    ) {
+        withdrawn: &[crate::rib::PartialWithdrawal],
+    ) -> bool {
         if !self.nexthop_objects() || self.learned_hold.is_some() || self.cache.is_none() {
-            return;
+            return false;
         }
         let t = Instant::now();
         let mut shrunk = if session_down {
@@ -865,19 +873,24 @@ impl Agent {
         } else {
             Vec::new()
         };
-        if !lost.is_empty() {
+        if !lost.is_empty() || !withdrawn.is_empty() {
             // After a session-down shrink, of what is left.
             let mut base = self.last_groups.clone();
             for (id, m) in &shrunk {
                 base.groups.insert(*id, m.clone());
             }
-            for (id, m) in reconcile::groups::shrink_hops(&base, lost) {
+            let more = if withdrawn.is_empty() {
+                reconcile::groups::shrink_hops(&base, lost)
+            } else {
+                reconcile::groups::shrink_withdrawn(&base, withdrawn)
+            };
+            for (id, m) in more {
                 shrunk.retain(|(i, _)| *i != id);
                 shrunk.push((id, m));
             }
         }
         if shrunk.is_empty() {
-            return;
+            return false;
         }
         let computed = t.elapsed();
         let plan = reconcile::Plan {
@@ -913,6 +926,7 @@ impl Agent {
             "path lost: nexthop groups replaced in place"
         );
         self.fast_path = Some((shrunk.len(), t.elapsed()));
+        true
     }
 
     /// Applies the link deletions the last pass left for after its replies.

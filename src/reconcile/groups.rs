@@ -20,13 +20,15 @@
 //!   B leaves the key `{hv2}` intact: the routes keep their group id and the
 //!   group is replaced in place (RTM_NEWNEXTHOP + NLM_F_REPLACE) without its
 //!   B member, O(groups). Members = the hops that every prefix sharing the
-//!   key has (their intersection; the union if they have none in common).
+//!   key has (their intersection; the union if they have none in common),
+//!   give or take [`IN_TRANSIT`] prefixes (see [`members`]).
 //!
 //! Why the intersection: on a remote hypervisor, a failed path of hv1 shows
 //! as the reflector withdrawing hv1's 100,000 prefixes over that path, in
-//! many UPDATEs. With the intersection the first withdrawal already takes
-//! the member out of `{hv1}`'s group (the hypervisor's prefixes share its
-//! fate on a fabric path), instead of the last one, seconds later.
+//! many UPDATEs. With the intersection the first UPDATE of withdrawals
+//! already takes the member out of `{hv1}`'s group (the hypervisor's
+//! prefixes share its fate on a fabric path), instead of the last one,
+//! seconds later.
 //!
 //! The way back is the mirror image: a session that comes back (it went
 //! down or stale while the agent ran) relearns its table in many UPDATEs,
@@ -36,6 +38,21 @@
 //! groups of their origins at once (`Rib::syncing_hops`): a path whose
 //! session is Established again, next-hop-self, forwards to the origin for
 //! all of its prefixes.
+//!
+//! Why not the strict intersection: a VM starting on hv2 is announced over
+//! path A and path B by two reflectors, a fraction of a millisecond apart
+//! (and withdrawn the same way when it stops). With the strict
+//! intersection, every other hypervisor's group `{hv2}` lost B for that
+//! moment and got it back: two group replaces per VM event on every
+//! hypervisor of the fleet, each an RCU grace period the kernel waits for
+//! under RTNL (`synchronize_net` in `replace_nexthop_grp`), and all of
+//! hv2's prefixes on one path meanwhile. So up to [`IN_TRANSIT`] prefixes
+//! may lack a hop the others have without taking it out of the group; a
+//! new prefix of a known origin then joins its group with both paths at
+//! once. A failing path takes all of the origin's prefixes with it, and a
+//! reflector withdraws them in UPDATEs of hundreds each (an origin with
+//! few prefixes loses them all in the first), so the first such UPDATE
+//! still shrinks the group.
 //!
 //! Trade-off: all prefixes of one originator set share one hop set, as in
 //! BGP PIC. If hv2 announced a prefix over path A only (policy on one
@@ -69,7 +86,7 @@ use std::ops::Range;
 use ipnet::IpNet;
 
 use super::model::{DesiredKernel, GroupKey, GroupUse, NextHopSpec};
-use crate::rib::{Hop, Rib, Selected};
+use crate::rib::{Hop, PartialWithdrawal, Rib, Selected};
 
 /// Ids of l3hv's nexthop objects (below 2^31: some tools print ids signed).
 pub const NEXTHOP_IDS: Range<u32> = 0x4000_0000..0x6000_0000;
@@ -146,9 +163,9 @@ pub fn build(
         *sets[i].entry(hops).or_default() += 1;
         of_prefix.push(Some(i));
     }
-    // Per key: the hops every prefix has (what the group gets), and the
-    // union (the fallback when the prefixes have no hop in common).
-    let mut members: Vec<BTreeSet<&Hop>> = sets.iter().map(|s| intersection(s.keys())).collect();
+    // Per key: the hops its prefixes have (what the group gets), and the
+    // union (for the hops of a returning session).
+    let mut members: Vec<BTreeSet<&Hop>> = sets.iter().map(members).collect();
     let union: Vec<BTreeSet<&Hop>> = sets
         .iter()
         .map(|s| s.keys().flatten().copied().collect())
@@ -166,11 +183,6 @@ pub fn build(
                     .iter()
                     .any(|o| returning.contains(&(*o, (*h).clone())))
             }));
-        }
-    }
-    for (m, u) in members.iter_mut().zip(union) {
-        if m.is_empty() {
-            *m = u;
         }
     }
 
@@ -235,18 +247,36 @@ pub fn build(
         .collect()
 }
 
-/// The hops every one of `sets` has.
-pub(super) fn intersection<'a, T: Ord + Clone + 'a>(
-    mut sets: impl Iterator<Item = &'a BTreeSet<T>>,
-) -> BTreeSet<T> {
-    let Some(first) = sets.next() else {
-        return BTreeSet::new();
-    };
-    let mut out = first.clone();
-    for s in sets {
-        out.retain(|h| s.contains(h));
+/// How many prefixes of a group's key may lack one of its hops, the others
+/// having it, before the hop leaves the group: prefixes whose other path is
+/// still on its way (a VM starting or stopping on the origin, a few at
+/// once). See the module's documentation.
+pub const IN_TRANSIT: usize = 8;
+
+/// A group's members from the hop sets of its prefixes (each with how many
+/// prefixes have it): the hops that all but at most [`IN_TRANSIT`] of the
+/// prefixes have; the union when no hop is that common (prefixes of one
+/// origin with nothing in common still forward through it). Used by the
+/// full pass and the scoped one alike, which must agree.
+pub(super) fn members<T: Ord + Clone>(sets: &BTreeMap<BTreeSet<T>, usize>) -> BTreeSet<T> {
+    let union: BTreeSet<&T> = sets.keys().flatten().collect();
+    let common: BTreeSet<T> = union
+        .iter()
+        .filter(|h| {
+            let lacking: usize = sets
+                .iter()
+                .filter(|(s, _)| !s.contains(**h))
+                .map(|(_, n)| *n)
+                .sum();
+            lacking <= IN_TRANSIT
+        })
+        .map(|h| (*h).clone())
+        .collect();
+    if common.is_empty() {
+        union.into_iter().cloned().collect()
+    } else {
+        common
     }
-    out
 }
 
 /// The id a group of `key` takes when no other group is in its way.
@@ -319,11 +349,61 @@ pub fn shrink(desired: &DesiredKernel, rib: &Rib) -> Vec<(u32, BTreeSet<u32>)> {
     out
 }
 
-/// The fast path for a partial withdrawal (`Rib::partially_withdrawn`):
-/// the groups of the last pass without the members those (origin, hop)
-/// pairs name, for groups keyed by that origin. Same contract as
-/// [`shrink`].
+/// The fast path for hops a session going down takes from some origins
+/// (`Rib::hops_only_of`): the groups of the last pass without the members
+/// those (origin, hop) pairs name, for groups keyed by that origin. Same
+/// contract as [`shrink`].
 pub fn shrink_hops(desired: &DesiredKernel, lost: &[(IpAddr, Hop)]) -> Vec<(u32, BTreeSet<u32>)> {
+    shrink_where(desired, |_, key, s| {
+        lost.iter()
+            .any(|(origin, hop)| key.origins.contains(origin) && is(hop, s))
+    })
+}
+
+/// The fast path for a partial withdrawal (`Rib::partially_withdrawn`):
+/// the groups of the last pass without the members whose hop those
+/// withdrawals take from their origin's prefixes, where the group loses
+/// it once they are applied ([`members`] of its hop sets: more than
+/// [`IN_TRANSIT`] of its prefixes lacking it, or none left having it).
+/// Same contract as [`shrink`].
+pub fn shrink_withdrawn(
+    desired: &DesiredKernel,
+    lost: &[PartialWithdrawal],
+) -> Vec<(u32, BTreeSet<u32>)> {
+    shrink_where(desired, |id, key, s| {
+        let withdrawn: usize = lost
+            .iter()
+            .filter(|w| w.v6 == key.v6 && key.origins.contains(&w.origin) && is(&w.hop, s))
+            .map(|w| w.prefixes)
+            .sum();
+        if withdrawn == 0 {
+            return false;
+        }
+        let Some(u) = desired.group_use.get(&id) else {
+            return true;
+        };
+        let having: usize = u
+            .sets
+            .iter()
+            .filter(|(hops, _)| hops.contains(s))
+            .map(|(_, n)| *n)
+            .sum();
+        let lacking = u.prefixes().saturating_sub(having);
+        lacking + withdrawn > IN_TRANSIT || having <= withdrawn
+    })
+}
+
+fn is(hop: &Hop, s: &NextHopSpec) -> bool {
+    hop.gateway == s.gateway && &*hop.uplink == s.oif.as_str()
+}
+
+/// The groups of `desired` without the members `leaves` (group id, its
+/// key, the member's object) names; only those that changed and keep a
+/// member.
+fn shrink_where(
+    desired: &DesiredKernel,
+    leaves: impl Fn(u32, &GroupKey, &NextHopSpec) -> bool,
+) -> Vec<(u32, BTreeSet<u32>)> {
     let mut out = Vec::new();
     for (id, members) in &desired.groups {
         let Some(key) = desired.group_keys.get(id) else {
@@ -332,16 +412,7 @@ pub fn shrink_hops(desired: &DesiredKernel, lost: &[(IpAddr, Hop)]) -> Vec<(u32,
         let kept: BTreeSet<u32> = members
             .iter()
             .copied()
-            .filter(|m| {
-                let Some(s) = desired.nexthops.get(m) else {
-                    return true;
-                };
-                !lost.iter().any(|(origin, hop)| {
-                    key.origins.contains(origin)
-                        && hop.gateway == s.gateway
-                        && &*hop.uplink == s.oif.as_str()
-                })
-            })
+            .filter(|m| desired.nexthops.get(m).is_none_or(|s| !leaves(*id, key, s)))
             .collect();
         if !kept.is_empty() && kept != *members {
             out.push((*id, kept));
@@ -416,21 +487,32 @@ mod tests {
         assert!(d.nexthops.keys().all(|id| NEXTHOP_IDS.contains(id)));
     }
 
-    #[test]
-    fn the_first_withdrawal_of_a_path_takes_it_out_of_the_originators_group() {
-        let mut r = rib(3);
-        let (_, ids) = groups_of(&r);
-        // The reflector of path B withdraws hv2's first prefix only (the
-        // rest of its UPDATEs still on the way).
-        r.apply(RibEvent::Update {
-            session: "b".into(),
+    fn withdraw(rib: &mut Rib, session: &str, prefixes: std::ops::Range<u32>) {
+        rib.apply(withdrawal(session, prefixes));
+    }
+
+    fn withdrawal(session: &str, prefixes: std::ops::Range<u32>) -> RibEvent {
+        RibEvent::Update {
+            session: session.into(),
             fabric: "public".into(),
             announce: vec![],
-            withdraw: vec![("203.0.113.0/32".parse().unwrap(), None)],
-        });
+            withdraw: prefixes
+                .map(|i| (format!("203.0.113.{i}/32").parse().unwrap(), None))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_first_update_withdrawing_a_path_takes_it_out_of_the_originators_group() {
+        let n = IN_TRANSIT as u32 + 4;
+        let mut r = rib(n);
+        let (_, ids) = groups_of(&r);
+        let gid = ids[0].unwrap();
+        // The reflector of path B withdraws more than IN_TRANSIT of hv2's
+        // prefixes (the rest of its UPDATEs still on the way).
+        withdraw(&mut r, "b", 0..IN_TRANSIT as u32 + 1);
         let (d, ids_after) = groups_of(&r);
         assert_eq!(ids, ids_after, "same group, routes untouched");
-        let gid = ids[0].unwrap();
         assert_eq!(d.groups[&gid].len(), 1, "B already out");
         // Prefixes of one originator with no hop in common: the union.
         let mut r = Rib::default();
@@ -451,32 +533,67 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_withdrawal_shrinks_the_group_at_once_a_whole_one_does_not() {
+    fn prefixes_in_transit_leave_their_origins_group_whole() {
         let mut r = rib(3);
+        let (_, ids) = groups_of(&r);
+        let gid = ids[0].unwrap();
+        let a = || path("198.51.100.102", "a-public", Some("10.0.0.2"));
+        // A VM starting on hv2: its prefix over path A, B's UPDATE on its
+        // way. It joins hv2's group with both members; nothing else moves.
+        announce(&mut r, "a", "203.0.113.100/32", a());
+        let (d, ids_now) = groups_of(&r);
+        assert_eq!(d.groups[&gid].len(), 2);
+        assert!(ids_now.iter().all(|i| *i == Some(gid)), "{ids_now:?}");
+        // A VM stopping on hv2: its prefix withdrawn over A first.
+        withdraw(&mut r, "a", 0..1);
+        assert_eq!(groups_of(&r).0.groups[&gid].len(), 2);
+        // Up to IN_TRANSIT such prefixes at once...
+        for i in 101..100 + IN_TRANSIT as u32 {
+            announce(&mut r, "a", &format!("203.0.113.{i}/32"), a());
+        }
+        assert_eq!(groups_of(&r).0.groups[&gid].len(), 2);
+        // ...and one more is no longer a transit: B leaves the group.
+        announce(&mut r, "a", "203.0.113.200/32", a());
+        assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
+        // A lone prefix over one path has that path alone.
+        let mut r = Rib::default();
+        announce(&mut r, "a", "203.0.113.1/32", a());
+        let (d, ids) = groups_of(&r);
+        assert_eq!(d.groups[&ids[0].unwrap()].len(), 1);
+    }
+
+    #[test]
+    fn a_partial_withdrawal_of_many_shrinks_the_group_at_once_a_whole_one_does_not() {
+        let n = IN_TRANSIT as u32 + 4;
+        let mut r = rib(n);
         let (before, ids) = groups_of(&r);
         let gid = ids[0].unwrap();
-        // Path B of one prefix withdrawn: B leaves hv2's group.
-        let partial = RibEvent::Update {
-            session: "b".into(),
-            fabric: "public".into(),
-            announce: vec![],
-            withdraw: vec![("203.0.113.1/32".parse().unwrap(), None)],
-        };
+        // Path B of a few prefixes withdrawn: stopping VMs, not a path.
+        let few = r.partially_withdrawn(&withdrawal("b", 0..IN_TRANSIT as u32));
+        assert_eq!(few.len(), 1, "{few:?}");
+        assert_eq!(few[0].prefixes, IN_TRANSIT);
+        assert!(shrink_withdrawn(&before, &few).is_empty());
+        // Of more: B leaves hv2's group.
+        let partial = withdrawal("b", 0..IN_TRANSIT as u32 + 1);
         let lost = r.partially_withdrawn(&partial);
         assert_eq!(lost.len(), 1, "{lost:?}");
-        let shrunk = shrink_hops(&before, &lost);
+        let shrunk = shrink_withdrawn(&before, &lost);
         assert_eq!(shrunk.len(), 1);
         assert_eq!(shrunk[0].0, gid);
         assert_eq!(shrunk[0].1.len(), 1);
         // A prefix withdrawn on its only remaining path is a VM going.
         r.apply(partial);
-        let whole = RibEvent::Update {
-            session: "a".into(),
-            fabric: "public".into(),
-            announce: vec![],
-            withdraw: vec![("203.0.113.1/32".parse().unwrap(), None)],
-        };
+        let whole = withdrawal("a", 0..IN_TRANSIT as u32 + 1);
         assert!(r.partially_withdrawn(&whole).is_empty());
+        // An origin's only prefix losing a path: the group loses it, at once.
+        let r = rib(1);
+        let (before, _) = groups_of(&r);
+        let lost = r.partially_withdrawn(&withdrawal("b", 0..1));
+        assert_eq!(shrink_withdrawn(&before, &lost).len(), 1);
+        // Without the sets of the group (not from a pass): at once too.
+        let mut bare = before.clone();
+        bare.group_use.clear();
+        assert_eq!(shrink_withdrawn(&bare, &lost).len(), 1);
     }
 
     #[test]
@@ -501,15 +618,15 @@ mod tests {
 
     #[test]
     fn a_path_that_comes_back_rejoins_at_its_first_reannouncement() {
-        let mut r = rib(3);
+        let mut r = rib(IN_TRANSIT as u32 + 3);
         let (_, ids) = groups_of(&r);
         let gid = ids[0].unwrap();
         r.apply(RibEvent::SessionDown {
             session: "b".into(),
         });
         assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
-        // Session b is back: its first UPDATE carries one of hv2's three
-        // prefixes. The group has B again at once, for all three.
+        // Session b is back: its first UPDATE carries one of hv2's
+        // prefixes. The group has B again at once, for all of them.
         announce(
             &mut r,
             "b",
@@ -520,7 +637,8 @@ mod tests {
         assert_eq!(ids_back, ids, "routes untouched");
         assert_eq!(d.groups[&gid].len(), 2, "B back before the last prefix");
         // The window ends with End-of-RIB (or SYNC_WINDOW): then the
-        // intersection rules again (here hv2's other prefixes lack B).
+        // prefixes' hop sets rule again (here more than IN_TRANSIT of
+        // hv2's prefixes lack B).
         let later =
             std::time::Instant::now() + crate::rib::SYNC_WINDOW + std::time::Duration::from_secs(1);
         assert!(r.syncing_hops("public", later).is_empty());
@@ -529,8 +647,9 @@ mod tests {
         });
         assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
         // A session that never went down is never "returning": the first
-        // withdrawal over it still shrinks at once (see above), and its
-        // first announcements at start follow the intersection.
+        // UPDATE withdrawing many prefixes over it still shrinks at once
+        // (see above), and its first announcements at start follow the
+        // hop sets.
         let fresh = rib(3);
         assert!(
             fresh

@@ -206,8 +206,8 @@ pub struct DesiredKernel {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct GroupUse {
     /// The distinct hop sets of the group's learned prefixes (of any
-    /// table, shadowed or not), with how many prefixes have each. The
-    /// members are their intersection, or their union when that is empty.
+    /// table, shadowed or not), with how many prefixes have each; the
+    /// members follow from them (`groups::members`).
     pub sets: BTreeMap<BTreeSet<NextHopSpec>, usize>,
     /// Hops of a session relearning its table were added to the members
     /// (`Rib::syncing_hops`): the sets alone do not give them.

@@ -85,6 +85,18 @@ pub struct Hop {
     pub uplink: Arc<str>,
 }
 
+/// Paths of one origin over one hop that an UPDATE withdraws while their
+/// prefixes keep another path of that origin ([`Rib::partially_withdrawn`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartialWithdrawal {
+    pub origin: IpAddr,
+    pub hop: Hop,
+    /// Of IPv6 prefixes (their groups are apart from the IPv4 ones).
+    pub v6: bool,
+    /// How many prefixes.
+    pub prefixes: usize,
+}
+
 /// The ECMP set of a prefix with the origins of its paths.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Selected {
@@ -735,11 +747,14 @@ impl Rib {
             .collect()
     }
 
-    /// The (origin, hop) of each path an UPDATE withdraws whose prefix
-    /// keeps other paths: a partial withdrawal, the sign of a fabric path
-    /// failing for that origin (a whole prefix withdrawn is a VM going,
-    /// not a path). Call before applying the event.
-    pub fn partially_withdrawn(&self, event: &RibEvent) -> Vec<(IpAddr, Hop)> {
+    /// The paths an UPDATE withdraws whose prefix keeps another path of
+    /// the same origin, counted per (origin, hop, family): a partial
+    /// withdrawal, the sign of a fabric path failing for that origin when
+    /// it is many prefixes (a whole prefix withdrawn is a VM going, not a
+    /// path; a few partial ones, the paths of a stopping VM's prefixes
+    /// withdrawn one reflector after the other). Call before applying the
+    /// event.
+    pub fn partially_withdrawn(&self, event: &RibEvent) -> Vec<PartialWithdrawal> {
         let RibEvent::Update {
             session,
             fabric,
@@ -758,7 +773,7 @@ impl Rib {
         // Looked up once per path, not by scanning the list (an UPDATE may
         // withdraw thousands of prefixes).
         let withdrawn: BTreeSet<(IpNet, Option<u32>)> = withdraw.iter().copied().collect();
-        let mut out: Vec<(IpAddr, Hop)> = Vec::new();
+        let mut out: Vec<PartialWithdrawal> = Vec::new();
         for (prefix, id) in withdraw {
             let Some(paths) = table.get(prefix) else {
                 continue;
@@ -777,8 +792,22 @@ impl Rib {
                 qa.origin() == origin
                     && !(qa.session == sid && withdrawn.contains(&(*prefix, q.path_id)))
             });
-            if survivors && !out.iter().any(|(o, h)| *o == origin && *h == hop) {
-                out.push((origin, hop));
+            if !survivors {
+                continue;
+            }
+            // A handful of distinct entries per UPDATE: a list is enough.
+            let v6 = prefix.addr().is_ipv6();
+            match out
+                .iter_mut()
+                .find(|w| w.origin == origin && w.hop == hop && w.v6 == v6)
+            {
+                Some(w) => w.prefixes += 1,
+                None => out.push(PartialWithdrawal {
+                    origin,
+                    hop,
+                    v6,
+                    prefixes: 1,
+                }),
             }
         }
         out
