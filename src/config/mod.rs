@@ -839,11 +839,15 @@ pub fn validate(c: &Config) -> Vec<(KeyPath, String)> {
         );
     }
     let bus = c.dbus.bus.as_str();
-    if bus != "system" && bus != "session" && !bus.contains(':') {
-        err(
-            root.key("dbus").key("bus"),
-            format!("`{bus}` is neither \"system\", \"session\" nor a D-Bus address"),
-        );
+    if bus != "system" && bus != "session" {
+        // Read by the parser the agent and the hook connect with, so an
+        // address they would refuse is refused here, with its line.
+        if let Err(e) = bus.parse::<zbus::Address>() {
+            err(
+                root.key("dbus").key("bus"),
+                format!("`{bus}` is neither \"system\", \"session\" nor a D-Bus address ({e})"),
+            );
+        }
     }
     if let Some(m) = c.kernel.nexthop_compat_mode
         && m > 1
@@ -1340,6 +1344,19 @@ gateway_v4 = "203.0.113.254"
         let i = issues(&text);
         assert_eq!(i[0].field, "dbus.bus");
         assert_eq!(i[0].line, 14);
+        // Addresses as the bus's own parser reads them: an unknown
+        // transport, a unix address without its path.
+        for bad in ["foo:bar=1", "unix:nope=1"] {
+            let text = format!("{MIN}\n[dbus]\nbus = \"{bad}\"\n");
+            let i = issues(&text);
+            assert_eq!(i[0].field, "dbus.bus", "{bad}");
+            assert!(i[0].message.contains(bad), "{}", i[0].message);
+        }
+        for good in ["unix:abstract=l3hv-test", "tcp:host=127.0.0.1,port=4000"] {
+            let text = format!("{MIN}\n[dbus]\nbus = \"{good}\"\n");
+            let c = parse("t.toml", &text).unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(c.dbus.bus, good);
+        }
         let text = format!("{MIN}\n[libvirt]\nuri = \"nope\"\n");
         assert_eq!(issues(&text)[0].field, "libvirt.uri");
         let text = format!("{MIN}\n[dbus]\nbus = \"unix:path=/tmp/bus\"\ngroup = \"l3hv\"\n");
