@@ -31,6 +31,55 @@ use crate::rib::{Path, RibEvent};
 /// the UPDATE that carried it (shared by its prefixes).
 pub type AdjRibIn = BTreeMap<Nlri, Arc<PathAttrs>>;
 
+/// Where a session's tables go when it ends, to be freed once the RIB has
+/// its `SessionDown`: at 100,000 prefixes freeing the Adj-RIB-In and
+/// Adj-RIB-Out took 6-9 ms of the agent's thread, between a BFD Down (or
+/// any other end) and the failover fast path (benches/bfd_failover.py,
+/// BENCHMARKS.md). Freed on the same thread, after the fast path: a
+/// thread of their own competed for the two cores with the rest of the
+/// failover (worse in the same benchmark).
+type Parked = Arc<std::sync::Mutex<Vec<Box<dyn Send>>>>;
+
+/// A table that goes to the session's [`Parked`] when dropped.
+struct FreedLater<T: Send + 'static> {
+    value: Option<T>,
+    park: Parked,
+}
+
+impl<T: Send + 'static> FreedLater<T> {
+    fn new(value: T, park: &Parked) -> Self {
+        Self {
+            value: Some(value),
+            park: Arc::clone(park),
+        }
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for FreedLater<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // Some from `new` until `drop`.
+        self.value.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl<T: Send + 'static> std::ops::DerefMut for FreedLater<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl<T: Send + 'static> Drop for FreedLater<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.value.take()
+            && let Ok(mut parked) = self.park.lock()
+        {
+            parked.push(Box::new(t));
+        }
+        // (A poisoned lock: freed here, as before.)
+    }
+}
+
 /// How long after Established the initial table goes out (see
 /// `Session::established`).
 const INITIAL_EXPORT_DELAY: Duration = Duration::from_millis(5);
@@ -137,6 +186,8 @@ pub struct Session {
     /// Set by the speaker when the session is removed or reconfigured:
     /// the NOTIFICATION to close an established session with.
     stop: watch::Receiver<Option<Notification>>,
+    /// The tables of the connection that just ended ([`FreedLater`]).
+    parked: Parked,
 }
 
 /// Resolves when the session is asked to stop.
@@ -229,6 +280,7 @@ impl Session {
                 uplink: Arc::from(spec_uplink.as_str()),
                 bfd,
                 stop,
+                parked: Parked::default(),
             },
             rx,
         )
@@ -361,6 +413,17 @@ impl Session {
                 }
                 _ => warn!(peer = %self.spec.name, error = %end, "session down"),
             }
+            // The RIB has the news; the agent (on this thread) acts on it
+            // before the old tables are freed.
+            let parked: Vec<Box<dyn Send>> = self
+                .parked
+                .lock()
+                .map(|mut p| std::mem::take(&mut *p))
+                .unwrap_or_default();
+            if !parked.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            drop(parked);
             self.status.send_modify(|s| {
                 s.last_error = Some(end.to_string());
                 s.negotiated = None;
@@ -598,7 +661,7 @@ impl Session {
         // processing", 6a242b3ec). Our table arriving after that read wakes
         // it. The first KEEPALIVE below bounds what is left of the race.
         tokio::time::sleep(INITIAL_EXPORT_DELAY).await;
-        let mut advertised = self.wanted();
+        let mut advertised = FreedLater::new(self.wanted(), &self.parked);
         let initial: Vec<IpNet> = advertised.iter().copied().collect();
         self.advertise(&mut stream, &codec, &negotiated, &initial, &[])
             .await?;
@@ -612,7 +675,7 @@ impl Session {
 
         // Attributes are shared by every prefix of the UPDATE that carried
         // them.
-        let mut adj_in = AdjRibIn::new();
+        let mut adj_in = FreedLater::new(AdjRibIn::new(), &self.parked);
         // Its size when last rebuilt with full nodes (btree::compact_past).
         let mut adj_in_compacted = 0;
         // Enhanced route refresh in progress, per family (IPv4, IPv6): the
@@ -710,7 +773,7 @@ impl Session {
                     let remove: Vec<IpNet> = advertised.difference(&wanted).copied().collect();
                     if !add.is_empty() || !remove.is_empty() {
                         self.advertise(&mut stream, &codec, &negotiated, &add, &remove).await?;
-                        advertised = wanted;
+                        *advertised = wanted;
                         self.status.send_modify(|s| s.prefixes_advertised = advertised.len());
                     }
                 }
@@ -1083,6 +1146,30 @@ mod tests {
     use crate::agent::Command;
     use crate::testutil::in_private_netns;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_sessions_tables_are_freed_when_taken_from_the_park_not_before() {
+        struct Table(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Table {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let park = Parked::default();
+        let mut t = FreedLater::new(vec![1u8], &park);
+        t.push(2);
+        assert_eq!(*t, [1, 2]);
+        drop(t);
+        let t = FreedLater::new(Table(Arc::clone(&freed)), &park);
+        drop(t);
+        assert!(!freed.load(std::sync::atomic::Ordering::SeqCst));
+        let parked = std::mem::take(&mut *park.lock().unwrap());
+        assert_eq!(parked.len(), 2);
+        assert!(!freed.load(std::sync::atomic::Ordering::SeqCst));
+        drop(parked);
+        assert!(freed.load(std::sync::atomic::Ordering::SeqCst));
+    }
     use tokio::net::TcpListener;
 
     /// Reads whole messages from `stream` into `out` until `deadline`.
