@@ -33,7 +33,7 @@ pub type AdjRibIn = BTreeMap<Nlri, Arc<PathAttrs>>;
 
 /// Where a session's tables go when it ends, to be freed once the RIB has
 /// its `SessionDown`: at 100,000 prefixes freeing the Adj-RIB-In and
-/// Adj-RIB-Out took 6-9 ms of the agent's thread, between a BFD Down (or
+/// Adj-RIB-Out held the agent's thread 5-50 ms, between a BFD Down (or
 /// any other end) and the failover fast path (benches/bfd_failover.py,
 /// BENCHMARKS.md). Freed on the same thread, after the fast path: a
 /// thread of their own competed for the two cores with the rest of the
