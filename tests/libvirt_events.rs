@@ -30,6 +30,12 @@ impl Sink for Recorder {
         self.calls.lock().unwrap().push(Call::Set(vm));
         Ok(())
     }
+    async fn set_vm_unless_removed(&self, vm: VmIntent, _since: u64) -> Result<(), ApiError> {
+        self.set_vm(vm).await
+    }
+    async fn removals(&self) -> Result<u64, ApiError> {
+        Ok(0)
+    }
     async fn remove_vm(&self, name: String) -> Result<(), ApiError> {
         self.calls.lock().unwrap().push(Call::Remove(name));
         Ok(())

@@ -93,6 +93,19 @@ pub enum Command {
         vm: VmIntent,
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Like `SetVm`, unless the VM was removed after the agent's removal
+    /// count was `since` ([`Command::Removals`]): the libvirt reconcile's
+    /// domains, listed before a hook's `release` that the agent took
+    /// first, must not bring a stopped VM back.
+    SetVmUnlessRemoved {
+        vm: VmIntent,
+        since: u64,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// How many VM removals the agent has taken so far.
+    Removals {
+        reply: oneshot::Sender<u64>,
+    },
     /// Remove a VM (idempotent: an unknown VM is not an error).
     RemoveVm {
         name: String,
@@ -360,6 +373,10 @@ pub struct Agent {
     /// Interfaces of the VMs the next pass changes: the mirror's entry for
     /// each is checked against the kernel's ifindex before it is trusted.
     touched: BTreeSet<String>,
+    /// VM removals taken so far, and the count at each VM's last one
+    /// (`Command::SetVmUnlessRemoved`; one entry per VM name ever removed).
+    removals: u64,
+    removed_at: BTreeMap<String, u64>,
     /// Links this agent created (name, ifindex) since the last link
     /// notifications were looked at: created down, their notifications
     /// say "was down" without anyone else having touched them.
@@ -453,6 +470,8 @@ impl Agent {
                 published,
                 announce: None,
                 touched: BTreeSet::new(),
+                removals: 0,
+                removed_at: BTreeMap::new(),
                 created: BTreeSet::new(),
                 bounced: BTreeSet::new(),
                 settled,
@@ -535,6 +554,17 @@ impl Agent {
             (self.nexthop_objects() && self.learned_hold.is_none() && self.cache.is_some())
                 .then(BTreeMap::new);
         for cmd in batch {
+            let cmd = match cmd {
+                Command::SetVmUnlessRemoved { vm, since, reply } => {
+                    if self.removed_at.get(&vm.name).is_some_and(|r| *r > since) {
+                        info!(vm = %vm.name, "not set: removed after the caller looked");
+                        let _ = reply.send(Ok(()));
+                        continue;
+                    }
+                    Command::SetVm { vm, reply }
+                }
+                other => other,
+            };
             match cmd {
                 Command::SetVm { vm, reply } => match self.check_vm(&vm) {
                     Ok(()) => {
@@ -637,11 +667,17 @@ impl Agent {
                     rib_changed |= changed_rib;
                 }
                 Command::RemoveVm { name, reply } => {
+                    self.removals += 1;
+                    self.removed_at.insert(name.clone(), self.removals);
                     if self.intent.vms.remove(&name).is_some() {
                         info!(vm = %name, "remove vm");
                         changed = true;
                     }
                     waiting.push((None, reply));
+                }
+                // In batch order: a removal after it is counted after it.
+                Command::Removals { reply } => {
+                    let _ = reply.send(self.removals);
                 }
                 other => later.push(other),
             }
@@ -786,6 +822,8 @@ impl Agent {
                     let _ = reply.send(self.on_reload(*config).await);
                 }
                 Command::SetVm { .. }
+                | Command::SetVmUnlessRemoved { .. }
+                | Command::Removals { .. }
                 | Command::RemoveVm { .. }
                 | Command::Rib(_)
                 | Command::LinksChanged { .. } => {}
@@ -1917,6 +1955,68 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The libvirt reconcile lists a domain running, its hook's `release`
+    /// reaches the agent first (`virsh destroy` during a reconnect): the
+    /// reconcile's late `set` must not bring the VM back (it did, for a
+    /// few ms: tap, routes and BGP announcement of a stopped guest).
+    #[test]
+    fn a_vm_removed_after_the_callers_count_is_not_set_again() {
+        crate::testutil::in_private_netns(|| async {
+            let dir = std::env::temp_dir().join(format!(
+                "l3hv-agent-removals-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let text = crate::config::tests::MIN.replace(
+                "[hypervisor]\n",
+                &format!("[hypervisor]\nstate_dir = \"{}\"\n", dir.display()),
+            );
+            let config = crate::config::parse("t.toml", &text).expect("config");
+            let (agent, handle) = Agent::new(config).expect("agent");
+            let vm: VmIntent = serde_json::from_value(serde_json::json!({
+                "name": "vm1",
+                "interfaces": [{"name": "t1", "mac": "52:54:00:00:00:01",
+                                "fabric": "public", "ipv4": ["203.0.113.1"]}],
+            }))
+            .expect("vm");
+            let vms = || handle.call(|reply| Command::ListVms { reply });
+            let body = async {
+                let since = handle
+                    .call(|reply| Command::Removals { reply })
+                    .await
+                    .unwrap();
+                // The release, then the reconcile's set from before it.
+                handle
+                    .call(|reply| Command::RemoveVm {
+                        name: "vm1".into(),
+                        reply,
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let set = |since| {
+                    let vm = vm.clone();
+                    handle.call(move |reply| Command::SetVmUnlessRemoved { vm, since, reply })
+                };
+                set(since).await.unwrap().unwrap();
+                assert!(vms().await.unwrap().is_empty(), "brought back");
+                // Counted after the removal: set.
+                let now = handle
+                    .call(|reply| Command::Removals { reply })
+                    .await
+                    .unwrap();
+                assert_eq!(now, since + 1);
+                set(now).await.unwrap().unwrap();
+                assert_eq!(vms().await.unwrap().len(), 1);
+            };
+            tokio::select! {
+                _ = agent.run() => panic!("the agent stopped"),
+                _ = body => {}
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        });
+    }
 
     #[tokio::test]
     async fn a_panicking_agent_thread_is_noticed_with_its_message() {

@@ -52,6 +52,15 @@ pub enum LibvirtError {
 /// Where decisions go: the agent, or a recorder in tests.
 pub trait Sink: Clone + Send + Sync + 'static {
     fn set_vm(&self, vm: VmIntent) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// `set_vm`, unless the VM was removed after [`Sink::removals`] gave
+    /// `since`.
+    fn set_vm_unless_removed(
+        &self,
+        vm: VmIntent,
+        since: u64,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// How many removals the agent has taken so far.
+    fn removals(&self) -> impl Future<Output = Result<u64, ApiError>> + Send;
     fn remove_vm(&self, name: String) -> impl Future<Output = Result<(), ApiError>> + Send;
     fn vm_names(&self) -> impl Future<Output = Result<Vec<String>, ApiError>> + Send;
 }
@@ -59,6 +68,13 @@ pub trait Sink: Clone + Send + Sync + 'static {
 impl Sink for AgentHandle {
     async fn set_vm(&self, vm: VmIntent) -> Result<(), ApiError> {
         self.call(|reply| Command::SetVm { vm, reply }).await?
+    }
+    async fn set_vm_unless_removed(&self, vm: VmIntent, since: u64) -> Result<(), ApiError> {
+        self.call(|reply| Command::SetVmUnlessRemoved { vm, since, reply })
+            .await?
+    }
+    async fn removals(&self) -> Result<u64, ApiError> {
+        self.call(|reply| Command::Removals { reply }).await
     }
     async fn remove_vm(&self, name: String) -> Result<(), ApiError> {
         self.call(|reply| Command::RemoveVm { name, reply }).await?
@@ -546,6 +562,10 @@ pub async fn reconcile<S: Sink>(
     sink: &S,
     ours: &mut BTreeSet<String>,
 ) -> Result<(), String> {
+    // Counted before the scan: a domain listed running and released by
+    // its hook before its VM is set here (`virsh destroy` during a
+    // reconnect) is not brought back.
+    let since = sink.removals().await.map_err(|e| e.to_string())?;
     let w = watch.clone();
     let Scan {
         running,
@@ -570,7 +590,7 @@ pub async fn reconcile<S: Sink>(
         if vm.interfaces.is_empty() {
             continue;
         }
-        if let Err(e) = sink.set_vm(vm).await {
+        if let Err(e) = sink.set_vm_unless_removed(vm, since).await {
             warn!(vm = %name, error = %e, "agent refused a running domain");
         }
     }
