@@ -79,6 +79,9 @@ impl From<IntentError> for ApiError {
 /// kernel while its sessions relearn them.
 const LEARNED_HOLD: Duration = Duration::from_secs(60);
 
+/// How many of the latest VM removals the agent remembers by name.
+const REMOVALS_KEPT: usize = 4096;
+
 /// First retry delay after a failed reconcile pass.
 const RETRY_MIN: Duration = Duration::from_secs(1);
 
@@ -374,7 +377,8 @@ pub struct Agent {
     /// each is checked against the kernel's ifindex before it is trusted.
     touched: BTreeSet<String>,
     /// VM removals taken so far, and the count at each VM's last one
-    /// (`Command::SetVmUnlessRemoved`; one entry per VM name ever removed).
+    /// (`Command::SetVmUnlessRemoved`), for the last [`REMOVALS_KEPT`]
+    /// removals at least.
     removals: u64,
     removed_at: BTreeMap<String, u64>,
     /// Links this agent created (name, ifindex) since the last link
@@ -669,6 +673,13 @@ impl Agent {
                 Command::RemoveVm { name, reply } => {
                     self.removals += 1;
                     self.removed_at.insert(name.clone(), self.removals);
+                    if self.removed_at.len() > 2 * REMOVALS_KEPT {
+                        // A reconcile's scan takes seconds, not thousands
+                        // of removals: older entries can go (unique VM
+                        // names would otherwise grow this forever).
+                        let floor = self.removals.saturating_sub(REMOVALS_KEPT as u64);
+                        self.removed_at.retain(|_, r| *r > floor);
+                    }
                     if self.intent.vms.remove(&name).is_some() {
                         info!(vm = %name, "remove vm");
                         changed = true;
