@@ -177,7 +177,9 @@ fn main() {
     // A pass: the desired state over the whole RIB (dropped after the
     // pass), and the mirror of the kernel's routes the agent keeps.
     let base = live();
-    let desired = reconcile::desired_with(&config, &intent, &rib, true);
+    let none = std::collections::BTreeMap::new();
+    let desired =
+        reconcile::desired_with(&config, &intent, &rib, reconcile::Nexthops::Objects(&none));
     println!(
         "desired      {}  (per pass, transient)",
         per_path(live() - base, n)

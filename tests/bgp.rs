@@ -748,6 +748,29 @@ fn groups_and_nhid(ns: &Netns, dst: &str) -> (Vec<(u64, Vec<String>)>, Option<u6
     (groups, nhid)
 }
 
+/// What the route to `dst` in table 90 forwards through: the member
+/// gateways of its group, or the gateway of the one object it points at
+/// (an origin with one path and few prefixes has no group), with the
+/// object's id; `None` without a route on a nexthop id.
+fn route_hops(ns: &Netns, dst: &str) -> Option<(Vec<String>, Option<u64>)> {
+    let (groups, nhid) = groups_and_nhid(ns, dst);
+    let nhid = nhid?;
+    if let Some((_, members)) = groups.into_iter().find(|(id, _)| *id == nhid) {
+        return Some((members, None));
+    }
+    let object = nexthops(ns)
+        .into_iter()
+        .find(|n| n["id"].as_u64() == Some(nhid))?;
+    Some((
+        vec![format!(
+            "{} dev {}",
+            s(&object["gateway"]),
+            s(&object["dev"])
+        )],
+        Some(nhid),
+    ))
+}
+
 fn s(v: &serde_json::Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
@@ -766,7 +789,8 @@ struct EcmpLab {
     _vm3: Netns,
 }
 
-fn ecmp_lab(extra: &str) -> EcmpLab {
+/// Both paths with a BIRD reflector each, and both hypervisors' agents.
+fn two_path_agents(extra: &str) -> (TwoPaths, Reflector, Reflector, Agent, Agent) {
     let t = two_paths();
     let rr1 = bird_at(
         &t.rr1,
@@ -780,6 +804,11 @@ fn ecmp_lab(extra: &str) -> EcmpLab {
     );
     let a1 = Agent::start(&t.hv1, &(two_path_config(1) + extra));
     let a2 = Agent::start(&t.hv2, &(two_path_config(2) + extra));
+    (t, rr1, rr2, a1, a2)
+}
+
+fn ecmp_lab(extra: &str) -> EcmpLab {
+    let (t, rr1, rr2, a1, a2) = two_path_agents(extra);
     let vm1 = vm_ns(
         &t.hv1,
         &unique("vm1"),
@@ -849,6 +878,7 @@ fn learned_routes_point_at_a_group_of_both_paths() {
     let st = lab.a1.status_json();
     assert_eq!(st["nexthops"]["mode"], "objects", "{st}");
     assert_eq!(st["nexthops"]["groups"], 1);
+    assert_eq!(st["nexthops"]["direct"], 0);
     assert_eq!(st["nexthops"]["objects"], 2);
     assert!(lab.vm1.ping("203.0.113.3"));
     // `l3hv routes`: both paths selected, the route installed on the group.
@@ -925,6 +955,84 @@ fn learned_routes_point_at_a_group_of_both_paths() {
         "hv2's group was rewritten while a VM of hv2 came and went:\n{replaced:#?}\n{}",
         lab.a1.log()
     );
+}
+
+/// hv2's first VM while hv2 has no other: its prefix comes over path A
+/// alone (path B's reflector holds hv2's session down), so hv1 points the
+/// route at A's object; when path B comes, hv1 creates hv2's group with
+/// both members and moves the route to it. The group is never replaced
+/// (a replace is an RCU grace period under RTNL in the kernel).
+#[test]
+fn a_new_origins_first_route_gets_its_group_created_not_replaced() {
+    let (t, _rr1, rr2, a1, a2) = two_path_agents("");
+    let birdc = |cmd: &str| {
+        let sock = rr2.dir.join("bird.ctl");
+        t.rr2
+            .exec(&["birdc", "-s", sock.to_str().unwrap(), cmd, "hv2"]);
+    };
+    birdc("disable");
+    wait_for(
+        "hv1 established on both paths",
+        Duration::from_secs(30),
+        || {
+            peers(&a1)
+                .as_array()
+                .is_some_and(|p| p.len() == 2 && p.iter().all(|s| s["state"] == "Established"))
+        },
+    );
+    let log = a1.dir.join("nexthop-monitor.log");
+    let mut monitor = t.hv1.spawn(&["ip", "monitor", "nexthop"], &log);
+    std::thread::sleep(Duration::from_millis(300));
+    let _vm3 = vm_ns(
+        &t.hv2,
+        &unique("vm3"),
+        "vm3e0",
+        "203.0.113.3/24",
+        "203.0.113.254",
+    );
+    a2.set_vm(&vm_json(
+        "vm3",
+        "vm3e0",
+        "adopt",
+        "public",
+        "203.0.113.3",
+        None,
+    ));
+    wait_for(
+        "the route on path A's object",
+        Duration::from_secs(30),
+        || {
+            route_hops(&t.hv1, "203.0.113.3")
+                .is_some_and(|(hops, object)| hops == [BOTH[0].to_string()] && object.is_some())
+        },
+    );
+    let (groups, _) = groups_and_nhid(&t.hv1, "203.0.113.3");
+    assert!(groups.is_empty(), "{groups:?}");
+    assert_eq!(a1.status_json()["nexthops"]["direct"], 1);
+    birdc("enable");
+    wait_for(
+        "the route on a group of both paths",
+        Duration::from_secs(30),
+        || route_hops(&t.hv1, "203.0.113.3") == Some((BOTH.map(String::from).to_vec(), None)),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let (groups, nhid) = groups_and_nhid(&t.hv1, "203.0.113.3");
+    let group = nhid.unwrap();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    let events = fs::read_to_string(&log).unwrap();
+    let writes: Vec<&str> = events
+        .lines()
+        .filter(|l| l.starts_with(&format!("id {group} ")))
+        .collect();
+    assert_eq!(
+        writes.len(),
+        1,
+        "the group written more than once:\n{events}"
+    );
+    assert!(writes[0].contains("group"), "{events}");
+    assert_eq!(a1.status_json()["nexthops"]["direct"], 0);
 }
 
 #[test]
@@ -1159,9 +1267,15 @@ fn agent_restart_keeps_learned_routes_installed() {
     wait_for("learned route", Duration::from_secs(30), || {
         route().contains("via 198.51.100.102")
     });
+    // One path and one prefix of hv2: the route points at the path's
+    // object, with no group (see `reconcile::groups`, "Direct keys"); a
+    // restarted agent decides the same from the kernel.
     let (groups, nhid) = groups_and_nhid(&f.hv1, "203.0.113.3");
-    assert_eq!(groups.len(), 1, "{groups:?}");
-    assert_eq!(nhid, Some(groups[0].0));
+    assert!(groups.is_empty(), "{groups:?}");
+    assert_eq!(
+        route_hops(&f.hv1, "203.0.113.3"),
+        Some((vec!["198.51.100.102 dev a-public".to_string()], nhid))
+    );
     a1.kill9();
     // No compatibility notifications: any route line is a write.
     f.hv1
@@ -1646,11 +1760,9 @@ protocol bgp hv2 from rrc { neighbor 2001:db8:c633:6400::102 as 65000; }
         "vm3's IPv4 route on hv1 via hv2's IPv6 address",
         Duration::from_secs(30),
         || {
-            let (groups, nhid) = groups_and_nhid(&hv1, "203.0.113.3");
-            nhid.is_some()
-                && groups
-                    .iter()
-                    .any(|(_, m)| m.iter().any(|h| h.contains("2001:db8:c633:6400::102")))
+            // (One path: the route points at the object itself.)
+            route_hops(&hv1, "203.0.113.3")
+                .is_some_and(|(hops, _)| hops.iter().any(|h| h.contains("2001:db8:c633:6400::102")))
         },
     );
     assert!(vm1.ping("203.0.113.3"), "IPv4 over the IPv6-only fabric");

@@ -901,6 +901,15 @@ impl Agent {
         nexthop_mode(self.config.kernel.nexthop_objects, self.nexthop_support) == "objects"
     }
 
+    /// How learned routes go to the kernel, which holds `observed`.
+    fn nexthops<'a>(&self, observed: &'a reconcile::ObservedKernel) -> reconcile::Nexthops<'a> {
+        if self.nexthop_objects() {
+            reconcile::Nexthops::Objects(&observed.groups)
+        } else {
+            reconcile::Nexthops::Multipath
+        }
+    }
+
     /// After a session went down (`session_down`, `lost`: the (origin,
     /// hop) pairs it takes away) or a partial withdrawal (`withdrawn`):
     /// replaces in place every nexthop group that lost members, from the
@@ -1200,16 +1209,10 @@ impl Agent {
             && self.nexthop_objects()
             && self.learned_hold.is_none()
             && !self.rib.is_syncing(Instant::now());
-        let mut desired = if host_only {
-            reconcile::desired_host(&self.config, &self.intent, &self.rib)
-        } else {
-            reconcile::desired_with(
-                &self.config,
-                &self.intent,
-                &self.rib,
-                self.nexthop_objects(),
-            )
-        };
+        // The learned routes are added once the kernel is known: whether
+        // a key keeps its group depends on whether the kernel has it
+        // (`reconcile::groups`, "Direct keys").
+        let mut desired = reconcile::desired_host(&self.config, &self.intent, &self.rib);
         let mut compute = start.elapsed();
         for c in &desired.conflicts {
             warn!(conflict = %c, "intent conflict");
@@ -1379,6 +1382,14 @@ impl Agent {
             .extend(reads.absent.into_iter().map(|p| (p, None)));
         report.sysctls = t.elapsed();
         let t = Instant::now();
+        if !host_only {
+            reconcile::add_learned(
+                &self.config,
+                &self.rib,
+                &mut desired,
+                self.nexthops(&observed),
+            );
+        }
         let host_plan = host_only.then(|| {
             reconcile::scoped::plan_intent(
                 &self.config,
@@ -1396,11 +1407,11 @@ impl Agent {
                 debug!(reason, "the intent change needs the pass over every route");
                 // The learned side refused: everything, as usual.
                 host_only = false;
-                desired = reconcile::desired_with(
+                reconcile::add_learned(
                     &self.config,
-                    &self.intent,
                     &self.rib,
-                    self.nexthop_objects(),
+                    &mut desired,
+                    self.nexthops(&observed),
                 );
                 reconcile::plan(&desired, &observed)
             }
@@ -1701,6 +1712,7 @@ impl Agent {
             self.last_groups = reconcile::DesiredKernel {
                 nexthops: std::mem::take(&mut desired.nexthops),
                 groups: std::mem::take(&mut desired.groups),
+                direct: std::mem::take(&mut desired.direct),
                 group_keys: std::mem::take(&mut desired.group_keys),
                 group_use: std::mem::take(&mut desired.group_use),
                 local: std::mem::take(&mut desired.local),
@@ -1763,12 +1775,6 @@ impl Agent {
     }
 
     async fn routes(&mut self, filter: Option<ipnet::IpNet>) -> Vec<routes::RouteView> {
-        let desired = reconcile::desired_with(
-            &self.config,
-            &self.intent,
-            &self.rib,
-            self.nexthop_objects(),
-        );
         let dumped;
         let observed = match &self.cache {
             Some(c) => c,
@@ -1781,6 +1787,12 @@ impl Agent {
                 &dumped
             }
         };
+        let desired = reconcile::desired_with(
+            &self.config,
+            &self.intent,
+            &self.rib,
+            self.nexthops(observed),
+        );
         let failed: BTreeMap<reconcile::RouteId, String> = self
             .last
             .iter()
@@ -1811,6 +1823,7 @@ impl Agent {
             kernel_support: self.nexthop_support,
             objects: self.last_groups.nexthops.len(),
             groups: self.last_groups.groups.len(),
+            direct: self.last_groups.direct.len(),
         };
         s
     }

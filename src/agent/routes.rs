@@ -29,7 +29,9 @@ pub struct PathView {
 pub struct KernelView {
     pub table: u32,
     pub metric: u32,
-    /// The nexthop group the route points at (nexthop objects mode).
+    /// The nexthop group the route points at (nexthop objects mode), or
+    /// its one nexthop object for an origin with one path and few prefixes
+    /// (`reconcile::groups`, "Direct keys").
     pub nh_id: Option<u32>,
     /// "installed", "pending", "failed: <reason>", "shadowed by a local VM
     /// route" or "not installed: no usable next hop".

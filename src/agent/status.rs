@@ -124,6 +124,9 @@ pub struct NexthopStatus {
     /// Objects (one per next hop and uplink) and groups l3hv wants.
     pub objects: usize,
     pub groups: usize,
+    /// Origins whose routes point straight at their one object, with no
+    /// group yet (one path, few prefixes: `reconcile::groups`).
+    pub direct: usize,
 }
 
 /// The interface an operation concerns, if any.

@@ -26,11 +26,12 @@ pub fn render_status(v: &Value) -> String {
     let nh = &v["nexthops"];
     if !nh.is_null() {
         out.push_str(&format!(
-            "learned routes: {} (nexthop_objects = {}), {} objects, {} groups\n",
+            "learned routes: {} (nexthop_objects = {}), {} objects, {} groups, {} origins on an object alone\n",
             s(&nh["mode"]),
             s(&nh["setting"]),
             s(&nh["objects"]),
             s(&nh["groups"]),
+            s(&nh["direct"]),
         ));
     }
     let r = &v["last_reconcile"];

@@ -109,20 +109,36 @@ fn default_route(kind: DefaultRoute) -> Option<RouteAttrs> {
 /// Computes the kernel state for `intent` and the learned routes of `rib`
 /// under `config`, learned ECMP routes as RTA_MULTIPATH.
 pub fn desired(config: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
-    desired_with(config, intent, rib, false)
+    desired_with(config, intent, rib, Nexthops::Multipath)
 }
 
-/// As [`desired`]; with `nexthop_objects`, learned routes point at kernel
-/// nexthop groups ([`super::groups`]) instead of carrying RTA_MULTIPATH.
+/// How learned routes say where they go.
+#[derive(Debug, Clone, Copy)]
+pub enum Nexthops<'a> {
+    /// Each route carries its next hops (RTA_MULTIPATH).
+    Multipath,
+    /// Routes point at nexthop objects and groups ([`super::groups`]);
+    /// with the groups the kernel holds now (a key with one keeps it).
+    Objects(&'a BTreeMap<u32, BTreeSet<u32>>),
+}
+
+/// As [`desired`], learned routes as `nexthops` says.
 pub fn desired_with(
     config: &Config,
     intent: &Intent,
     rib: &Rib,
-    nexthop_objects: bool,
+    nexthops: Nexthops,
 ) -> DesiredKernel {
     let mut d = desired_host(config, intent, rib);
-    learned(config, rib, &mut d, nexthop_objects);
+    add_learned(config, rib, &mut d, nexthops);
     d
+}
+
+/// Adds the learned routes (with their objects and groups) to what
+/// [`desired_host`] computed: [`desired_with`] in two steps, for a pass
+/// that needs the host part before it has the kernel's groups.
+pub fn add_learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthops: Nexthops) {
+    learned(config, rib, d, nexthops);
 }
 
 /// Everything [`desired_with`] computes but the learned routes and their
@@ -458,10 +474,15 @@ pub(super) fn proxied_on(link: &str, holders: &[&str], learned: bool) -> bool {
 /// Learned routes: ECMP over every selected next hop, in the fabric's
 /// table; private (non-catch-all) fabrics also in local-out. A prefix with
 /// a local VM route in that table is never shadowed: local wins. With
-/// `nexthop_objects` every learned route points at the group of its
+/// nexthop objects every learned route points at the group of its
 /// originators (even a single-member one: gaining a second path is then a
-/// group replace, not a route rewrite).
-fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: bool) {
+/// group replace, not a route rewrite), or straight at the one object of
+/// a small key the kernel has no group for (`groups`, "Direct keys").
+fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthops: Nexthops) {
+    let (nexthop_objects, in_kernel) = match nexthops {
+        Nexthops::Multipath => (false, None),
+        Nexthops::Objects(g) => (true, Some(g)),
+    };
     let k = &config.kernel;
     // Collected, then added as one sorted batch: a B-tree filled by
     // ascending inserts keeps its nodes half full (232 bytes per route at
@@ -472,9 +493,9 @@ fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthop_objects: b
     let mut shared = AttrsInterner::default();
     for (name, fabric) in &config.fabrics {
         let selected = rib.selected_with_origins(name);
-        let group_ids = if nexthop_objects {
+        let group_ids = if let Some(in_kernel) = in_kernel {
             let returning = rib.syncing_hops(name, std::time::Instant::now());
-            super::groups::build(name, &selected, &returning, d)
+            super::groups::build(name, &selected, &returning, in_kernel, d)
         } else {
             Vec::new()
         };

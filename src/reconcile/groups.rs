@@ -67,6 +67,24 @@
 //! an originator disappears altogether (hv3 of an anycast set {hv2, hv3}
 //! dies): its prefixes move to the group `{hv2}`.
 //!
+//! # Direct keys
+//!
+//! A group replace costs the kernel an RCU grace period under RTNL
+//! (`synchronize_net` in `replace_nexthop_grp`: 0.06 ms on an idle machine,
+//! milliseconds when other RTNL work queues behind it, such as a tap being
+//! deleted). Creating a group and pointing routes at it costs none. So a
+//! key the kernel has no group for yet, with one member and at most
+//! [`DIRECT_MAX`] prefixes, has its routes point straight at that member's
+//! object ([`Direct`]); when it gets a second member (the same prefixes
+//! announced over the other fabric path a fraction of a millisecond
+//! later: the first route of a new origin) or more prefixes, its group is
+//! created and its few routes rewritten to it (RTM_NEWNEXTHOP +
+//! RTM_NEWROUTE replace, no grace period). A key whose group the kernel
+//! holds keeps it, down to one member: a failing path is still one group
+//! replace and no route write. Which keys have a group is read from the
+//! kernel (`in_kernel`), not remembered, so a restarted agent decides as
+//! the one before it did and rewrites nothing.
+//!
 //! # Ids
 //!
 //! Derived from the key, not adopted from the kernel: an FNV-1a hash of
@@ -85,7 +103,7 @@ use std::ops::Range;
 
 use ipnet::IpNet;
 
-use super::model::{DesiredKernel, GroupKey, GroupUse, NextHopSpec};
+use super::model::{DesiredKernel, Direct, GroupKey, GroupUse, NextHopSpec};
 use crate::rib::{Hop, PartialWithdrawal, Rib, Selected};
 
 /// Ids of l3hv's nexthop objects (below 2^31: some tools print ids signed).
@@ -126,15 +144,23 @@ pub(super) fn spec(h: &Hop) -> NextHopSpec {
     }
 }
 
+/// How many prefixes a key may have and still point straight at its one
+/// object while the kernel has no group for it (see "Direct keys"): what a
+/// pass rewrites when the key gets its group.
+pub const DIRECT_MAX: usize = 8;
+
 /// Adds the objects and groups of `fabric`'s `selected` prefixes to `d`;
-/// returns the group id of each prefix, in order (`None`: no next hop of
-/// the prefix's family). `returning`: (origin, hop) pairs of sessions
+/// returns the nexthop id each prefix's routes point at, in order (its
+/// group, or its key's object for a direct key; `None`: no next hop of the
+/// prefix's family). `returning`: (origin, hop) pairs of sessions
 /// relearning their table after coming back (`Rib::syncing_hops`); a
 /// group takes such a hop as soon as one of its prefixes has it again.
+/// `in_kernel`: the groups the kernel holds (a key with one stays a group).
 pub fn build(
     fabric: &str,
     selected: &[(IpNet, Selected)],
     returning: &BTreeSet<(IpAddr, Hop)>,
+    in_kernel: &BTreeMap<u32, BTreeSet<u32>>,
     d: &mut DesiredKernel,
 ) -> Vec<Option<u32>> {
     // Intern the keys: (v6, origins) → index.
@@ -142,6 +168,8 @@ pub fn build(
     // Per key: the distinct hop sets of its prefixes, with how many
     // prefixes have each (a handful per key: one in the steady state).
     let mut sets: Vec<BTreeMap<BTreeSet<&Hop>, usize>> = Vec::new();
+    // Per key: its prefixes, while there are at most DIRECT_MAX.
+    let mut few: Vec<Vec<IpNet>> = Vec::new();
     let mut of_prefix: Vec<Option<usize>> = Vec::with_capacity(selected.len());
     for (dst, s) in selected {
         let v6 = dst.addr().is_ipv6();
@@ -158,9 +186,13 @@ pub fn build(
         }
         let i = *index.entry((v6, s.origins.as_slice())).or_insert_with(|| {
             sets.push(BTreeMap::new());
+            few.push(Vec::new());
             sets.len() - 1
         });
         *sets[i].entry(hops).or_default() += 1;
+        if few[i].len() <= DIRECT_MAX {
+            few[i].push(*dst);
+        }
         of_prefix.push(Some(i));
     }
     // Per key: the hops its prefixes have (what the group gets), and the
@@ -223,12 +255,28 @@ pub fn build(
     let mut group_of: Vec<u32> = vec![0; members.len()];
     for (key, i) in keys {
         let (id, probed) = place(&GROUP_IDS, &group_name(&key), &|id| {
-            d.groups.contains_key(&id)
+            d.group_keys.contains_key(&id)
         });
         d.probed |= probed;
-        let ids = members[i].iter().map(|h| by_spec[&spec(h)]).collect();
-        d.groups.insert(id, ids);
+        let ids: BTreeSet<u32> = members[i].iter().map(|h| by_spec[&spec(h)]).collect();
         d.group_keys.insert(id, key);
+        let prefixes = sets[i].values().sum();
+        group_of[i] = match direct(&ids, prefixes, in_kernel.contains_key(&id)) {
+            Some(object) => {
+                d.direct.insert(
+                    id,
+                    Direct {
+                        object,
+                        prefixes: few[i].iter().copied().collect(),
+                    },
+                );
+                object
+            }
+            None => {
+                d.groups.insert(id, ids);
+                id
+            }
+        };
         d.group_use.insert(
             id,
             GroupUse {
@@ -239,12 +287,22 @@ pub fn build(
                 returning: !returning.is_empty(),
             },
         );
-        group_of[i] = id;
     }
     of_prefix
         .into_iter()
         .map(|i| i.map(|i| group_of[i]))
         .collect()
+}
+
+/// The object a key's routes point at instead of a group (see "Direct
+/// keys"): its only member, when it has at most [`DIRECT_MAX`] prefixes
+/// and the kernel holds no group for it. Used by the full pass and the
+/// scoped one alike.
+pub(super) fn direct(members: &BTreeSet<u32>, prefixes: usize, in_kernel: bool) -> Option<u32> {
+    match (members.first(), members.len()) {
+        (Some(&object), 1) if prefixes <= DIRECT_MAX && !in_kernel => Some(object),
+        _ => None,
+    }
 }
 
 /// How many prefixes of a group's key may lack one of its hops, the others
@@ -467,11 +525,20 @@ mod tests {
         rib
     }
 
+    /// The full pass's groups over a kernel with no group of l3hv's.
     fn groups_of(rib: &Rib) -> (DesiredKernel, Vec<Option<u32>>) {
+        groups_in(rib, &BTreeMap::new())
+    }
+
+    /// The full pass's groups over a kernel holding `in_kernel`.
+    fn groups_in(
+        rib: &Rib,
+        in_kernel: &BTreeMap<u32, BTreeSet<u32>>,
+    ) -> (DesiredKernel, Vec<Option<u32>>) {
         let mut d = DesiredKernel::default();
         let sel = rib.selected_with_origins("public");
         let returning = rib.syncing_hops("public", std::time::Instant::now());
-        let ids = build("public", &sel, &returning, &mut d);
+        let ids = build("public", &sel, &returning, in_kernel, &mut d);
         (d, ids)
     }
 
@@ -535,31 +602,73 @@ mod tests {
     #[test]
     fn prefixes_in_transit_leave_their_origins_group_whole() {
         let mut r = rib(3);
-        let (_, ids) = groups_of(&r);
+        let (kernel, ids) = groups_of(&r);
         let gid = ids[0].unwrap();
+        let kernel = kernel.groups;
         let a = || path("198.51.100.102", "a-public", Some("10.0.0.2"));
         // A VM starting on hv2: its prefix over path A, B's UPDATE on its
         // way. It joins hv2's group with both members; nothing else moves.
         announce(&mut r, "a", "203.0.113.100/32", a());
-        let (d, ids_now) = groups_of(&r);
+        let (d, ids_now) = groups_in(&r, &kernel);
         assert_eq!(d.groups[&gid].len(), 2);
         assert!(ids_now.iter().all(|i| *i == Some(gid)), "{ids_now:?}");
         // A VM stopping on hv2: its prefix withdrawn over A first.
         withdraw(&mut r, "a", 0..1);
-        assert_eq!(groups_of(&r).0.groups[&gid].len(), 2);
+        assert_eq!(groups_in(&r, &kernel).0.groups[&gid].len(), 2);
         // Up to IN_TRANSIT such prefixes at once...
         for i in 101..100 + IN_TRANSIT as u32 {
             announce(&mut r, "a", &format!("203.0.113.{i}/32"), a());
         }
-        assert_eq!(groups_of(&r).0.groups[&gid].len(), 2);
+        assert_eq!(groups_in(&r, &kernel).0.groups[&gid].len(), 2);
         // ...and one more is no longer a transit: B leaves the group.
         announce(&mut r, "a", "203.0.113.200/32", a());
-        assert_eq!(groups_of(&r).0.groups[&gid].len(), 1);
-        // A lone prefix over one path has that path alone.
+        assert_eq!(groups_in(&r, &kernel).0.groups[&gid].len(), 1);
+    }
+
+    #[test]
+    fn a_new_origins_few_prefixes_point_at_their_object_until_a_second_path() {
+        let a = || path("198.51.100.102", "a-public", Some("10.0.0.2"));
+        let b = || path("198.51.100.202", "b-public", Some("10.0.0.2"));
+        // A new origin's first prefix over path A (B's UPDATE on its way):
+        // its routes point at A's object, the kernel gets no group.
         let mut r = Rib::default();
         announce(&mut r, "a", "203.0.113.1/32", a());
         let (d, ids) = groups_of(&r);
-        assert_eq!(d.groups[&ids[0].unwrap()].len(), 1);
+        let object = ids[0].unwrap();
+        assert!(NEXTHOP_IDS.contains(&object));
+        assert_eq!(d.nexthops.len(), 1);
+        assert!(d.groups.is_empty());
+        let (slot, direct) = d.direct.first_key_value().unwrap();
+        assert_eq!(direct.object, object);
+        assert_eq!(direct.prefixes.len(), 1);
+        assert_eq!(d.group_keys.keys().collect::<Vec<_>>(), [slot]);
+        // The second path: a group, created at the key's slot.
+        announce(&mut r, "b", "203.0.113.1/32", b());
+        let (d, ids) = groups_of(&r);
+        assert_eq!(ids[0], Some(*slot));
+        assert_eq!(d.groups[slot].len(), 2);
+        assert!(d.direct.is_empty());
+        // A group the kernel holds stays one, down to one member (a
+        // failing path is a group replace, never a route write).
+        let kernel = d.groups;
+        withdraw(&mut r, "b", 0..2);
+        let (d, ids) = groups_in(&r, &kernel);
+        assert_eq!(ids[0], Some(*slot));
+        assert_eq!(d.groups[slot].len(), 1);
+        // The same without the kernel's group: direct again.
+        assert_eq!(groups_of(&r).1[0], Some(object));
+        // More than DIRECT_MAX prefixes over one path: a group.
+        for i in 2..=DIRECT_MAX as u32 {
+            announce(&mut r, "a", &format!("203.0.113.{i}/32"), a());
+        }
+        let (d, ids) = groups_of(&r);
+        assert!(ids.iter().all(|i| *i == Some(object)), "{ids:?}");
+        assert_eq!(d.direct[slot].prefixes.len(), DIRECT_MAX);
+        announce(&mut r, "a", "203.0.113.200/32", a());
+        let (d, ids) = groups_of(&r);
+        assert!(ids.iter().all(|i| *i == Some(*slot)), "{ids:?}");
+        assert_eq!(d.groups[slot].len(), 1);
+        assert!(d.direct.is_empty());
     }
 
     #[test]
@@ -600,6 +709,7 @@ mod tests {
     fn losing_a_path_keeps_the_group_id_and_shrinks_it() {
         let mut r = rib(3);
         let (before, ids_before) = groups_of(&r);
+        let kernel = before.groups.clone();
         r.apply(RibEvent::SessionDown {
             session: "b".into(),
         });
@@ -610,7 +720,7 @@ mod tests {
         assert_eq!(Some(*gid), ids_before[0]);
         assert_eq!(kept.len(), 1);
         // ...and the full recompute agrees: same ids, one member.
-        let (after, ids_after) = groups_of(&r);
+        let (after, ids_after) = groups_in(&r, &kernel);
         assert_eq!(ids_after, ids_before);
         assert_eq!(after.groups[gid], *kept);
         assert_eq!(after.nexthops.len(), 1);
@@ -673,7 +783,9 @@ mod tests {
             path("198.51.100.103", "a-public", Some("10.0.0.3")),
         );
         let (c, ic) = groups_of(&r);
-        assert_eq!(c.groups.len(), 2);
+        assert_eq!(c.group_keys.len(), 2);
+        assert_eq!(c.groups.len(), 1);
+        assert_eq!(c.direct.len(), 1, "one prefix over one path");
         assert_ne!(ic[0], ic.last().copied().flatten());
     }
 

@@ -10,7 +10,7 @@ pub mod scoped;
 
 use std::collections::BTreeMap;
 
-pub use desired::{desired, desired_host, desired_with};
+pub use desired::{Nexthops, add_learned, desired, desired_host, desired_with};
 pub use model::*;
 pub use plan::{KernelOp, Plan, plan, plan_host};
 

@@ -175,10 +175,16 @@ pub struct DesiredKernel {
     pub proxies: BTreeSet<(String, std::net::Ipv6Addr)>,
     /// Kernel nexthop objects by id: one per (gateway, uplink).
     pub nexthops: BTreeMap<u32, NextHopSpec>,
-    /// Nexthop groups by id: their member object ids.
+    /// Nexthop groups by id: their member object ids. The kernel's
+    /// groups: a key routed straight at its one object ([`Self::direct`])
+    /// has none.
     pub groups: BTreeMap<u32, BTreeSet<u32>>,
-    /// What each group stands for.
+    /// What each group id stands for: every key of a learned route, with
+    /// or without a group in the kernel (a direct key keeps its id's slot).
     pub group_keys: BTreeMap<u32, GroupKey>,
+    /// Keys whose routes point straight at their one nexthop object, by
+    /// group id (see `groups`, "Direct keys").
+    pub direct: BTreeMap<u32, Direct>,
     /// Two intents that want the same route; the first one wins.
     pub conflicts: Vec<String>,
     /// Every route but the learned ones (those of the intent, the tables'
@@ -198,6 +204,15 @@ pub struct DesiredKernel {
     /// alone, nor delete without moving what the full pass would place.
     #[serde(skip)]
     pub probed: bool,
+}
+
+/// A key routed straight at its one nexthop object, with no group in the
+/// kernel: its routes and the prefixes they are for (at most
+/// `groups::DIRECT_MAX`), which a pass rewrites when the key gets a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Direct {
+    pub object: u32,
+    pub prefixes: BTreeSet<IpNet>,
 }
 
 /// The prefixes of one nexthop group, as the last pass computed them:

@@ -533,7 +533,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::{self, Config};
     use crate::intent::{Intent, InterfaceIntent, LinkMode, VmIntent};
-    use crate::reconcile::desired::desired;
+    use crate::reconcile::desired::{Nexthops, desired, desired_with};
     use std::collections::BTreeMap;
 
     fn cfg() -> Config {
@@ -917,10 +917,16 @@ pub(crate) mod tests {
     #[test]
     fn losing_a_fabric_path_replaces_the_group_not_the_routes() {
         let i = Intent::default();
-        let both = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), true);
+        let none = BTreeMap::new();
+        let both = desired_with(&cfg(), &i, &two_path_rib(true), Nexthops::Objects(&none));
         assert_eq!(both.groups.len(), 1);
         assert!(plan(&both, &converged(&both)).is_empty());
-        let one = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(false), true);
+        let one = desired_with(
+            &cfg(),
+            &i,
+            &two_path_rib(false),
+            Nexthops::Objects(&both.groups),
+        );
         let p = plan(&one, &converged(&both));
         // One group replaced in place, one object gone; no route touched.
         assert!(p.add_routes.is_empty() && p.remove.is_empty(), "{p:#?}");
@@ -940,8 +946,9 @@ pub(crate) mod tests {
     #[test]
     fn switching_modes_rewrites_routes_then_sweeps_groups() {
         let i = Intent::default();
-        let objects = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), true);
-        let multipath = crate::reconcile::desired_with(&cfg(), &i, &two_path_rib(true), false);
+        let none = BTreeMap::new();
+        let objects = desired_with(&cfg(), &i, &two_path_rib(true), Nexthops::Objects(&none));
+        let multipath = desired_with(&cfg(), &i, &two_path_rib(true), Nexthops::Multipath);
         assert!(multipath.routes.values().all(|a| a.nh_id.is_none()));
         let p = plan(&multipath, &converged(&objects));
         assert_eq!(p.add_routes.len(), 100);

@@ -126,8 +126,7 @@ pub fn plan(
 
     // Each changed (prefix, fabric) leaves the hop sets of its old group
     // and joins those of its new one; the key of every fabric's entry now.
-    type Sets = BTreeMap<BTreeSet<NextHopSpec>, usize>;
-    let mut touched: BTreeMap<GroupKey, Sets> = BTreeMap::new();
+    let mut touched: BTreeMap<GroupKey, Touched> = BTreeMap::new();
     let mut now_keys: Vec<(IpNet, Vec<Option<GroupKey>>)> = Vec::with_capacity(before.len());
     for (dst, changed) in before {
         let mut keys = Vec::with_capacity(config.fabrics.len());
@@ -137,36 +136,45 @@ pub fn plan(
                 let was = entry(name, dst, was.as_ref());
                 if was != now {
                     if let Some((key, hops)) = was {
-                        let sets = match touched.entry(key) {
+                        let t = match touched.entry(key) {
                             std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
                             std::collections::btree_map::Entry::Vacant(e) => {
                                 let id = changes
                                     .group_id(e.key())
                                     .ok_or("a prefix of no known group")?;
-                                let u =
-                                    last.group_use.get(&id).ok_or("a group without its sets")?;
-                                e.insert(u.sets.clone())
+                                e.insert(Touched::of(last, id)?)
                             }
                         };
-                        let n = sets
+                        let n = t
+                            .sets
                             .get_mut(&hops)
                             .ok_or("a hop set its group does not have")?;
                         *n -= 1;
                         if *n == 0 {
-                            sets.remove(&hops);
+                            t.sets.remove(&hops);
+                        }
+                        if let Some(p) = t.prefixes.as_mut() {
+                            p.remove(dst);
                         }
                     }
                     if let Some((key, hops)) = now.clone() {
-                        let known = match changes.group_id(&key) {
-                            Some(id) => {
-                                Some(last.group_use.get(&id).ok_or("a group without its sets")?)
+                        let t = match touched.entry(key) {
+                            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::btree_map::Entry::Vacant(e) => {
+                                let t = match changes.group_id(e.key()) {
+                                    Some(id) => Touched::of(last, id)?,
+                                    None => Touched {
+                                        sets: Sets::new(),
+                                        prefixes: Some(BTreeSet::new()),
+                                    },
+                                };
+                                e.insert(t)
                             }
-                            None => None,
                         };
-                        let sets = touched
-                            .entry(key)
-                            .or_insert_with(|| known.map(|u| u.sets.clone()).unwrap_or_default());
-                        *sets.entry(hops).or_default() += 1;
+                        *t.sets.entry(hops).or_default() += 1;
+                        if let Some(p) = t.prefixes.as_mut() {
+                            p.insert(*dst);
+                        }
                     }
                 }
             }
@@ -175,21 +183,26 @@ pub fn plan(
         now_keys.push((*dst, keys));
     }
 
-    // The touched groups: members again from their hop sets, an id for a new key, objects for new members; a group
-    // with no prefix left goes, then every object no group holds.
+    // The touched groups: members again from their hop sets, an id for a
+    // new key, objects for new members; a group with no prefix left goes,
+    // then every object no group holds. A direct key that gets its group
+    // (or another object) has the routes of its other prefixes rewritten.
     let mut released: BTreeSet<u32> = BTreeSet::new();
-    for (key, sets) in touched {
+    let mut retarget: BTreeSet<IpNet> = BTreeSet::new();
+    for (key, t) in touched {
         let was = changes.group_id(&key);
+        let was_direct = was.and_then(|id| last.direct.get(&id));
         if let Some(id) = was {
             released.extend(last.groups.get(&id).into_iter().flatten().copied());
+            released.extend(was_direct.map(|d| d.object));
         }
-        if sets.is_empty() {
+        if t.sets.is_empty() {
             if let Some(id) = was {
                 changes.remove_group(id, key);
             }
             continue;
         }
-        let members = super::groups::members(&sets);
+        let members = super::groups::members(&t.sets);
         let id = match was {
             Some(id) => id,
             None => changes.free_group(super::groups::group_slot(&key))?,
@@ -206,15 +219,32 @@ pub fn plan(
             };
             ids.insert(object);
         }
+        let prefixes = t.sets.values().sum();
+        let direct = match super::groups::direct(&ids, prefixes, observed.groups.contains_key(&id))
+        {
+            Some(object) => Some(Direct {
+                object,
+                prefixes: t
+                    .prefixes
+                    .ok_or("a key whose group the kernel no longer has")?,
+            }),
+            None => None,
+        };
+        if let Some(d) = was_direct {
+            if direct.as_ref().is_none_or(|now| now.object != d.object) {
+                retarget.extend(d.prefixes.iter().filter(|p| !before.contains_key(p)));
+            }
+        }
         changes.groups.insert(
             id,
             Some(Group {
                 members: ids,
                 key: key.clone(),
                 usage: GroupUse {
-                    sets,
+                    sets: t.sets,
                     returning: false,
                 },
+                direct,
             }),
         );
         changes.ids.insert(key, Some(id));
@@ -235,12 +265,21 @@ pub fn plan(
     // and its neighbour proxy entries.
     let mut tables: BTreeSet<u32> = config.fabrics.values().map(|f| f.table).collect();
     tables.insert(k.local_out_table);
+    // (And those of the prefixes of a direct key that got its group.)
+    now_keys.extend(retarget.into_iter().map(|dst| {
+        let keys = config
+            .fabrics
+            .keys()
+            .map(|name| entry(name, &dst, rib.selection(name, &dst).as_ref()).map(|(k, _)| k))
+            .collect();
+        (dst, keys)
+    }));
     for (dst, keys) in &now_keys {
         let dst = *dst;
         let mut want: BTreeMap<u32, RouteAttrs> = BTreeMap::new();
         for (fabric, key) in config.fabrics.values().zip(keys) {
             let Some(key) = key else { continue };
-            let id = changes.group_id(key).ok_or("a prefix of no group")?;
+            let id = changes.target(key).ok_or("a prefix of no group")?;
             let mut put = |table: u32, pref_src: Option<IpAddr>| {
                 if !last.local.contains(&(table, dst)) {
                     want.insert(
@@ -293,12 +332,22 @@ pub fn plan(
     for (id, g) in groups {
         match g {
             Some(g) => {
-                last.groups.insert(id, g.members);
+                match g.direct {
+                    Some(d) => {
+                        last.groups.remove(&id);
+                        last.direct.insert(id, d);
+                    }
+                    None => {
+                        last.groups.insert(id, g.members);
+                        last.direct.remove(&id);
+                    }
+                }
                 last.group_keys.insert(id, g.key);
                 last.group_use.insert(id, g.usage);
             }
             None => {
                 last.groups.remove(&id);
+                last.direct.remove(&id);
                 last.group_keys.remove(&id);
                 last.group_use.remove(&id);
             }
@@ -318,6 +367,27 @@ struct Group {
     members: BTreeSet<u32>,
     key: GroupKey,
     usage: GroupUse,
+    /// Its routes point at its one object; the kernel has no group.
+    direct: Option<Direct>,
+}
+
+type Sets = BTreeMap<BTreeSet<NextHopSpec>, usize>;
+
+/// A key a plan changes: the hop sets of its prefixes, and the prefixes
+/// themselves while it is direct or new (`None`: a group's, not kept).
+struct Touched {
+    sets: Sets,
+    prefixes: Option<BTreeSet<IpNet>>,
+}
+
+impl Touched {
+    fn of(last: &DesiredKernel, id: u32) -> Result<Self, &'static str> {
+        let u = last.group_use.get(&id).ok_or("a group without its sets")?;
+        Ok(Self {
+            sets: u.sets.clone(),
+            prefixes: last.direct.get(&id).map(|d| d.prefixes.clone()),
+        })
+    }
 }
 
 /// The groups and objects a plan adds, changes (`Some`) and deletes
@@ -364,6 +434,18 @@ impl<'a> Changes<'a> {
             .map(|(id, _)| *id)
     }
 
+    /// The nexthop id the routes of `key` point at: its group, or its
+    /// object when it is direct.
+    fn target(&self, key: &GroupKey) -> Option<u32> {
+        let id = self.group_id(key)?;
+        match self.groups.get(&id) {
+            Some(g) => g
+                .as_ref()
+                .map(|g| g.direct.as_ref().map_or(id, |d| d.object)),
+            None => Some(self.last.direct.get(&id).map_or(id, |d| d.object)),
+        }
+    }
+
     fn object_id(&self, spec: &NextHopSpec) -> Option<u32> {
         let holds = |id: u32| match self.objects.get(&id) {
             Some(o) => o.as_ref() == Some(spec),
@@ -388,7 +470,7 @@ impl<'a> Changes<'a> {
     fn free_group(&self, slot: u32) -> Result<u32, &'static str> {
         let taken = match self.groups.get(&slot) {
             Some(g) => g.is_some(),
-            None => self.last.groups.contains_key(&slot),
+            None => self.last.group_keys.contains_key(&slot),
         };
         free(slot, taken)
     }
@@ -422,6 +504,11 @@ impl<'a> Changes<'a> {
                 unheld.retain(|o| !members.contains(o));
             }
         }
+        for (id, d) in &self.last.direct {
+            if !self.groups.contains_key(id) {
+                unheld.retain(|o| *o != d.object);
+            }
+        }
         for o in unheld {
             self.objects.insert(o, None);
             self.deleted = true;
@@ -453,7 +540,9 @@ impl<'a> Changes<'a> {
             }
         }
         for (id, g) in &self.groups {
-            match (g, observed.groups.get(id)) {
+            // A direct key wants no group in the kernel.
+            let want = g.as_ref().filter(|g| g.direct.is_none());
+            match (want, observed.groups.get(id)) {
                 (Some(g), Some(have)) if *have == g.members => {}
                 (Some(g), have) => p.add_groups.push(KernelOp::AddGroup {
                     id: *id,
@@ -578,7 +667,7 @@ mod tests {
     use crate::config;
     use crate::intent::{InterfaceIntent, VmIntent};
     use crate::reconcile::plan::tests::converged;
-    use crate::reconcile::{desired_with, plan as full_plan};
+    use crate::reconcile::{Nexthops, desired_with, plan as full_plan};
     use crate::rib::Path;
     use std::sync::Arc;
 
@@ -622,11 +711,27 @@ mod tests {
         i
     }
 
+    /// The full pass over a kernel with no group of l3hv's.
+    fn full_new(cfg: &Config, intent: &Intent, rib: &Rib) -> DesiredKernel {
+        desired_with(cfg, intent, rib, Nexthops::Objects(&BTreeMap::new()))
+    }
+
+    /// The full pass over the kernel `observed`.
+    fn full_against(
+        cfg: &Config,
+        intent: &Intent,
+        rib: &Rib,
+        observed: &ObservedKernel,
+    ) -> DesiredKernel {
+        desired_with(cfg, intent, rib, Nexthops::Objects(&observed.groups))
+    }
+
     /// What the agent keeps of a full pass.
     fn kept(d: &DesiredKernel) -> DesiredKernel {
         DesiredKernel {
             nexthops: d.nexthops.clone(),
             groups: d.groups.clone(),
+            direct: d.direct.clone(),
             group_keys: d.group_keys.clone(),
             group_use: d.group_use.clone(),
             local: d.local.clone(),
@@ -706,13 +811,14 @@ mod tests {
     #[test]
     fn scoped_passes_leave_what_the_full_pass_wants() {
         let (cfg, intent) = (cfg(), intent());
+        let mut grown = 0;
         for seed in 1..=20u64 {
             let mut dice = Dice(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut rib = Rib::default();
             for _ in 0..30 {
                 rib.apply(event(&mut dice));
             }
-            let d = desired_with(&cfg, &intent, &rib, true);
+            let d = full_new(&cfg, &intent, &rib);
             let mut observed = converged(&d);
             let mut last = kept(&d);
             let (mut scoped, mut refused) = (0, 0);
@@ -723,7 +829,7 @@ mod tests {
                     record(&mut before, &rib, &ev);
                     rib.apply(ev);
                 }
-                let full = desired_with(&cfg, &intent, &rib, true);
+                let full = full_against(&cfg, &intent, &rib, &observed);
                 let was = last.clone();
                 match plan(&cfg, &intent, &rib, &before, &mut last, &observed, true) {
                     Ok(p) => {
@@ -734,9 +840,15 @@ mod tests {
                         let left = full_plan(&full, &observed);
                         assert!(left.is_empty(), "seed {seed} step {step}: {left:#?}");
                         assert_eq!(last.groups, full.groups, "seed {seed} step {step}");
+                        assert_eq!(last.direct, full.direct, "seed {seed} step {step}");
                         assert_eq!(last.nexthops, full.nexthops);
                         assert_eq!(last.group_keys, full.group_keys);
                         assert_eq!(last.group_use, full.group_use);
+                        grown += was
+                            .direct
+                            .keys()
+                            .filter(|id| last.groups.contains_key(id))
+                            .count();
                     }
                     Err(_) => {
                         refused += 1;
@@ -753,6 +865,111 @@ mod tests {
             // own tests).
             assert_eq!((scoped, refused), (150, 0), "seed {seed}");
         }
+        // Direct keys that got their group (their routes rewritten) were
+        // among them.
+        assert!(grown > 20, "{grown}");
+    }
+
+    /// A new origin's first prefix comes over path A, then over path B:
+    /// first its routes alone (on A's object), then the group created
+    /// (not replaced: no RCU grace period) and the routes moved to it.
+    #[test]
+    fn a_new_origins_first_prefix_gets_its_group_with_its_second_path() {
+        let (cfg, intent) = (cfg(), intent());
+        let mut rib = Rib::default();
+        let path = |nh: &str, uplink: &str| Path {
+            next_hop: nh.parse().unwrap(),
+            uplink: Arc::from(uplink),
+            local_pref: 100,
+            as_path_len: 0,
+            originator: Some("10.0.0.2".parse().unwrap()),
+        };
+        let announce = |rib: &mut Rib, s: &str, prefix: &str, p: Path| {
+            rib.apply(RibEvent::Update {
+                session: s.into(),
+                fabric: "private".into(),
+                announce: vec![(prefix.parse().unwrap(), None, p)],
+                withdraw: vec![],
+            });
+        };
+        let d = full_new(&cfg, &intent, &rib);
+        let mut observed = converged(&d);
+        let mut last = kept(&d);
+        let dst: IpNet = "172.22.2.30/32".parse().unwrap();
+        let mut step = |rib: &mut Rib, s: &str, p: Path| {
+            let mut before = Before::new();
+            before
+                .entry(dst)
+                .or_default()
+                .insert("private".into(), rib.selection("private", &dst));
+            announce(rib, s, "172.22.2.30/32", p);
+            let p = plan(&cfg, &intent, rib, &before, &mut last, &observed, true).unwrap();
+            for op in p.phases().into_iter().flatten() {
+                assert!(observed.mirror(op), "{op:?}");
+            }
+            let full = full_against(&cfg, &intent, rib, &observed);
+            assert!(full_plan(&full, &observed).is_empty());
+            p
+        };
+        let p = step(&mut rib, "qa", path("172.22.15.102", "a-private"));
+        assert!(p.add_groups.is_empty(), "{p:#?}");
+        assert_eq!(p.add_nexthops.len(), 1);
+        let KernelOp::AddNexthop { id: object, .. } = p.add_nexthops[0] else {
+            unreachable!()
+        };
+        assert_eq!(p.add_routes.len(), 2, "fabric table and local-out");
+        for op in &p.add_routes {
+            assert!(
+                matches!(op, KernelOp::AddRoute { attrs, replace: false, .. } if attrs.nh_id == Some(object))
+            );
+        }
+        let p = step(&mut rib, "qb", path("172.22.15.202", "b-private"));
+        let [
+            KernelOp::AddGroup {
+                id: group,
+                replace: false,
+                members,
+            },
+        ] = &p.add_groups[..]
+        else {
+            panic!("{p:#?}")
+        };
+        assert_eq!(members.len(), 2);
+        assert_eq!(p.add_routes.len(), 2);
+        for op in &p.add_routes {
+            assert!(
+                matches!(op, KernelOp::AddRoute { attrs, replace: true, .. } if attrs.nh_id == Some(*group))
+            );
+        }
+        assert!(p.remove.is_empty() && p.remove_nexthops.is_empty());
+
+        // A group the kernel lost (the mirror says so) is not made direct
+        // from the changed prefixes alone: the full pass knows them all.
+        let mut lost = observed.clone();
+        lost.groups.remove(group);
+        let mut before = Before::new();
+        before
+            .entry(dst)
+            .or_default()
+            .insert("private".into(), rib.selection("private", &dst));
+        rib.apply(RibEvent::Update {
+            session: "qb".into(),
+            fabric: "private".into(),
+            announce: vec![],
+            withdraw: vec![(dst, None)],
+        });
+        let was = last.clone();
+        assert_eq!(
+            plan(&cfg, &intent, &rib, &before, &mut last, &lost, true),
+            Err("a key whose group the kernel no longer has")
+        );
+        assert_eq!(last, was);
+        // With the group in the kernel, it stays a group of one member.
+        let p = plan(&cfg, &intent, &rib, &before, &mut last, &observed, true).unwrap();
+        assert!(p.add_routes.is_empty(), "{p:#?}");
+        assert!(
+            matches!(&p.add_groups[..], [KernelOp::AddGroup { replace: true, members, .. }] if members.len() == 1)
+        );
     }
 
     #[test]
@@ -780,7 +997,7 @@ mod tests {
         );
         announce(&mut rib, "qa", "172.22.2.30/32", a());
         announce(&mut rib, "qb", "172.22.2.30/32", b());
-        let d = desired_with(&cfg, &intent, &rib, true);
+        let d = full_new(&cfg, &intent, &rib);
         let mut observed = converged(&d);
         let mut last = kept(&d);
         let (group, _) = d.groups.first_key_value().unwrap();
@@ -840,7 +1057,8 @@ mod tests {
             observed.mirror(op);
         }
         assert!(
-            crate::reconcile::plan(&desired_with(&cfg, &intent, &rib, true), &observed).is_empty()
+            crate::reconcile::plan(&full_against(&cfg, &intent, &rib, &observed), &observed)
+                .is_empty()
         );
         assert_eq!(last.group_use[&group].sets.len(), 2);
         let mut before = Before::new();
@@ -886,6 +1104,7 @@ mod tests {
                 members: BTreeSet::from([2]),
                 key: key("10.0.0.2"),
                 usage: GroupUse::default(),
+                direct: None,
             }),
         );
         assert!(changes.deletes());
@@ -895,39 +1114,47 @@ mod tests {
     fn what_the_full_pass_would_place_differently_is_refused() {
         let (cfg, intent) = (cfg(), intent());
         let mut rib = Rib::default();
+        // Over both paths: each origin has its group.
         let announce = |rib: &mut Rib, prefix: &str, originator: &str| {
-            rib.apply(RibEvent::Update {
-                session: "qa".into(),
-                fabric: "private".into(),
-                announce: vec![(
-                    prefix.parse().unwrap(),
-                    None,
-                    Path {
-                        next_hop: "172.22.15.102".parse().unwrap(),
-                        uplink: Arc::from("a-private"),
-                        local_pref: 100,
-                        as_path_len: 0,
-                        originator: Some(originator.parse().unwrap()),
-                    },
-                )],
-                withdraw: vec![],
-            });
+            for (session, nh, uplink) in [
+                ("qa", "172.22.15.102", "a-private"),
+                ("qb", "172.22.15.202", "b-private"),
+            ] {
+                rib.apply(RibEvent::Update {
+                    session: session.into(),
+                    fabric: "private".into(),
+                    announce: vec![(
+                        prefix.parse().unwrap(),
+                        None,
+                        Path {
+                            next_hop: nh.parse().unwrap(),
+                            uplink: Arc::from(uplink),
+                            local_pref: 100,
+                            as_path_len: 0,
+                            originator: Some(originator.parse().unwrap()),
+                        },
+                    )],
+                    withdraw: vec![],
+                });
+            }
         };
         announce(&mut rib, "172.22.2.30/32", "10.0.0.2");
         announce(&mut rib, "172.22.2.31/32", "10.0.0.3");
-        let d = desired_with(&cfg, &intent, &rib, true);
+        let d = full_new(&cfg, &intent, &rib);
         let dst: IpNet = "172.22.2.31/32".parse().unwrap();
         let mut before = Before::new();
         before
             .entry(dst)
             .or_default()
             .insert("private".into(), rib.selection("private", &dst));
-        rib.apply(RibEvent::Update {
-            session: "qa".into(),
-            fabric: "private".into(),
-            announce: vec![],
-            withdraw: vec![(dst, None)],
-        });
+        for session in ["qa", "qb"] {
+            rib.apply(RibEvent::Update {
+                session: session.into(),
+                fabric: "private".into(),
+                announce: vec![],
+                withdraw: vec![(dst, None)],
+            });
+        }
         // As placed, hv3's group going is planned alone.
         let mut last = kept(&d);
         let p = plan(
@@ -1082,7 +1309,7 @@ mod tests {
             for _ in 0..30 {
                 rib.apply(event(&mut dice));
             }
-            let d = desired_with(&cfg, &intent, &rib, true);
+            let d = full_new(&cfg, &intent, &rib);
             let mut observed = converged(&d);
             let mut last = kept(&d);
             last.host_routes = d.host_routes.clone();
@@ -1108,11 +1335,12 @@ mod tests {
                 };
                 let p = p.unwrap_or_else(|e| panic!("seed {seed} step {step}: refused: {e}"));
                 mirror_all(&mut observed, &p, &mut ifindex);
-                let full = desired_with(&cfg, &intent, &rib, true);
+                let full = full_against(&cfg, &intent, &rib, &observed);
                 let left = full_plan(&full, &observed);
                 assert!(left.is_empty(), "seed {seed} step {step}: {left:#?}");
                 assert_eq!(last.local, full.local, "seed {seed} step {step}");
                 assert_eq!(last.groups, full.groups, "seed {seed} step {step}");
+                assert_eq!(last.direct, full.direct, "seed {seed} step {step}");
                 assert_eq!(last.group_use, full.group_use, "seed {seed} step {step}");
             }
         }
