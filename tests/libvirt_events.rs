@@ -16,27 +16,58 @@ use virt::connect::Connect;
 enum Call {
     Set(VmIntent),
     Remove(String),
+    /// A set left alone: the VM was removed after the caller's count.
+    Skipped(VmIntent),
 }
 
+/// Removals so far, and the count at each VM's removal.
+#[derive(Default)]
+struct Removals {
+    count: u64,
+    at: Vec<(String, u64)>,
+}
+
+/// Records the calls, counting removals as the agent does.
 #[derive(Clone, Default)]
 struct Recorder {
     calls: Arc<Mutex<Vec<Call>>>,
     known: Arc<Mutex<Vec<String>>>,
+    removals: Arc<Mutex<Removals>>,
+    /// A VM whose release races the next count: removed right after it.
+    release_after_count: Arc<Mutex<Option<String>>>,
 }
 
 impl Sink for Recorder {
-    async fn set_vm(&self, vm: VmIntent) -> Result<(), ApiError> {
+    async fn set_vm_unless_removed(&self, vm: VmIntent, since: u64) -> Result<(), ApiError> {
+        let removed = self
+            .removals
+            .lock()
+            .unwrap()
+            .at
+            .iter()
+            .any(|(name, at)| *name == vm.name && *at > since);
+        if removed {
+            self.calls.lock().unwrap().push(Call::Skipped(vm));
+            return Ok(());
+        }
         self.known.lock().unwrap().push(vm.name.clone());
         self.calls.lock().unwrap().push(Call::Set(vm));
         Ok(())
     }
-    async fn set_vm_unless_removed(&self, vm: VmIntent, _since: u64) -> Result<(), ApiError> {
-        self.set_vm(vm).await
-    }
     async fn removals(&self) -> Result<u64, ApiError> {
-        Ok(0)
+        let count = self.removals.lock().unwrap().count;
+        let racing = self.release_after_count.lock().unwrap().take();
+        if let Some(name) = racing {
+            self.remove_vm(name).await?;
+        }
+        Ok(count)
     }
     async fn remove_vm(&self, name: String) -> Result<(), ApiError> {
+        let mut r = self.removals.lock().unwrap();
+        r.count += 1;
+        let at = r.count;
+        r.at.push((name.clone(), at));
+        drop(r);
         self.calls.lock().unwrap().push(Call::Remove(name));
         Ok(())
     }
@@ -139,6 +170,30 @@ async fn reconcile_then_follow_events_on_the_test_driver() {
         set_of(c, "late").is_some_and(|vm| vm.interfaces[0].ipv4[0].to_string() == "203.0.113.42")
     })
     .await;
+
+    // Another change whose domain is released by its hook (`virsh
+    // destroy`) after the agent's count and before the set: the XML read
+    // for the event is not set again.
+    *rec.release_after_count.lock().unwrap() = Some("late".into());
+    late.set_metadata(
+        virt::sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+        Some(r#"<vm><interface mac="52:54:00:00:00:12" fabric="public"><ip address="203.0.113.43"/></interface></vm>"#),
+        Some("l3hv"),
+        Some(l3hv::libvirt::metadata::NAMESPACE),
+        virt::sys::VIR_DOMAIN_AFFECT_LIVE,
+    )
+    .expect("set metadata");
+    rec.wait_for("the stale set left alone", |c| {
+        c.iter()
+            .any(|c| matches!(c, Call::Skipped(vm) if vm.name == "late"))
+    })
+    .await;
+    assert!(
+        set_of(&rec.calls.lock().unwrap(), "late")
+            .is_some_and(|vm| vm.interfaces[0].ipv4[0].to_string() == "203.0.113.42"),
+        "{:?}",
+        rec.calls.lock().unwrap()
+    );
 
     // STOPPED (destroy): removed.
     late.destroy().expect("destroy late");

@@ -51,9 +51,9 @@ pub enum LibvirtError {
 
 /// Where decisions go: the agent, or a recorder in tests.
 pub trait Sink: Clone + Send + Sync + 'static {
-    fn set_vm(&self, vm: VmIntent) -> impl Future<Output = Result<(), ApiError>> + Send;
-    /// `set_vm`, unless the VM was removed after [`Sink::removals`] gave
-    /// `since`.
+    /// Sets the VM, unless it was removed after [`Sink::removals`] gave
+    /// `since`: what libvirt said of a domain before its hook released it
+    /// is not set again (every set from libvirt goes through this).
     fn set_vm_unless_removed(
         &self,
         vm: VmIntent,
@@ -66,9 +66,6 @@ pub trait Sink: Clone + Send + Sync + 'static {
 }
 
 impl Sink for AgentHandle {
-    async fn set_vm(&self, vm: VmIntent) -> Result<(), ApiError> {
-        self.call(|reply| Command::SetVm { vm, reply }).await?
-    }
     async fn set_vm_unless_removed(&self, vm: VmIntent, since: u64) -> Result<(), ApiError> {
         self.call(|reply| Command::SetVmUnlessRemoved { vm, since, reply })
             .await?
@@ -638,12 +635,23 @@ pub async fn follow<S: Sink>(
             Need::Nothing => {}
             Need::Reconnect => return,
             Need::Refresh(name) => {
+                // Counted before the domain's XML is read, as in
+                // `reconcile`: a domain whose hook released it after the
+                // read (`virsh destroy` right after a hot-plug or a
+                // metadata change) is not set again from that XML.
+                let since = match sink.removals().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        warn!(vm = %name, error = %e, "agent unreachable; event dropped");
+                        continue;
+                    }
+                };
                 let w = watch.clone();
                 let n = name.clone();
                 let found = tokio::task::spawn_blocking(move || lookup(w.connect(), &n))
                     .await
                     .unwrap_or_else(|e| Lookup::Error(e.to_string()));
-                on_lookup(sink, ours, &name, found).await;
+                on_lookup(sink, ours, &name, found, since).await;
             }
             Need::Stopped(name) => {
                 let w = watch.clone();
@@ -663,7 +671,15 @@ pub async fn follow<S: Sink>(
     }
 }
 
-async fn on_lookup<S: Sink>(sink: &S, ours: &mut BTreeSet<String>, name: &str, found: Lookup) {
+/// Applies what a lookup of `name` found; `since`: the agent's removal
+/// count before the lookup ([`Sink::set_vm_unless_removed`]).
+async fn on_lookup<S: Sink>(
+    sink: &S,
+    ours: &mut BTreeSet<String>,
+    name: &str,
+    found: Lookup,
+    since: u64,
+) {
     match found {
         Lookup::Ours(vm) if vm.interfaces.is_empty() => {
             if ours.remove(name) {
@@ -672,7 +688,7 @@ async fn on_lookup<S: Sink>(sink: &S, ours: &mut BTreeSet<String>, name: &str, f
         }
         Lookup::Ours(vm) => {
             ours.insert(name.to_string());
-            if let Err(e) = sink.set_vm(vm).await {
+            if let Err(e) = sink.set_vm_unless_removed(vm, since).await {
                 warn!(vm = %name, error = %e, "agent refused the domain's intent");
             }
         }
