@@ -758,6 +758,7 @@ impl Session {
                     return Err(SessionEnd::Sent(n));
                 }
                 _ = bfd_failed(&mut bfd, bfd_failures) => {
+                    debug!(peer = %self.spec.name, "bfd down: closing the session");
                     // The data path is gone: Cease / BFD Down (RFC 9384).
                     // It may well not arrive; it never delays the failover
                     // (a non-blocking write into the socket buffer).
