@@ -1247,6 +1247,13 @@ fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
         log.contains("path lost: nexthop groups replaced in place"),
         "{log}"
     );
+    // The pass after it is planned from the withdrawn prefixes alone
+    // (not over every route) and deletes path B's object.
+    wait_for("path B's object deleted", Duration::from_secs(10), || {
+        nexthops(hv1).len() == 2
+    });
+    let st = lab.a1.status_json();
+    assert_eq!(st["last_reconcile"]["observed"], "scoped", "{st}");
     assert!(lab.vm1.ping("203.0.113.3"));
     lab.t
         .rr2

@@ -643,9 +643,18 @@ impl Agent {
                                 if !new.is_empty()
                                     && self.failover_fast_path(false, &[], &new).await
                                 {
+                                    // The scoped pass after the batch (when
+                                    // it is one) finds the groups as the
+                                    // fast path left them: it computes their
+                                    // members from the same hop counts
+                                    // (`groups::shrink_withdrawn` follows
+                                    // `groups::members`) and plans against
+                                    // the cache the fast path updated. A
+                                    // pass over every route here cost each
+                                    // remote hypervisor 0.4-0.7 s of its
+                                    // thread per failing path at 100,000
+                                    // routes (BENCHMARKS.md).
                                     lost_hops.extend(new);
-                                    // Groups changed: they are recomputed.
-                                    scope = None;
                                 }
                             }
                             if self.learned_hold.is_some() {
@@ -985,7 +994,11 @@ impl Agent {
             if let Some(cache) = self.cache.as_mut() {
                 for (id, members) in &shrunk {
                     cache.groups.insert(*id, members.clone());
-                    self.last_groups.groups.insert(*id, members.clone());
+                    if let Some(was) = self.last_groups.groups.insert(*id, members.clone()) {
+                        // For the scoped pass to delete, if no group
+                        // holds them then.
+                        self.last_groups.dropped.extend(was.difference(members));
+                    }
                 }
             }
         } else {
@@ -1124,12 +1137,15 @@ impl Agent {
                 return false;
             }
         };
+        let (fast_path_groups, fast_path) = self.fast_path.take().unwrap_or_default();
         let mut report = ReconcileReport {
             at_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             observed: "scoped",
             learned_scoped: true,
+            fast_path_groups,
+            fast_path,
             compute: start.elapsed(),
             planned: plan.len(),
             conflicts: self

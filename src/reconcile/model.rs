@@ -199,6 +199,11 @@ pub struct DesiredKernel {
     /// The hop sets of each group's prefixes ([`GroupUse`]).
     #[serde(skip)]
     pub group_use: BTreeMap<u32, GroupUse>,
+    /// Objects a failover fast path took out of groups since the pass
+    /// that computed these groups: the next scoped pass deletes those no
+    /// group holds (its own candidates are the members it changes).
+    #[serde(skip)]
+    pub dropped: BTreeSet<u32>,
     /// Some group or object id is not at its natural slot (it probed past
     /// a hash collision): a scoped pass then cannot find ids by their key
     /// alone, nor delete without moving what the full pass would place.

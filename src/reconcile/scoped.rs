@@ -18,8 +18,12 @@
 //! would give it. Refused, with the reason, and left to the full pass: a
 //! session relearning its table, an id the full pass would place
 //! differently (a hash collision), bookkeeping that does not add up; and by
-//! the caller: the graceful-restart hold, a failover fast path in the same
-//! batch, a batch larger than a few thousand prefixes.
+//! the caller: the graceful-restart hold, a session going down in the
+//! batch, a batch larger than a few thousand prefixes. A partial
+//! withdrawal's fast path (`groups::shrink_withdrawn`) before the plan is
+//! fine: it shrinks a group by the rule the plan computes members with,
+//! and the plan finds the kernel as the fast path left it
+//! (`tests::a_partial_withdrawals_fast_path_then_the_scoped_pass`).
 //!
 //! Tested against the full pass: a random sequence of UPDATEs, each planned
 //! here when possible, must leave a kernel in which the full pass finds
@@ -249,6 +253,8 @@ pub fn plan(
         );
         changes.ids.insert(key, Some(id));
     }
+    // And what a fast path took out of groups since the last pass.
+    released.extend(last.dropped.iter().copied());
     changes.release(&released);
     if changes.deletes() && last.probed {
         // Ids are placed in key order with probing: without the one that
@@ -329,6 +335,7 @@ pub fn plan(
     let Changes {
         groups, objects, ..
     } = changes;
+    last.dropped.clear();
     for (id, g) in groups {
         match g {
             Some(g) => {
@@ -868,6 +875,85 @@ mod tests {
         // Direct keys that got their group (their routes rewritten) were
         // among them.
         assert!(grown > 20, "{grown}");
+    }
+
+    /// A remote hypervisor's fabric path fails: the reflector withdraws
+    /// its prefixes over that path while the other still has them. The
+    /// fast path shrinks the group in place at the UPDATE; the scoped pass
+    /// after the batch then has the group right and only deletes the dead
+    /// object, as the full pass would.
+    #[test]
+    fn a_partial_withdrawals_fast_path_then_the_scoped_pass() {
+        let (cfg, intent) = (cfg(), intent());
+        let mut rib = Rib::default();
+        let path = |s: &str| Path {
+            next_hop: if s == "qa" {
+                "172.22.15.102"
+            } else {
+                "172.22.15.202"
+            }
+            .parse()
+            .unwrap(),
+            uplink: Arc::from(if s == "qa" { "a-private" } else { "b-private" }),
+            local_pref: 100,
+            as_path_len: 0,
+            originator: Some("10.0.0.2".parse().unwrap()),
+        };
+        let prefixes: Vec<IpNet> = (10..30)
+            .map(|i| format!("172.22.9.{i}/32").parse().unwrap())
+            .collect();
+        for s in ["qa", "qb"] {
+            rib.apply(RibEvent::Update {
+                session: s.into(),
+                fabric: "private".into(),
+                announce: prefixes.iter().map(|p| (*p, None, path(s))).collect(),
+                withdraw: vec![],
+            });
+        }
+        let d = full_new(&cfg, &intent, &rib);
+        let mut observed = converged(&d);
+        let mut last = kept(&d);
+        assert_eq!(last.groups.len(), 1);
+        let (&group, _) = last.groups.first_key_value().unwrap();
+
+        // Path B withdraws them all, in one UPDATE.
+        let event = RibEvent::Update {
+            session: "qb".into(),
+            fabric: "private".into(),
+            announce: vec![],
+            withdraw: prefixes.iter().map(|p| (*p, None)).collect(),
+        };
+        let lost = rib.partially_withdrawn(&event);
+        let shrunk = crate::reconcile::groups::shrink_withdrawn(&last, &lost);
+        assert_eq!(shrunk.len(), 1, "{lost:?}");
+        // (What the agent's fast path writes and keeps.)
+        for (id, members) in &shrunk {
+            assert!(observed.mirror(&KernelOp::AddGroup {
+                id: *id,
+                members: members.iter().copied().collect(),
+                replace: true,
+            }));
+            let was = last.groups.insert(*id, members.clone()).unwrap();
+            last.dropped.extend(was.difference(members));
+        }
+        let mut before = Before::new();
+        record(&mut before, &rib, &event);
+        rib.apply(event);
+        let full = full_against(&cfg, &intent, &rib, &observed);
+        let p = plan(&cfg, &intent, &rib, &before, &mut last, &observed, true).unwrap();
+        assert!(
+            p.add_groups.is_empty() && p.add_routes.is_empty() && p.remove.is_empty(),
+            "{p:#?}"
+        );
+        assert_eq!(p.remove_nexthops.len(), 1, "path B's object: {p:#?}");
+        for op in p.phases().into_iter().flatten() {
+            assert!(observed.mirror(op), "{op:?}");
+        }
+        assert!(full_plan(&full, &observed).is_empty());
+        assert_eq!(last.groups, full.groups);
+        assert_eq!(last.groups[&group].len(), 1);
+        assert_eq!(last.group_use, full.group_use);
+        assert_eq!(last.nexthops, full.nexthops);
     }
 
     /// A new origin's first prefix comes over path A, then over path B:
