@@ -18,7 +18,10 @@ one nexthop group of two members. Measures, in release:
              that N routes point at (nexthop_compat_mode 1, the kernel's
              default, which notifies every route, and 0).
 
-    sudo python3 benches/nexthop_failover.py [--n 100000] [--runs 3]
+    sudo python3 benches/nexthop_failover.py [--n 100000] [--runs 3] [--family 6] [--no-off]
+
+--family 6: IPv6 /128s over BGP sessions on IPv6 (the kernel's IPv6 group
+replace is the slower one); --no-off: skip the RTA_MULTIPATH agent.
 
 Everything runs in namespaces it creates (l3nh-*), removed on exit."""
 import argparse
@@ -42,6 +45,18 @@ P = f"l3nh{os.getpid()}"
 WORK = tempfile.mkdtemp(prefix="l3nh.")
 PROCS = []
 NAMESPACES = ("sw", "rr1", "rr2", "hv1", "hv2", "raw")
+V6 = False
+# (path A, path B) addresses of rr, hv1, hv2 and the prefix length, per family.
+ADDR = {
+    4: {"rr": ("198.51.100.126", "198.51.100.226"), "hv1": ("198.51.100.101", "198.51.100.201"),
+        "hv2": ("198.51.100.102", "198.51.100.202"), "len": 25},
+    6: {"rr": ("2001:db8:a::126", "2001:db8:b::226"), "hv1": ("2001:db8:a::101", "2001:db8:b::201"),
+        "hv2": ("2001:db8:a::102", "2001:db8:b::202"), "len": 64},
+}
+
+
+def addr(who, path):
+    return ADDR[6 if V6 else 4][who][path]
 
 
 def sh(*args, check=True, stdin=None):
@@ -77,6 +92,10 @@ def cleanup():
 
 
 def prefixes(n):
+    if V6:
+        for i in range(n):
+            yield f"2001:db8:18::{i >> 16:x}:{i & 0xffff:x}/128"
+        return
     for i in range(n):
         yield f"198.18.{(i >> 8) & 255}.{i & 255}/32" if i < 65536 else (
             f"198.19.{((i - 65536) >> 8) & 255}.{(i - 65536) & 255}/32"
@@ -101,10 +120,11 @@ def setup():
         sh("ip", "-n", ns("sw"), "link", "add", port, "type", "veth", "peer", "name", ifname, "netns", ns(n))
         sh("ip", "-n", ns("sw"), "link", "set", port, "master", br, "up")
         sh("ip", "-n", ns(n), "link", "set", ifname, "up")
-    sh("ip", "-n", ns("rr1"), "addr", "add", "198.51.100.126/25", "dev", "eth0")
-    sh("ip", "-n", ns("rr2"), "addr", "add", "198.51.100.226/25", "dev", "eth0")
-    sh("ip", "-n", ns("hv2"), "addr", "add", "198.51.100.102/25", "dev", "a-public")
-    sh("ip", "-n", ns("hv2"), "addr", "add", "198.51.100.202/25", "dev", "b-public")
+    plen = ADDR[6 if V6 else 4]["len"]
+    for n, dev, path, who in (("rr1", "eth0", 0, "rr"), ("rr2", "eth0", 1, "rr"),
+                              ("hv2", "a-public", 0, "hv2"), ("hv2", "b-public", 1, "hv2")):
+        sh("ip", "-n", ns(n), "addr", "add", f"{addr(who, path)}/{plen}", "dev", dev,
+           *(["nodad"] if V6 else []))
 
 
 def bird(name, conf):
@@ -118,17 +138,16 @@ def birdc(name, *cmd):
 
 
 def reflectors_and_origin(n):
-    for name, me, hv1, hv2 in (
-        ("rr1", "198.51.100.126", "198.51.100.101", "198.51.100.102"),
-        ("rr2", "198.51.100.226", "198.51.100.201", "198.51.100.202"),
-    ):
+    fam = "ipv6" if V6 else "ipv4"
+    for name, rid, path in (("rr1", "198.51.100.126", 0), ("rr2", "198.51.100.226", 1)):
+        me, hv1, hv2 = addr("rr", path), addr("hv1", path), addr("hv2", path)
         bird(name, f"""
-router id {me};
+router id {rid};
 protocol device {{}}
 template bgp rrc {{
     local {me} as 65000; rr client; rr cluster id 192.0.2.1; direct;
     ttl security on; hold time 9;
-    ipv4 {{ import all; export all; add paths tx; next hop keep; }};
+    {fam} {{ import all; export all; add paths tx; next hop keep; }};
 }}
 protocol bgp hv1 from rrc {{ neighbor {hv1} as 65000; }}
 protocol bgp hv2 from rrc {{ neighbor {hv2} as 65000; }}
@@ -137,11 +156,11 @@ protocol bgp hv2 from rrc {{ neighbor {hv2} as 65000; }}
     bird("hv2", f"""
 router id 198.51.100.102;
 protocol device {{}}
-protocol static {{ ipv4; {routes} }}
-protocol bgp rr1 {{ local 198.51.100.102 as 65000; neighbor 198.51.100.126 as 65000; direct; ttl security on;
-    ipv4 {{ import none; export all; next hop self; }}; }}
-protocol bgp rr2 {{ local 198.51.100.202 as 65000; neighbor 198.51.100.226 as 65000; direct; ttl security on;
-    ipv4 {{ import none; export all; next hop self; }}; }}
+protocol static {{ {fam}; {routes} }}
+protocol bgp rr1 {{ local {addr("hv2", 0)} as 65000; neighbor {addr("rr", 0)} as 65000; direct; ttl security on;
+    {fam} {{ import none; export all; next hop self; }}; }}
+protocol bgp rr2 {{ local {addr("hv2", 1)} as 65000; neighbor {addr("rr", 1)} as 65000; direct; ttl security on;
+    {fam} {{ import none; export all; next hop self; }}; }}
 """)
 
 
@@ -169,26 +188,26 @@ hold_time = "9s"
 [fabrics.public]
 table = 90
 catch_all = true
-subnets = ["198.18.0.0/15"]
+subnets = ["198.18.0.0/15"{', "2001:db8:18::/48"' if V6 else ''}]
 gateway_v4 = "198.19.255.254"
 [fabrics.public.paths.a]
 interface = "a-public"
-addresses = ["198.51.100.101/25"]
-reflectors = ["198.51.100.126"]
+addresses = ["{addr("hv1", 0)}/{ADDR[6 if V6 else 4]["len"]}"]
+reflectors = ["{addr("rr", 0)}"]
 [fabrics.public.paths.b]
 interface = "b-public"
-addresses = ["198.51.100.201/25"]
-reflectors = ["198.51.100.226"]
+addresses = ["{addr("hv1", 1)}/{ADDR[6 if V6 else 4]["len"]}"]
+reflectors = ["{addr("rr", 1)}"]
 """)
     return path
 
 
 def kernel_count(name="hv1"):
     out = subprocess.run(
-        ["ip", "-n", ns(name), "-4", "-o", "route", "show", "table", "90", "proto", "203"],
+        ["ip", "-n", ns(name), "-6" if V6 else "-4", "-o", "route", "show", "table", "90", "proto", "203"],
         capture_output=True, text=True,
     ).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("198."))
+    return sum(1 for line in out.splitlines() if line.startswith("2001:db8:18:" if V6 else "198."))
 
 
 def status():
@@ -295,10 +314,12 @@ def raw_anchor(n):
         sh("ip", "-n", r, "link", "add", "r2", "type", "veth", "peer", "name", "r3")
         for i in ("r0", "r1", "r2", "r3", "lo"):
             sh("ip", "-n", r, "link", "set", i, "up")
-        sh("ip", "-n", r, "addr", "add", "198.51.100.101/25", "dev", "r0")
-        sh("ip", "-n", r, "addr", "add", "198.51.100.201/25", "dev", "r2")
-        sh("ip", "-n", r, "nexthop", "add", "id", "1", "via", "198.51.100.102", "dev", "r0", "onlink", "proto", "203")
-        sh("ip", "-n", r, "nexthop", "add", "id", "2", "via", "198.51.100.202", "dev", "r2", "onlink", "proto", "203")
+        plen = ADDR[6 if V6 else 4]["len"]
+        nodad = ["nodad"] if V6 else []
+        sh("ip", "-n", r, "addr", "add", f"{addr('hv1', 0)}/{plen}", "dev", "r0", *nodad)
+        sh("ip", "-n", r, "addr", "add", f"{addr('hv1', 1)}/{plen}", "dev", "r2", *nodad)
+        sh("ip", "-n", r, "nexthop", "add", "id", "1", "via", addr("hv2", 0), "dev", "r0", "onlink", "proto", "203")
+        sh("ip", "-n", r, "nexthop", "add", "id", "2", "via", addr("hv2", 1), "dev", "r2", "onlink", "proto", "203")
         sh("ip", "-n", r, "nexthop", "add", "id", "10", "group", "1/2", "proto", "203")
         batch = "".join(f"route add {p} nhid 10 table 90 proto 203 metric 32\n" for p in prefixes(n))
         t0 = time.monotonic()
@@ -322,7 +343,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--family", type=int, choices=(4, 6), default=4)
+    ap.add_argument("--no-off", action="store_true", help="skip the RTA_MULTIPATH agent")
     a = ap.parse_args()
+    global V6
+    V6 = a.family == 6
     if os.geteuid() != 0:
         sys.exit("run as root")
     if not os.path.exists(L3HVD):
@@ -331,16 +356,20 @@ def main():
     setup()
     reflectors_and_origin(a.n)
     # Both reflectors hold the N routes before any measurement.
+    deadline = time.time() + 120
     while True:
         out = birdc("rr2", "show", "route", "count")
-        m = re.search(r"(\d+) of (\d+) routes", out)
-        if m and int(m.group(2)) >= a.n:
+        # One line per table (master4, master6).
+        counts = [int(total) for _, total in re.findall(r"(\d+) of (\d+) routes", out)]
+        if counts and max(counts) >= a.n:
             break
+        if time.time() > deadline:
+            sys.exit("the reflector never had the routes:\n" + out + birdc("rr2", "show", "protocols", "all"))
         time.sleep(0.2)
     sh("ip", "netns", "exec", ns("hv1"), "sysctl", "-qw", "net.ipv4.nexthop_compat_mode=1")
     results = {"on": [], "off": [], "failover": [], "failover0": [], "failover_off": []}
     for run in range(a.runs):
-        for mode in ("on", "off"):
+        for mode in ("on",) if a.no_off else ("on", "off"):
             p, log, ms = run_agent(mode, a.n)
             results[mode].append(ms)
             time.sleep(2)
@@ -350,14 +379,15 @@ def main():
             else:
                 results["failover_off"].append(failover(log, 1, objects=False))
             stop(p)
-        print(f"run {run + 1}: install on {results['on'][-1]:.0f} ms, off {results['off'][-1]:.0f} ms, "
+        print(f"run {run + 1}: install on {results['on'][-1]:.0f} ms, "
               f"failover {results['failover'][-1]} compat0 {results['failover0'][-1]} "
-              f"off {results['failover_off'][-1]}", flush=True)
+              f"off {results['failover_off'][-1] if results['failover_off'] else '-'}", flush=True)
     install, replace = raw_anchor(a.n)
     med = statistics.median
     print(f"\nN = {a.n}, {a.runs} runs (medians, ms)")
     print(f"l3hvd install, nexthop groups (on):   {med(results['on']):.0f}  {sorted(round(x) for x in results['on'])}")
-    print(f"l3hvd install, RTA_MULTIPATH (off):   {med(results['off']):.0f}  {sorted(round(x) for x in results['off'])}")
+    if results["off"]:
+        print(f"l3hvd install, RTA_MULTIPATH (off):   {med(results['off']):.0f}  {sorted(round(x) for x in results['off'])}")
     print(f"ip -batch, same routes with nhid:     {install:.0f}")
     for label, runs in (("groups, compat_mode 1", results["failover"]),
                         ("groups, compat_mode 0", results["failover0"]),
