@@ -134,13 +134,6 @@ pub fn desired_with(
     d
 }
 
-/// Adds the learned routes (with their objects and groups) to what
-/// [`desired_host`] computed: [`desired_with`] in two steps, for a pass
-/// that needs the host part before it has the kernel's groups.
-pub fn add_learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthops: Nexthops) {
-    learned(config, rib, d, nexthops);
-}
-
 /// Everything [`desired_with`] computes but the learned routes and their
 /// nexthop objects and groups: what an intent change recomputes when the
 /// learned routes are planned from the prefixes it makes local or gives
@@ -471,6 +464,10 @@ pub(super) fn proxied_on(link: &str, holders: &[&str], learned: bool) -> bool {
     holders.iter().any(|h| *h != link) || (learned && !holders.contains(&link))
 }
 
+/// Adds the learned routes (with their objects and groups) to what
+/// [`desired_host`] computed: [`desired_with`] in two steps, for a pass
+/// that needs the host part before it has the kernel's groups.
+///
 /// Learned routes: ECMP over every selected next hop, in the fabric's
 /// table; private (non-catch-all) fabrics also in local-out. A prefix with
 /// a local VM route in that table is never shadowed: local wins. With
@@ -478,7 +475,7 @@ pub(super) fn proxied_on(link: &str, holders: &[&str], learned: bool) -> bool {
 /// originators (even a single-member one: gaining a second path is then a
 /// group replace, not a route rewrite), or straight at the one object of
 /// a small key the kernel has no group for (`groups`, "Direct keys").
-fn learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthops: Nexthops) {
+pub fn add_learned(config: &Config, rib: &Rib, d: &mut DesiredKernel, nexthops: Nexthops) {
     let (nexthop_objects, in_kernel) = match nexthops {
         Nexthops::Multipath => (false, None),
         Nexthops::Objects(g) => (true, Some(g)),

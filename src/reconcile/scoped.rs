@@ -746,6 +746,27 @@ mod tests {
         }
     }
 
+    /// hv2's (originator 10.0.0.2) path over `nh` on `uplink`.
+    fn hv2_path(nh: &str, uplink: &str) -> Path {
+        Path {
+            next_hop: nh.parse().unwrap(),
+            uplink: Arc::from(uplink),
+            local_pref: 100,
+            as_path_len: 0,
+            originator: Some("10.0.0.2".parse().unwrap()),
+        }
+    }
+
+    /// Session `s` announces `prefix` over `p` in the private fabric.
+    fn announce_private(rib: &mut Rib, s: &str, prefix: &str, p: Path) {
+        rib.apply(RibEvent::Update {
+            session: s.into(),
+            fabric: "private".into(),
+            announce: vec![(prefix.parse().unwrap(), None, p)],
+            withdraw: vec![],
+        });
+    }
+
     /// A deterministic pseudo-random sequence (xorshift64).
     struct Dice(u64);
     impl Dice {
@@ -963,21 +984,8 @@ mod tests {
     fn a_new_origins_first_prefix_gets_its_group_with_its_second_path() {
         let (cfg, intent) = (cfg(), intent());
         let mut rib = Rib::default();
-        let path = |nh: &str, uplink: &str| Path {
-            next_hop: nh.parse().unwrap(),
-            uplink: Arc::from(uplink),
-            local_pref: 100,
-            as_path_len: 0,
-            originator: Some("10.0.0.2".parse().unwrap()),
-        };
-        let announce = |rib: &mut Rib, s: &str, prefix: &str, p: Path| {
-            rib.apply(RibEvent::Update {
-                session: s.into(),
-                fabric: "private".into(),
-                announce: vec![(prefix.parse().unwrap(), None, p)],
-                withdraw: vec![],
-            });
-        };
+        let path = hv2_path;
+        let announce = announce_private;
         let d = full_new(&cfg, &intent, &rib);
         let mut observed = converged(&d);
         let mut last = kept(&d);
@@ -1062,21 +1070,8 @@ mod tests {
     fn a_new_prefix_of_a_known_origin_is_its_routes_alone() {
         let (cfg, intent) = (cfg(), intent());
         let mut rib = Rib::default();
-        let path = |nh: &str, uplink: &str| Path {
-            next_hop: nh.parse().unwrap(),
-            uplink: Arc::from(uplink),
-            local_pref: 100,
-            as_path_len: 0,
-            originator: Some("10.0.0.2".parse().unwrap()),
-        };
-        let announce = |rib: &mut Rib, s: &str, prefix: &str, p: Path| {
-            rib.apply(RibEvent::Update {
-                session: s.into(),
-                fabric: "private".into(),
-                announce: vec![(prefix.parse().unwrap(), None, p)],
-                withdraw: vec![],
-            });
-        };
+        let path = hv2_path;
+        let announce = announce_private;
         let (a, b) = (
             || path("172.22.15.102", "a-private"),
             || path("172.22.15.202", "b-private"),
