@@ -258,7 +258,7 @@ def failover(log, compat, objects=True):
     )
     PROCS.append(mon)
     time.sleep(0.5)
-    before = open(log).read().count("nexthop groups replaced in place")
+    before = open(log).read().count("nexthop groups updated in place")
     before_passes = passes(log)
     t0 = time.time()
     birdc("rr2", "disable", "hv1")
@@ -269,7 +269,7 @@ def failover(log, compat, objects=True):
             if " group " in line and "Deleted" not in line:
                 group_write = monitor_ts(line)
                 break
-        fast_done = open(log).read().count("nexthop groups replaced in place") > before
+        fast_done = open(log).read().count("nexthop groups updated in place") > before
         if group_write and fast_done:
             break
         if not objects and passes(log) > before_passes:
@@ -279,8 +279,8 @@ def failover(log, compat, objects=True):
     time.sleep(3)
     stop(mon)
     text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
-    fast = [float(x) for x in re.findall(r"nexthop groups replaced in place.*?duration_ms=([\d.]+)", text)]
-    fast_compute = [float(x) for x in re.findall(r"nexthop groups replaced in place.*?compute_ms=([\d.]+)", text)]
+    fast = [float(x) for x in re.findall(r"nexthop groups updated in place.*?duration_ms=([\d.]+)", text)]
+    fast_compute = [float(x) for x in re.findall(r"nexthop groups updated in place.*?compute_ms=([\d.]+)", text)]
     st = status()
     r = st["last_reconcile"]
     out = {

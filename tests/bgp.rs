@@ -775,6 +775,36 @@ fn s(v: &serde_json::Value) -> String {
     v.as_str().map_or_else(|| v.to_string(), str::to_string)
 }
 
+/// The id of the nexthop object via `gateway` (l3hv's).
+fn object_id(ns: &Netns, gateway: &str) -> Option<u64> {
+    nexthops(ns)
+        .iter()
+        .find(|n| s(&n["gateway"]) == gateway)
+        .and_then(|n| n["id"].as_u64())
+}
+
+/// In `ip monitor nexthop` output: path B's object `object` was deleted,
+/// and the kernel's notification of `group` without it came after that
+/// deletion (the deletion took it out), with no replace of the group
+/// before (the fast path's write is the deletion alone).
+fn assert_object_deleted_not_group_replaced(events: &str, object: u64, group: u64) {
+    let lines: Vec<&str> = events.lines().collect();
+    let deleted = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("Deleted id {object} ")))
+        .unwrap_or_else(|| panic!("object {object} not deleted:\n{events}"));
+    let group_lines: Vec<usize> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with(&format!("id {group} group")))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        group_lines.first().is_some_and(|&i| i > deleted),
+        "the group was written before path B's object went:\n{events}"
+    );
+}
+
 const BOTH: [&str; 2] = ["198.51.100.102 dev a-public", "198.51.100.202 dev b-public"];
 
 /// Both hypervisors on both paths with a VM each (vm1 on hv1, vm3 on hv2);
@@ -1055,8 +1085,11 @@ fn session_down_shrinks_the_group_and_leaves_the_routes_alone() {
     // Without compatibility notifications the kernel reports route changes
     // only when a route itself is written (in the test namespace only).
     hv1.exec(&["sysctl", "-qw", "net.ipv4.nexthop_compat_mode=0"]);
+    let object_b = object_id(hv1, "198.51.100.202").expect("path B's object");
     let log = lab.a1.dir.join("monitor.log");
     let mut monitor = hv1.spawn(&["ip", "monitor", "route"], &log);
+    let nh_log = lab.a1.dir.join("nexthop-monitor.log");
+    let mut nh_monitor = hv1.spawn(&["ip", "monitor", "nexthop"], &nh_log);
     std::thread::sleep(Duration::from_millis(300));
 
     path_b(&lab, "disable");
@@ -1064,14 +1097,19 @@ fn session_down_shrinks_the_group_and_leaves_the_routes_alone() {
         groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, vec![BOTH[0].to_string()])]
     });
     assert!(lab.vm1.ping("203.0.113.3"));
-    // The failover fast path did it, before the full pass.
+    // The failover fast path did it, before the full pass: by deleting
+    // path B's object (no group replace, whose cost grows with the routes).
     assert!(
         lab.a1
             .log()
-            .contains("path lost: nexthop groups replaced in place"),
+            .contains("path lost: nexthop groups updated in place"),
         "{}",
         lab.a1.log()
     );
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nh_monitor.kill();
+    let _ = nh_monitor.wait();
+    assert_object_deleted_not_group_replaced(&fs::read_to_string(&nh_log).unwrap(), object_b, nhid);
     path_b(&lab, "enable");
     wait_for("path B back in the group", Duration::from_secs(30), || {
         groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, BOTH.map(String::from).to_vec())]
@@ -1226,6 +1264,10 @@ fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
     let hv1 = &lab.t.hv1;
     let (_, nhid) = groups_and_nhid(hv1, "203.0.113.3");
     let nhid = nhid.expect("route on a group");
+    let object_b = object_id(hv1, "198.51.100.202").expect("path B's object");
+    let nh_log = lab.a1.dir.join("nexthop-monitor.log");
+    let mut nh_monitor = hv1.spawn(&["ip", "monitor", "nexthop"], &nh_log);
+    std::thread::sleep(Duration::from_millis(300));
     let sock = lab.rr2.dir.join("bird.ctl");
     lab.t
         .rr2
@@ -1244,14 +1286,19 @@ fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
     assert_eq!(states, ["Established", "Established"], "{p}");
     let log = lab.a1.log();
     assert!(
-        log.contains("path lost: nexthop groups replaced in place"),
+        log.contains("path lost: nexthop groups updated in place"),
         "{log}"
     );
-    // The pass after it is planned from the withdrawn prefixes alone
-    // (not over every route) and deletes path B's object.
+    // The fast path deleted path B's object, which took it out of the
+    // group; the pass after it is planned from the withdrawn prefixes
+    // alone (not over every route).
     wait_for("path B's object deleted", Duration::from_secs(10), || {
         nexthops(hv1).len() == 2
     });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nh_monitor.kill();
+    let _ = nh_monitor.wait();
+    assert_object_deleted_not_group_replaced(&fs::read_to_string(&nh_log).unwrap(), object_b, nhid);
     let st = lab.a1.status_json();
     assert_eq!(st["last_reconcile"]["observed"], "scoped", "{st}");
     assert!(lab.vm1.ping("203.0.113.3"));

@@ -921,10 +921,12 @@ impl Agent {
 
     /// After a session went down (`session_down`, `lost`: the (origin,
     /// hop) pairs it takes away) or a partial withdrawal (`withdrawn`):
-    /// replaces in place every nexthop group that lost members, from the
-    /// last pass's groups and the RIB alone (no desired/plan over every
-    /// route, no dump). The full pass that follows finds the groups right
-    /// and only sweeps the dead objects. True when it replaced groups.
+    /// takes the lost members out of every nexthop group in place, from
+    /// the last pass's groups and the RIB alone (no desired/plan over every
+    /// route, no dump): by deleting the objects that leave all their
+    /// groups, and replacing the groups that lose a member still used
+    /// elsewhere (`groups::failover_writes`). The pass that follows finds
+    /// the groups right. True when it changed groups.
     async fn failover_fast_path(
         &mut self,
         session_down: bool,
@@ -974,9 +976,20 @@ impl Agent {
         if shrunk.is_empty() {
             return false;
         }
+        // Objects that leave all their groups are deleted (the kernel
+        // takes them out of every group, O(groups)); only groups losing a
+        // member still used elsewhere are replaced (O(routes) for IPv6 and
+        // in compat mode): `groups::failover_writes`. With probed ids the
+        // scoped pass must see deletions as its own; replace only.
+        let (delete, replace) = match self.cache.as_ref() {
+            Some(cache) if !self.last_groups.probed => {
+                reconcile::groups::failover_writes(&cache.groups, &self.last_groups.direct, &shrunk)
+            }
+            _ => (BTreeSet::new(), shrunk.clone()),
+        };
         let computed = t.elapsed();
         let plan = reconcile::Plan {
-            add_groups: shrunk
+            add_groups: replace
                 .iter()
                 .map(|(id, members)| KernelOp::AddGroup {
                     id: *id,
@@ -984,22 +997,23 @@ impl Agent {
                     replace: true,
                 })
                 .collect(),
+            remove_nexthops: delete
+                .iter()
+                .map(|id| KernelOp::DelNexthop {
+                    id: *id,
+                    group: false,
+                })
+                .collect(),
             ..Default::default()
         };
         let applied = self.kernel.apply(&plan).await;
+        let written = t.elapsed() - computed;
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
         }
         if applied.failed.is_empty() {
             if let Some(cache) = self.cache.as_mut() {
-                for (id, members) in &shrunk {
-                    cache.groups.insert(*id, members.clone());
-                    if let Some(was) = self.last_groups.groups.insert(*id, members.clone()) {
-                        // For the scoped pass to delete, if no group
-                        // holds them then.
-                        self.last_groups.dropped.extend(was.difference(members));
-                    }
-                }
+                reconcile::groups::failover_written(cache, &mut self.last_groups, &shrunk, &delete);
             }
         } else {
             // The full pass that follows dumps again.
@@ -1007,9 +1021,12 @@ impl Agent {
         }
         info!(
             groups = shrunk.len(),
+            replaced = replace.len(),
+            objects_deleted = delete.len(),
             compute_ms = computed.as_secs_f64() * 1e3,
+            write_ms = written.as_secs_f64() * 1e3,
             duration_ms = t.elapsed().as_secs_f64() * 1e3,
-            "path lost: nexthop groups replaced in place"
+            "path lost: nexthop groups updated in place"
         );
         self.fast_path = Some((shrunk.len(), t.elapsed()));
         true

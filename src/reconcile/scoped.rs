@@ -900,11 +900,19 @@ mod tests {
 
     /// A remote hypervisor's fabric path fails: the reflector withdraws
     /// its prefixes over that path while the other still has them. The
-    /// fast path shrinks the group in place at the UPDATE; the scoped pass
-    /// after the batch then has the group right and only deletes the dead
-    /// object, as the full pass would.
+    /// fast path takes the member out of the group at the UPDATE, by
+    /// deleting its object (or, with `replace_only`, as it does when ids
+    /// probed past a collision, by replacing the group); the scoped pass
+    /// after the batch then has the group right and has nothing left to do
+    /// (or only deletes the dead object), as the full pass would.
     #[test]
     fn a_partial_withdrawals_fast_path_then_the_scoped_pass() {
+        for replace_only in [false, true] {
+            partial_withdrawal_then_scoped_pass(replace_only);
+        }
+    }
+
+    fn partial_withdrawal_then_scoped_pass(replace_only: bool) {
         let (cfg, intent) = (cfg(), intent());
         let mut rib = Rib::default();
         let path = |s: &str| Path {
@@ -947,16 +955,29 @@ mod tests {
         let lost = rib.partially_withdrawn(&event);
         let shrunk = crate::reconcile::groups::shrink_withdrawn(&last, &lost);
         assert_eq!(shrunk.len(), 1, "{lost:?}");
-        // (What the agent's fast path writes and keeps.)
-        for (id, members) in &shrunk {
+        // (What the agent's fast path writes and keeps: path B's object,
+        // in no other group, deleted.)
+        let (deleted, replace) = if replace_only {
+            (BTreeSet::new(), shrunk.clone())
+        } else {
+            crate::reconcile::groups::failover_writes(&observed.groups, &last.direct, &shrunk)
+        };
+        assert_eq!(deleted.len(), usize::from(!replace_only));
+        assert_eq!(replace.len(), usize::from(replace_only), "{replace:?}");
+        for (id, members) in &replace {
             assert!(observed.mirror(&KernelOp::AddGroup {
                 id: *id,
                 members: members.iter().copied().collect(),
                 replace: true,
             }));
-            let was = last.groups.insert(*id, members.clone()).unwrap();
-            last.dropped.extend(was.difference(members));
         }
+        for id in &deleted {
+            assert!(observed.mirror(&KernelOp::DelNexthop {
+                id: *id,
+                group: false,
+            }));
+        }
+        crate::reconcile::groups::failover_written(&mut observed, &mut last, &shrunk, &deleted);
         let mut before = Before::new();
         record(&mut before, &rib, &event);
         rib.apply(event);
@@ -966,7 +987,8 @@ mod tests {
             p.add_groups.is_empty() && p.add_routes.is_empty() && p.remove.is_empty(),
             "{p:#?}"
         );
-        assert_eq!(p.remove_nexthops.len(), 1, "path B's object: {p:#?}");
+        // Path B's object: deleted by the fast path, or now.
+        assert_eq!(p.remove_nexthops.len(), usize::from(replace_only), "{p:#?}");
         for op in p.phases().into_iter().flatten() {
             assert!(observed.mirror(op), "{op:?}");
         }
