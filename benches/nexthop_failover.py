@@ -10,13 +10,15 @@ one nexthop group of two members. Measures, in release:
              with nexthop_objects = "on" and "off" (RTA_MULTIPATH)
   failover   path B's reflector disables its session with hv1 (BGP Cease):
              - birdc call -> the group's RTM_NEWNEXTHOP (`ip -ts monitor
-               nexthop` on hv1), the one kernel write of the failover
-             - the agent's own fast path (group replaces, from its log) and
-               the full pass after it (status JSON: compute/apply)
+               nexthop` on hv1), the kernel's notice of the failover write
+             - the agent's own fast path (from its log: total, compute and
+               kernel write; path B's object deleted, which takes it out
+               of the group) and the full pass after it (status JSON)
   anchors    in a fresh namespace, `ip -batch` of the same N routes with
-             `nhid G`, and the kernel's own `ip nexthop replace` of a group
+             `nhid G`, the kernel's own `ip nexthop replace` of a group
              that N routes point at (nexthop_compat_mode 1, the kernel's
-             default, which notifies every route, and 0).
+             default, which notifies every route, and 0), and its `ip
+             nexthop del` of the member (the fast path's write).
 
     sudo python3 benches/nexthop_failover.py [--n 100000] [--runs 3] [--family 6] [--no-off]
 
@@ -281,12 +283,14 @@ def failover(log, compat, objects=True):
     text = re.sub(r"\x1b\[[0-9;]*m", "", open(log).read())
     fast = [float(x) for x in re.findall(r"nexthop groups updated in place.*?duration_ms=([\d.]+)", text)]
     fast_compute = [float(x) for x in re.findall(r"nexthop groups updated in place.*?compute_ms=([\d.]+)", text)]
+    fast_write = [float(x) for x in re.findall(r"nexthop groups updated in place.*?write_ms=([\d.]+)", text)]
     st = status()
     r = st["last_reconcile"]
     out = {
         "birdc_to_group_write_ms": (group_write - t0) * 1e3 if group_write else None,
         "fast_path_ms": fast[-1] if fast else None,
         "fast_path_compute_ms": fast_compute[-1] if fast_compute else None,
+        "fast_path_write_ms": fast_write[-1] if fast_write else None,
         "full_pass_ms": r["duration_ms"],
         "full_pass_compute_ms": r["compute"],
         "full_pass_apply_ms": r["apply"],
@@ -325,7 +329,7 @@ def raw_anchor(n):
         t0 = time.monotonic()
         sh("ip", "-n", r, "-batch", "-", stdin=batch)
         install = (time.monotonic() - t0) * 1e3
-        replace = {}
+        replace, delete = {}, {}
         for compat in (1, 0):
             sh("ip", "netns", "exec", r, "sysctl", "-qw", f"net.ipv4.nexthop_compat_mode={compat}")
             times = []
@@ -334,7 +338,18 @@ def raw_anchor(n):
                 sh("ip", "-n", r, "nexthop", "replace", "id", "10", "group", members, "proto", "203")
                 times.append((time.monotonic() - t0) * 1e3)
             replace[compat] = times
-        return install, replace
+            # The write l3hvd's fast path makes when the lost member is in
+            # no other group: deleting it (the kernel takes it out of its
+            # groups); then put back for the next.
+            dels = []
+            for _ in range(4):
+                t0 = time.monotonic()
+                sh("ip", "-n", r, "nexthop", "del", "id", "2")
+                dels.append((time.monotonic() - t0) * 1e3)
+                sh("ip", "-n", r, "nexthop", "add", "id", "2", "via", addr("hv2", 1), "dev", "r2", "onlink", "proto", "203")
+                sh("ip", "-n", r, "nexthop", "replace", "id", "10", "group", "1/2", "proto", "203")
+            delete[compat] = dels
+        return install, replace, delete
     finally:
         sh("ip", "netns", "del", ns("raw"), check=False)
 
@@ -382,7 +397,7 @@ def main():
         print(f"run {run + 1}: install on {results['on'][-1]:.0f} ms, "
               f"failover {results['failover'][-1]} compat0 {results['failover0'][-1]} "
               f"off {results['failover_off'][-1] if results['failover_off'] else '-'}", flush=True)
-    install, replace = raw_anchor(a.n)
+    install, replace, delete = raw_anchor(a.n)
     med = statistics.median
     print(f"\nN = {a.n}, {a.runs} runs (medians, ms)")
     print(f"l3hvd install, nexthop groups (on):   {med(results['on']):.0f}  {sorted(round(x) for x in results['on'])}")
@@ -392,12 +407,15 @@ def main():
     for label, runs in (("groups, compat_mode 1", results["failover"]),
                         ("groups, compat_mode 0", results["failover0"]),
                         ("RTA_MULTIPATH (off)", results["failover_off"])):
-        for key in ("birdc_to_group_write_ms", "fast_path_ms", "fast_path_compute_ms", "full_pass_ms",
+        for key in ("birdc_to_group_write_ms", "fast_path_ms", "fast_path_compute_ms", "fast_path_write_ms", "full_pass_ms",
                     "full_pass_compute_ms", "full_pass_apply_ms", "full_pass_planned", "groups"):
             vals = [round(f[key], 1) for f in runs if f[key] is not None]
             print(f"failover [{label}] {key}: {med(vals) if vals else None}  {vals}")
     for compat, times in replace.items():
         print(f"kernel ip nexthop replace (compat_mode={compat}): median {med(times):.1f}  {[round(t, 1) for t in times]}")
+    for compat, times in delete.items():
+        print(f"kernel ip nexthop del of a member (compat_mode={compat}): median {med(times):.1f}  {[round(t, 1) for t in times]}")
+    print("(the kernel anchors include starting `ip` in the namespace, ~2 ms)")
 
 
 if __name__ == "__main__":
