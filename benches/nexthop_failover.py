@@ -123,8 +123,13 @@ def setup():
         sh("ip", "-n", ns("sw"), "link", "set", port, "master", br, "up")
         sh("ip", "-n", ns(n), "link", "set", ifname, "up")
     plen = ADDR[6 if V6 else 4]["len"]
+    # hv1's own uplink addresses too for IPv6, without DAD, as a host's
+    # network configuration has them before the agent starts (the agent
+    # adds missing ones, with DAD: about 2 s before its first session in a
+    # fresh namespace, which the install time would otherwise include).
+    hv1 = (("hv1", "a-public", 0, "hv1"), ("hv1", "b-public", 1, "hv1")) if V6 else ()
     for n, dev, path, who in (("rr1", "eth0", 0, "rr"), ("rr2", "eth0", 1, "rr"),
-                              ("hv2", "a-public", 0, "hv2"), ("hv2", "b-public", 1, "hv2")):
+                              ("hv2", "a-public", 0, "hv2"), ("hv2", "b-public", 1, "hv2"), *hv1):
         sh("ip", "-n", ns(n), "addr", "add", f"{addr(who, path)}/{plen}", "dev", dev,
            *(["nodad"] if V6 else []))
 
