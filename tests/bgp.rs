@@ -1114,6 +1114,8 @@ fn session_down_shrinks_the_group_and_leaves_the_routes_alone() {
     wait_for("path B back in the group", Duration::from_secs(30), || {
         groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, BOTH.map(String::from).to_vec())]
     });
+    let agent_log = lab.a1.log();
+    assert!(!agent_log.contains("kernel refused"), "{agent_log}");
     std::thread::sleep(Duration::from_millis(300));
     let _ = monitor.kill();
     let _ = monitor.wait();
@@ -1308,6 +1310,10 @@ fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
     wait_for("path B back in the group", Duration::from_secs(30), || {
         groups_and_nhid(hv1, "203.0.113.3").0 == vec![(nhid, BOTH.map(String::from).to_vec())]
     });
+    // Path B's object was created again before the group took it back
+    // (no refused write repaired by a later full pass).
+    let log = lab.a1.log();
+    assert!(!log.contains("kernel refused"), "{log}");
 }
 
 #[test]

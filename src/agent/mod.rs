@@ -350,6 +350,11 @@ pub struct Agent {
     /// The nexthop objects, groups and group keys of the last pass: what
     /// the failover fast path shrinks.
     last_groups: reconcile::DesiredKernel,
+    /// `last_groups` is every learned nexthop use in the kernel: the pass
+    /// that computed it ran without the restart hold, which keeps routes
+    /// (and the groups or objects they point at) it did not compute. Only
+    /// then does the fast path delete objects (`groups::failover_writes`).
+    groups_exact: bool,
     /// The fast path that ran before the next pass: (groups, duration).
     fast_path: Option<(usize, Duration)>,
     /// ifindex of each VM link whose sysctls were last confirmed.
@@ -462,6 +467,7 @@ impl Agent {
                 kernel,
                 nexthop_support,
                 last_groups: reconcile::DesiredKernel::default(),
+                groups_exact: false,
                 fast_path: None,
                 verified: BTreeMap::new(),
                 host_settled: BTreeMap::new(),
@@ -980,9 +986,11 @@ impl Agent {
         // takes them out of every group, O(groups)); only groups losing a
         // member still used elsewhere are replaced (O(routes) for IPv6 and
         // in compat mode): `groups::failover_writes`. With probed ids the
-        // scoped pass must see deletions as its own; replace only.
+        // scoped pass must see deletions as its own, and after a pass
+        // under the restart hold the kernel may hold routes on objects it
+        // does not know: replace only.
         let (delete, replace) = match self.cache.as_ref() {
-            Some(cache) if !self.last_groups.probed => {
+            Some(cache) if !self.last_groups.probed && self.groups_exact => {
                 reconcile::groups::failover_writes(&cache.groups, &self.last_groups.direct, &shrunk)
             }
             _ => (BTreeSet::new(), shrunk.clone()),
@@ -1753,6 +1761,8 @@ impl Agent {
                 probed: desired.probed,
                 ..Default::default()
             };
+            // (A hold that expired in this pass was lifted above.)
+            self.groups_exact = self.learned_hold.is_none();
         }
         // What this pass built is dropped before the mirror is rebuilt, so
         // the two never add up.

@@ -40,8 +40,9 @@ pub struct ReconcileReport {
     pub conflicts: Vec<String>,
     /// The pass could not run at all (dump failed).
     pub error: Option<String>,
-    /// Failover fast path before this pass: nexthop groups replaced in
-    /// place after a session went down, and how long that took.
+    /// Failover fast path before this pass: nexthop groups that lost a
+    /// member in place (their objects deleted, or the groups replaced)
+    /// after a path was lost, and how long that took.
     pub fast_path_groups: usize,
     #[serde(serialize_with = "as_millis")]
     pub fast_path: Duration,

@@ -517,6 +517,18 @@ pub fn failover_writes(
                         .is_some_and(|kept| !kept.is_empty() && !kept.contains(o))
             })
     });
+    // Every group must keep a member of its own in the kernel, not only
+    // by the last pass's count (`kept` may name an object the kernel's
+    // group no longer has): a group the deletes empty is deleted by the
+    // kernel with its routes. Such a group's members stay (and it is
+    // replaced, which the kernel refuses if `kept` is gone: the full pass
+    // then dumps and repairs).
+    while let Some(members) = kernel
+        .values()
+        .find(|m| m.iter().any(|o| leaving.contains(o)) && m.is_subset(&leaving))
+    {
+        leaving.retain(|o| !members.contains(o));
+    }
     let replace = shrunk
         .iter()
         .filter(|(id, kept)| {
@@ -551,6 +563,8 @@ pub fn failover_written(
                 .extend(was.difference(members).filter(|o| !deleted.contains(o)));
         }
     }
+    // (An earlier fast path may have left one for the scoped pass.)
+    last.dropped.retain(|o| !deleted.contains(o));
 }
 
 #[cfg(test)]
@@ -943,6 +957,17 @@ mod tests {
         let kernel: BTreeMap<u32, BTreeSet<u32>> = [(10, set(&[1, 2])), (11, set(&[2]))].into();
         let (delete, replace) = failover_writes(&kernel, &BTreeMap::new(), &[(10, set(&[1]))]);
         assert!(delete.is_empty());
+        assert_eq!(replace, vec![(10, set(&[1]))]);
+    }
+
+    #[test]
+    fn a_kernel_group_the_deletes_would_empty_keeps_its_members() {
+        // The last pass's group 10 was {1, 2}; the mirror of the kernel
+        // has only 2 (object 1 went with its uplink's carrier): deleting
+        // 2 would empty it, and the kernel would delete its routes.
+        let kernel: BTreeMap<u32, BTreeSet<u32>> = [(10, set(&[2]))].into();
+        let (delete, replace) = failover_writes(&kernel, &BTreeMap::new(), &[(10, set(&[1]))]);
+        assert!(delete.is_empty(), "{delete:?}");
         assert_eq!(replace, vec![(10, set(&[1]))]);
     }
 

@@ -964,20 +964,19 @@ mod tests {
         };
         assert_eq!(deleted.len(), usize::from(!replace_only));
         assert_eq!(replace.len(), usize::from(replace_only), "{replace:?}");
-        for (id, members) in &replace {
-            assert!(observed.mirror(&KernelOp::AddGroup {
-                id: *id,
-                members: members.iter().copied().collect(),
-                replace: true,
-            }));
-        }
-        for id in &deleted {
-            assert!(observed.mirror(&KernelOp::DelNexthop {
-                id: *id,
-                group: false,
-            }));
-        }
+        // (The agent's mirror is `failover_written`'s alone.)
         crate::reconcile::groups::failover_written(&mut observed, &mut last, &shrunk, &deleted);
+        let (object_b, spec_b) = d
+            .nexthops
+            .iter()
+            .find(|(_, spec)| spec.oif == "b-private")
+            .map(|(id, spec)| (*id, spec.clone()))
+            .unwrap();
+        assert_eq!(
+            observed.nexthops.contains_key(&object_b),
+            replace_only,
+            "the mirror has path B's object only if it was not deleted"
+        );
         let mut before = Before::new();
         record(&mut before, &rib, &event);
         rib.apply(event);
@@ -997,6 +996,37 @@ mod tests {
         assert_eq!(last.groups[&group].len(), 1);
         assert_eq!(last.group_use, full.group_use);
         assert_eq!(last.nexthops, full.nexthops);
+
+        // Path B announces them again: its object is created (at the id
+        // it had) before the group that takes it back is written.
+        let event = RibEvent::Update {
+            session: "qb".into(),
+            fabric: "private".into(),
+            announce: prefixes.iter().map(|p| (*p, None, path("qb"))).collect(),
+            withdraw: vec![],
+        };
+        let mut before = Before::new();
+        record(&mut before, &rib, &event);
+        rib.apply(event);
+        let p = plan(&cfg, &intent, &rib, &before, &mut last, &observed, true).unwrap();
+        assert_eq!(
+            p.add_nexthops,
+            vec![KernelOp::AddNexthop {
+                id: object_b,
+                spec: spec_b,
+                replace: false,
+            }],
+            "{p:#?}"
+        );
+        assert!(
+            matches!(&p.add_groups[..], [KernelOp::AddGroup { id, members, replace: true }]
+                if *id == group && members.contains(&object_b)),
+            "{p:#?}"
+        );
+        for op in p.phases().into_iter().flatten() {
+            assert!(observed.mirror(op), "{op:?}");
+        }
+        assert!(full_plan(&full_against(&cfg, &intent, &rib, &observed), &observed).is_empty());
     }
 
     /// A new origin's first prefix comes over path A, then over path B:
