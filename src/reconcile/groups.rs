@@ -21,9 +21,10 @@
 //!   group loses its B member in place, O(groups): path B's object is
 //!   deleted, which the kernel takes out of every group at once, or the
 //!   group is replaced (RTM_NEWNEXTHOP + NLM_F_REPLACE) where the object
-//!   stays in use ([`failover_writes`]). Members = the hops that every prefix sharing the
-//!   key has (their intersection; the union if they have none in common),
-//!   give or take [`IN_TRANSIT`] prefixes (see [`members`]).
+//!   stays in use ([`failover_writes`]). Members = the hops that every
+//!   prefix sharing the key has (their intersection; the union if they
+//!   have none in common), give or take [`IN_TRANSIT`] prefixes (see
+//!   [`members`]).
 //!
 //! Why the intersection: on a remote hypervisor, a failed path of hv1 shows
 //! as the reflector withdrawing hv1's 100,000 prefixes over that path, in
