@@ -991,7 +991,12 @@ impl Agent {
         // does not know: replace only.
         let (delete, replace) = match self.cache.as_ref() {
             Some(cache) if !self.last_groups.probed && self.groups_exact => {
-                reconcile::groups::failover_writes(&cache.groups, &self.last_groups.direct, &shrunk)
+                reconcile::groups::failover_writes(
+                    &cache.groups,
+                    &self.last_groups.groups,
+                    &self.last_groups.direct,
+                    &shrunk,
+                )
             }
             _ => (BTreeSet::new(), shrunk.clone()),
         };

@@ -960,7 +960,12 @@ mod tests {
         let (deleted, replace) = if replace_only {
             (BTreeSet::new(), shrunk.clone())
         } else {
-            crate::reconcile::groups::failover_writes(&observed.groups, &last.direct, &shrunk)
+            crate::reconcile::groups::failover_writes(
+                &observed.groups,
+                &last.groups,
+                &last.direct,
+                &shrunk,
+            )
         };
         assert_eq!(deleted.len(), usize::from(!replace_only));
         assert_eq!(replace.len(), usize::from(replace_only), "{replace:?}");
