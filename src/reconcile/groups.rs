@@ -511,21 +511,30 @@ pub fn failover_writes(
             leaving.extend(members.difference(kept));
         }
     }
-    leaving.retain(|o| {
-        direct.values().all(|d| d.object != *o)
-            // (The last pass's view may differ from the mirror's: a member
-            // it keeps or wants elsewhere is not deleted under it.)
-            && shrunk.iter().all(|(_, kept)| !kept.contains(o))
-            && wanted
-                .iter()
-                .all(|(id, members)| after.contains_key(id) || !members.contains(o))
-            && kernel.iter().all(|(id, members)| {
-                !members.contains(o)
-                    || after
-                        .get(id)
-                        .is_some_and(|kept| !kept.is_empty() && !kept.contains(o))
-            })
-    });
+    // Indexed once, not scanned per object: a path failing in a fleet of
+    // 1,000 hypervisors leaves 1,000 objects in as many groups.
+    let mut held: BTreeSet<u32> = direct.values().map(|d| d.object).collect();
+    // (The last pass's view may differ from the mirror's: a member it
+    // keeps, or wants in a group it does not shrink, is not deleted.)
+    for (_, kept) in shrunk {
+        held.extend(kept);
+    }
+    for (id, members) in wanted {
+        if !after.contains_key(id) {
+            held.extend(members);
+        }
+    }
+    for (id, members) in kernel {
+        let keeps = after.get(id).is_some_and(|kept| !kept.is_empty());
+        for o in members {
+            // A group not shrunk, or one left empty, holds its members;
+            // a shrunk one holds only what it keeps (added above).
+            if !keeps {
+                held.insert(*o);
+            }
+        }
+    }
+    leaving.retain(|o| !held.contains(o));
     // Every group must keep a member of its own in the kernel, not only
     // by the last pass's count (`kept` may name an object the kernel's
     // group no longer has): a group the deletes empty is deleted by the
