@@ -1303,6 +1303,9 @@ fn a_remote_path_withdrawn_shrinks_the_group_in_place() {
     assert_object_deleted_not_group_replaced(&fs::read_to_string(&nh_log).unwrap(), object_b, nhid);
     let st = lab.a1.status_json();
     assert_eq!(st["last_reconcile"]["observed"], "scoped", "{st}");
+    assert_eq!(st["nexthops"]["failovers"], 1, "{st}");
+    assert_eq!(st["nexthops"]["failover_objects_deleted"], 1, "{st}");
+    assert_eq!(st["nexthops"]["failover_groups_replaced"], 0, "{st}");
     assert!(lab.vm1.ping("203.0.113.3"));
     lab.t
         .rr2

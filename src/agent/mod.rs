@@ -1042,6 +1042,9 @@ impl Agent {
             "path lost: nexthop groups updated in place"
         );
         self.fast_path = Some((shrunk.len(), t.elapsed()));
+        // (Published with the pass that follows.)
+        self.stats
+            .record_failover(t.elapsed(), delete.len(), replace.len());
         true
     }
 
@@ -1872,6 +1875,9 @@ impl Agent {
             objects: self.last_groups.nexthops.len(),
             groups: self.last_groups.groups.len(),
             direct: self.last_groups.direct.len(),
+            failovers: self.stats.failovers,
+            failover_objects_deleted: self.stats.failover_objects_deleted,
+            failover_groups_replaced: self.stats.failover_groups_replaced,
         };
         s
     }

@@ -128,6 +128,11 @@ pub struct NexthopStatus {
     /// Origins whose routes point straight at their one object, with no
     /// group yet (one path, few prefixes: `reconcile::groups`).
     pub direct: usize,
+    /// Failover fast paths since start, and their kernel writes: member
+    /// objects deleted, groups replaced.
+    pub failovers: u64,
+    pub failover_objects_deleted: u64,
+    pub failover_groups_replaced: u64,
 }
 
 /// The interface an operation concerns, if any.
@@ -368,6 +373,16 @@ pub struct ReconcileStats {
     /// local reconcile. Per-bucket counts as `duration_buckets`.
     pub intent_call_buckets: Vec<u64>,
     pub intent_call_sum: Duration,
+    /// Failover fast paths (a path lost: nexthop groups changed in place
+    /// before the pass): from the event to the kernel's acknowledgement,
+    /// per-bucket counts as `duration_buckets`.
+    pub failover_buckets: Vec<u64>,
+    pub failover_sum: Duration,
+    pub failovers: u64,
+    /// Their kernel writes: member objects deleted (the kernel takes them
+    /// out of every group) and groups replaced.
+    pub failover_objects_deleted: u64,
+    pub failover_groups_replaced: u64,
     /// The last pass.
     pub last: Option<ReconcileReport>,
 }
@@ -389,6 +404,15 @@ impl ReconcileStats {
     pub fn record_intent_call(&mut self, took: Duration) {
         bucket(&mut self.intent_call_buckets, took);
         self.intent_call_sum += took;
+    }
+
+    /// Adds one failover fast path.
+    pub fn record_failover(&mut self, took: Duration, deleted: usize, replaced: usize) {
+        bucket(&mut self.failover_buckets, took);
+        self.failover_sum += took;
+        self.failovers += 1;
+        self.failover_objects_deleted += deleted as u64;
+        self.failover_groups_replaced += replaced as u64;
     }
 
     /// Adds one pass.

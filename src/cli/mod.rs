@@ -33,6 +33,12 @@ pub fn render_status(v: &Value) -> String {
             s(&nh["groups"]),
             s(&nh["direct"]),
         ));
+        out.push_str(&format!(
+            "failovers: {} ({} objects deleted, {} groups replaced)\n",
+            s(&nh["failovers"]),
+            s(&nh["failover_objects_deleted"]),
+            s(&nh["failover_groups_replaced"]),
+        ));
     }
     let r = &v["last_reconcile"];
     if r.is_null() {

@@ -87,6 +87,11 @@ struct ResultLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WriteLabels {
+    write: String,
+}
+
 /// A histogram from counts accumulated elsewhere (the agent owns them).
 #[derive(Debug)]
 struct ConstHistogram {
@@ -307,6 +312,44 @@ pub fn encode(
             count: stats.intent_call_buckets.iter().sum(),
             buckets: calls,
         },
+    );
+    let failovers: Vec<(f64, u64)> = RECONCILE_BUCKETS
+        .iter()
+        .copied()
+        .chain(std::iter::once(f64::MAX))
+        .zip(
+            stats
+                .failover_buckets
+                .iter()
+                .copied()
+                .chain(std::iter::repeat(0)),
+        )
+        .collect();
+    r.register_with_unit(
+        "failover_duration",
+        "Failover fast paths: from a lost path (session down, BFD Down, a reflector's withdrawals) to the kernel acknowledging the nexthop groups changed",
+        Unit::Seconds,
+        ConstHistogram {
+            sum: stats.failover_sum.as_secs_f64(),
+            count: stats.failovers,
+            buckets: failovers,
+        },
+    );
+    let writes = Family::<WriteLabels, Counter>::default();
+    writes
+        .get_or_create(&WriteLabels {
+            write: "object_deleted".into(),
+        })
+        .inc_by(stats.failover_objects_deleted);
+    writes
+        .get_or_create(&WriteLabels {
+            write: "group_replaced".into(),
+        })
+        .inc_by(stats.failover_groups_replaced);
+    r.register(
+        "failover_writes",
+        "Kernel writes of failover fast paths: member objects deleted (no per-route work) and nexthop groups replaced",
+        writes,
     );
     if let Some(last) = &stats.last {
         r.register_with_unit(
@@ -541,8 +584,13 @@ mod tests {
             applied: 4,
             ..Default::default()
         });
+        stats.record_failover(Duration::from_micros(400), 1, 0);
         let text = encode(&status(), &[], &stats).unwrap();
         for line in [
+            "l3hv_failover_duration_seconds_count 1",
+            "l3hv_failover_duration_seconds_bucket{le=\"0.0005\"} 1",
+            "l3hv_failover_writes_total{write=\"object_deleted\"} 1",
+            "l3hv_failover_writes_total{write=\"group_replaced\"} 0",
             "l3hv_vms 2",
             "l3hv_routes_installed 5",
             "l3hv_routes_failed 1",
