@@ -193,11 +193,7 @@ async fn run(config: config::Config, path: PathBuf, log: logging::LogHandle) -> 
     notifier.stopping();
     // Leaving is deliberately a no-op for the kernel: VM routes, rules,
     // taps and addresses stay, so forwarding goes on while we are away.
-    info!(
-        signal = why,
-        log_lines_dropped = log.dropped_lines(),
-        "stopping; kernel state left in place"
-    );
+    info!(signal = why, "stopping; kernel state left in place");
     let _ = std::fs::remove_file(&socket);
     ExitCode::SUCCESS
 }
