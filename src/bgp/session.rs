@@ -355,6 +355,9 @@ impl Session {
             };
             let was_established = self.status.borrow().state == State::Established;
             if was_established {
+                // (Splits a failover's time: the session's own teardown
+                // above, the RIB's queue below.)
+                debug!(peer = %self.spec.name, "session ended: telling the RIB");
                 // Only for families the peer said it preserves: a peer
                 // that is merely "GR aware" lists none.
                 let (restart_time, families) = self
