@@ -101,6 +101,24 @@ struct ConstHistogram {
     buckets: Vec<(f64, u64)>,
 }
 
+impl ConstHistogram {
+    /// From the agent's per-bucket (not cumulative) counts, one per
+    /// [`RECONCILE_BUCKETS`] bound and the last for +Inf (missing ones 0).
+    fn over_reconcile_buckets(sum: std::time::Duration, count: u64, per_bucket: &[u64]) -> Self {
+        let buckets = RECONCILE_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(per_bucket.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
+        Self {
+            sum: sum.as_secs_f64(),
+            count,
+            buckets,
+        }
+    }
+}
+
 impl TypedMetric for ConstHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }
@@ -268,72 +286,35 @@ pub fn encode(
         "Kernel operations applied or refused by reconcile passes",
         ops,
     );
-    let mut buckets: Vec<(f64, u64)> = RECONCILE_BUCKETS
-        .iter()
-        .copied()
-        .chain(std::iter::once(f64::MAX))
-        .zip(
-            stats
-                .duration_buckets
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(0)),
-        )
-        .collect();
-    buckets.truncate(RECONCILE_BUCKETS.len() + 1);
     r.register_with_unit(
         "reconcile_duration",
         "Duration of reconcile passes (dump, plan, apply)",
         Unit::Seconds,
-        ConstHistogram {
-            sum: stats.duration_sum.as_secs_f64(),
-            count: stats.passes,
-            buckets,
-        },
+        ConstHistogram::over_reconcile_buckets(
+            stats.duration_sum,
+            stats.passes,
+            &stats.duration_buckets,
+        ),
     );
-    let calls: Vec<(f64, u64)> = RECONCILE_BUCKETS
-        .iter()
-        .copied()
-        .chain(std::iter::once(f64::MAX))
-        .zip(
-            stats
-                .intent_call_buckets
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(0)),
-        )
-        .collect();
     r.register_with_unit(
         "intent_call_duration",
         "Intent changes (libvirt hook, D-Bus, CLI): from the agent taking the call to its answer, local reconcile included",
         Unit::Seconds,
-        ConstHistogram {
-            sum: stats.intent_call_sum.as_secs_f64(),
-            count: stats.intent_call_buckets.iter().sum(),
-            buckets: calls,
-        },
+        ConstHistogram::over_reconcile_buckets(
+            stats.intent_call_sum,
+            stats.intent_call_buckets.iter().sum(),
+            &stats.intent_call_buckets,
+        ),
     );
-    let failovers: Vec<(f64, u64)> = RECONCILE_BUCKETS
-        .iter()
-        .copied()
-        .chain(std::iter::once(f64::MAX))
-        .zip(
-            stats
-                .failover_buckets
-                .iter()
-                .copied()
-                .chain(std::iter::repeat(0)),
-        )
-        .collect();
     r.register_with_unit(
         "failover_duration",
         "Failover fast paths: from a lost path (session down, BFD Down, a reflector's withdrawals) to the kernel acknowledging the nexthop groups changed",
         Unit::Seconds,
-        ConstHistogram {
-            sum: stats.failover_sum.as_secs_f64(),
-            count: stats.failovers,
-            buckets: failovers,
-        },
+        ConstHistogram::over_reconcile_buckets(
+            stats.failover_sum,
+            stats.failovers,
+            &stats.failover_buckets,
+        ),
     );
     let writes = Family::<WriteLabels, Counter>::default();
     writes
