@@ -1020,7 +1020,8 @@ impl Agent {
             ..Default::default()
         };
         let applied = self.kernel.apply(&plan).await;
-        let written = t.elapsed() - computed;
+        let took = t.elapsed();
+        let written = took - computed;
         for f in &applied.failed {
             warn!(op = ?f.op, error = %f.error, "kernel refused");
         }
@@ -1038,13 +1039,13 @@ impl Agent {
             objects_deleted = delete.len(),
             compute_ms = computed.as_secs_f64() * 1e3,
             write_ms = written.as_secs_f64() * 1e3,
-            duration_ms = t.elapsed().as_secs_f64() * 1e3,
+            duration_ms = took.as_secs_f64() * 1e3,
             "path lost: nexthop groups updated in place"
         );
-        self.fast_path = Some((shrunk.len(), t.elapsed()));
+        self.fast_path = Some((shrunk.len(), took));
         // (Published with the pass that follows.)
         self.stats
-            .record_failover(t.elapsed(), delete.len(), replace.len());
+            .record_failover(took, delete.len(), replace.len());
         true
     }
 

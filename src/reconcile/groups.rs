@@ -525,13 +525,10 @@ pub fn failover_writes(
         }
     }
     for (id, members) in kernel {
-        let keeps = after.get(id).is_some_and(|kept| !kept.is_empty());
-        for o in members {
-            // A group not shrunk, or one left empty, holds its members;
-            // a shrunk one holds only what it keeps (added above).
-            if !keeps {
-                held.insert(*o);
-            }
+        // A group not shrunk, or one left empty, holds its members; a
+        // shrunk one holds only what it keeps (added above).
+        if after.get(id).is_none_or(|kept| kept.is_empty()) {
+            held.extend(members);
         }
     }
     leaving.retain(|o| !held.contains(o));
@@ -540,12 +537,12 @@ pub fn failover_writes(
     // group no longer has): a group the deletes empty is deleted by the
     // kernel with its routes. Such a group's members stay (and it is
     // replaced, which the kernel refuses if `kept` is gone: the full pass
-    // then dumps and repairs).
-    while let Some(members) = kernel
-        .values()
-        .find(|m| m.iter().any(|o| leaving.contains(o)) && m.is_subset(&leaving))
-    {
-        leaving.retain(|o| !members.contains(o));
+    // then dumps and repairs). One pass: keeping objects never empties
+    // another group.
+    for members in kernel.values() {
+        if members.iter().any(|o| leaving.contains(o)) && members.is_subset(&leaving) {
+            leaving.retain(|o| !members.contains(o));
+        }
     }
     let replace = shrunk
         .iter()
